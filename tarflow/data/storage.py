@@ -1,0 +1,137 @@
+"""One way to reach files, local or in object storage.
+
+Paths are plain local paths or fsspec URLs (s3://bucket/key, ...). s3fs follows AWS_ENDPOINT_URL and the usual
+AWS_* variables, so the same code runs against AWS, MinIO, or a test server on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from typing import Iterable
+
+import fsspec
+from fsspec.core import url_to_fs
+
+
+def is_remote(path: str) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def filesystem(path: str):
+    """Return (fs, path-inside-fs) for `path`."""
+    path = str(path)
+    if is_remote(path):
+        return url_to_fs(path, **_storage_options(path))
+    return fsspec.filesystem("file"), os.path.abspath(path.removeprefix("file://"))
+
+
+def _storage_options(path: str) -> dict:
+    if path.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            return {"client_kwargs": {"endpoint_url": endpoint}}
+    return {}
+
+
+def protocol_prefix(path: str) -> str:
+    path = str(path)
+    return path.split("://", 1)[0] + "://" if is_remote(path) else ""
+
+
+def join(base: str, *parts: str) -> str:
+    base = str(base)
+    if is_remote(base):
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *parts)
+
+
+def dirname(path: str) -> str:
+    path = str(path)
+    if is_remote(path):
+        return posixpath.dirname(path.rstrip("/"))
+    return os.path.dirname(os.path.abspath(path))
+
+
+def read_bytes(path: str) -> bytes:
+    fs, p = filesystem(path)
+    if fs.isdir(p):
+        raise IsADirectoryError(path)
+    with fs.open(p, "rb") as f:
+        return f.read()
+
+
+def exists(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.exists(p)
+
+
+def isdir(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.isdir(p)
+
+
+def size(path: str) -> int:
+    fs, p = filesystem(path)
+    return int(fs.size(p))
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Write `data` so that no reader ever sees a partial file under `path`.
+
+    Locally: write a hidden temporary sibling, fsync, rename (atomic on POSIX). On object stores a PUT is
+    already atomic: the object appears whole or not at all, so a single put is used.
+    """
+    fs, p = filesystem(path)
+    if is_remote(path):
+        fs.pipe_file(p, data)
+        return
+    d = os.path.dirname(p)
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{os.path.basename(p)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def remove(path: str) -> None:
+    fs, p = filesystem(path)
+    if fs.exists(p):
+        fs.rm(p)
+
+
+def listdir(path: str) -> list[str]:
+    """Full paths (with the protocol prefix) of the files directly under `path`; [] if it does not exist."""
+    fs, p = filesystem(path)
+    if not fs.exists(p):
+        return []
+    prefix = protocol_prefix(path)
+    return sorted(prefix + e for e in fs.ls(p, detail=False) if not fs.isdir(e))
+
+
+def glob(pattern: str) -> list[str]:
+    fs, p = filesystem(pattern)
+    prefix = protocol_prefix(pattern)
+    return sorted(prefix + e for e in fs.glob(p))
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand webdataset-style brace ranges `{00000..00009}` (and `{a,b}` lists)."""
+    import braceexpand
+
+    return list(braceexpand.braceexpand(pattern))
+
+
+def ensure_dir(path: str) -> None:
+    if not is_remote(path):
+        os.makedirs(path, exist_ok=True)
+
+
+def all_exist(paths: Iterable[str]) -> bool:
+    return all(exists(p) for p in paths)

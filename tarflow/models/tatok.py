@@ -1,0 +1,539 @@
+"""TA-Tok: the text-aligned image tokenizer of Tar, in plain PyTorch.
+
+    pixels (B, 3, S, S) in [0, 1]
+      -> scale layer (x - 0.5) / 0.5
+      -> SigLIP vision encoder, only up to the selected layer (hidden_states[select_layer_id], no post-LN)
+                                                                           (B, g*g, C)   g = S / patch
+      -> average pool, kernel = stride = s, floor                         (B, (g//s)^2, C)
+      -> encode_task_layer: Linear(C, C) + Tanh
+      -> bottleneck.in_linear: Linear(C, D)                                (B, n, D)
+      -> simvq: argmax_k cos(z, normalize(embedding_proj(E))_k)           (B, n) codes in [0, K)
+
+    codes (B, n)
+      -> codebook rows (normalised) -> bottleneck.out_linear               (B, n, D)
+      -> Siglip2-style decoder (patch 1, D channels, 16x16 position table resized to sqrt(n)) + post-LN
+      -> decode_task_layer: Linear, Tanh, Linear                           (B, n, C)  "rec" features
+
+The checkpoint format is the reference's: `{'model': {'args': ARGS, 'sd': state_dict}}`. Module and parameter
+names below follow that state dict so it loads strictly, key for key.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tarflow.data import storage
+from tarflow.models.checkpoint import CheckpointError, load_state_dict_strict, read_checkpoint, unwrap_model_entry
+
+# ----------------------------------------------------------------------------------------------------------
+# Configs
+
+
+@dataclass
+class VisionConfig:
+    """The fields of a (Siglip|Siglip2)VisionConfig that the architecture depends on."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 16
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+    num_patches: int = 256  # Siglip2 only: size of the learned position table (16 x 16)
+
+    @classmethod
+    def from_json(cls, cfg: Mapping[str, Any]) -> "VisionConfig":
+        cfg = cfg.get("vision_config", cfg)  # a full SiglipConfig or a bare vision config
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in cfg.items() if k in known})
+
+
+# google/siglip2-so400m-patch14-384, the real TA-Tok's teacher; built in so that no download is ever needed.
+SIGLIP2_SO400M_384 = VisionConfig(
+    hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+    image_size=384, patch_size=14, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+)
+BUILTIN_TEACHERS = {"google/siglip2-so400m-patch14-384": SIGLIP2_SO400M_384}
+
+
+@dataclass
+class TATokArgs:
+    """ARGS of the reference checkpoint, parsed and checked."""
+
+    input_size: int
+    teacher: str
+    bottleneck_dim: int
+    codebook_size: int
+    l2_normalized: bool = True
+    stochastic: bool = True
+    stochastic_temperature: float = 0.03
+    bottleneck_token_num: int = 729
+    pool_scale: int = 1
+    decoder_depth: int = 3
+    select_layer_id: int = -2
+    raw: dict = field(default_factory=dict, repr=False)  # the args exactly as stored, written back on save
+
+    @classmethod
+    def from_ckpt_args(cls, args: Mapping[str, Any], path: str = "<args>") -> "TATokArgs":
+        try:
+            bn = args["bottleneck"]["args"]
+            reg = bn["regularizer"]
+            if reg.get("name", "simvq") != "simvq":
+                raise CheckpointError(path, f"regularizer {reg.get('name')!r} is not supported (only 'simvq')")
+            ra = reg["args"]
+            return cls(
+                input_size=int(args["input_size"]),
+                teacher=str(args["teacher"]),
+                bottleneck_dim=int(bn["bottleneck_dim"]),
+                codebook_size=int(ra["codebook_size"]),
+                l2_normalized=bool(ra.get("l2_normalized", True)),
+                stochastic=bool(ra.get("stochastic", True)),
+                stochastic_temperature=float(ra.get("stochastic_temperature", 0.03)),
+                bottleneck_token_num=int(args.get("bottleneck_token_num", 729)),
+                pool_scale=int(args.get("pool_scale", 1)),
+                decoder_depth=int(args.get("decoder_depth", 3)),
+                select_layer_id=int(args.get("select_layer_id", -2)),
+                raw=copy.deepcopy(dict(args)),
+            )
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(path, f"args are not TA-Tok args ({type(e).__name__}: {e})") from None
+
+
+def resolve_teacher(teacher: str, ckpt_path: str | None = None) -> VisionConfig:
+    """The encoder's config: a built-in hub id, or a folder with config.json (as given, then next to the ckpt)."""
+    if teacher in BUILTIN_TEACHERS:
+        return copy.deepcopy(BUILTIN_TEACHERS[teacher])
+    candidates = [teacher]
+    if ckpt_path is not None and not storage.is_remote(teacher) and not teacher.startswith("/"):
+        candidates.append(storage.join(storage.dirname(ckpt_path), teacher))
+    for folder in candidates:
+        cfg_path = storage.join(folder, "config.json")
+        if storage.exists(cfg_path):
+            return VisionConfig.from_json(json.loads(storage.read_bytes(cfg_path)))
+    raise CheckpointError(
+        ckpt_path or teacher,
+        f"teacher {teacher!r} is neither a built-in config ({', '.join(BUILTIN_TEACHERS)}) nor a folder with "
+        f"config.json (looked in {candidates})",
+        "put the encoder's config.json in a folder next to the checkpoint, named as the teacher arg",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Transformer blocks shared by the SigLIP encoder and the Siglip2-style decoder
+
+
+def _act(name: str):
+    if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # (B, T, C)
+        B, T, C = x.shape
+        q, k, v = (p(x).view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, h, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v)  # full bidirectional attention, scale hd^-0.5
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(dim, hidden), nn.Linear(hidden, dim), _act(act)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class LayerStack(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class PoolingHead(nn.Module):
+    """SigLIP's attention-pooling head. Present in the checkpoints, never used by TA-Tok's outputs."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.probe = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
+        self.attention = nn.MultiheadAttention(cfg.hidden_size, cfg.num_attention_heads, batch_first=True)
+        self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Encoder: SigLIP vision tower
+
+
+class SiglipEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
+        self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2, cfg.hidden_size)
+
+    def forward(self, x):  # (B, 3, S, S)
+        x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # (B, C, g, g)
+        x = x.flatten(2).transpose(1, 2)  # (B, g*g, C), row-major
+        return x + self.position_embedding.weight
+
+
+class SiglipEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig, with_head: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = SiglipEmbeddings(cfg)
+        self.encoder = LayerStack(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        if with_head:
+            self.head = PoolingHead(cfg)
+
+    def forward(self, x, n_layers: int):  # (B, 3, S, S) -> (B, g*g, C), output of layer n_layers (no post-LN)
+        h = self.embeddings(x)
+        for layer in self.encoder.layers[:n_layers]:
+            h = layer(h)
+        return h
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decoder: Siglip2 vision tower over codebook vectors (patch size 1, bottleneck_dim channels)
+
+
+class Siglip2Embeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.patch_embedding = nn.Linear(cfg.num_channels * cfg.patch_size**2, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)
+        self.table_side = int(math.isqrt(cfg.num_patches))
+
+    def positions(self, side: int, dtype) -> torch.Tensor:  # -> (side*side, C)
+        table = self.position_embedding.weight
+        C = table.shape[-1]
+        grid = table.reshape(self.table_side, self.table_side, C).permute(2, 0, 1).unsqueeze(0)  # (1, C, 16, 16)
+        # antialiased bilinear is not implemented for half types on CPU: resize in float32 there
+        work = grid.float() if grid.device.type == "cpu" else grid
+        grid = F.interpolate(work, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+        return grid.reshape(C, side * side).transpose(0, 1).to(dtype)
+
+    def forward(self, x):  # (B, n, D) -> (B, n, C)
+        side = math.isqrt(x.shape[1])
+        h = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
+        return h + self.positions(side, h.dtype)
+
+
+class Siglip2Decoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.embeddings = Siglip2Embeddings(cfg)
+        self.encoder = LayerStack(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.head = PoolingHead(cfg)
+
+    def forward(self, x):  # (B, n, D) -> (B, n, C)
+        h = self.embeddings(x)
+        for layer in self.encoder.layers:
+            h = layer(h)
+        return self.post_layernorm(h)
+
+
+class DecoderWrapper(nn.Module):
+    """Holds the decoder under `vision_model`, as the reference's state dict names it."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.vision_model = Siglip2Decoder(cfg)
+
+    def forward(self, x):
+        return self.vision_model(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bottleneck and quantizer
+
+
+class SimVQ(nn.Module):
+    """Text-aligned codebook: entries are proj(E), L2-normalised when `l2_normalized`."""
+
+    def __init__(self, codebook_size: int, dim: int, l2_normalized: bool, stochastic: bool):
+        super().__init__()
+        self.embedding = nn.Embedding(codebook_size, dim)
+        self.embedding_proj = nn.Linear(dim, dim)
+        self.l2_normalized, self.stochastic = l2_normalized, stochastic
+        self._cache: tuple | None = None
+
+    def codebook(self) -> torch.Tensor:  # (K, D) float32, cached: recomputing it is K*D*D flops per call
+        w, p = self.embedding.weight, self.embedding_proj.weight
+        key = (w.device, w._version, p._version, id(w), id(p), self.training)
+        if self.training or self._cache is None or self._cache[0] != key:
+            with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
+                e = F.linear(w.float(), p.float(), self.embedding_proj.bias.float())
+                if self.l2_normalized:
+                    e = F.normalize(e, dim=-1)
+            if self.training:
+                return e
+            self._cache = (key, e)
+        return self._cache[1]
+
+    @torch.no_grad()
+    def quantize(self, z: torch.Tensor) -> torch.Tensor:  # (B, n, D) -> (B, n) int64
+        e = self.codebook()
+        z = z.float()
+        if self.stochastic:
+            # The reference's deterministic eval path: argmax of softmax(cos / T) == argmax of cosine similarity.
+            # tarflow never samples codes: the same image always gives the same codes.
+            return (F.normalize(z, dim=-1) @ e.t()).argmax(dim=-1)
+        if self.l2_normalized:
+            z = F.normalize(z, dim=-1)
+        # nearest entry by squared L2 distance |z|^2 + |e|^2 - 2 z.e
+        d = z.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1) - 2 * (z @ e.t())
+        return d.argmin(dim=-1)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:  # (B, n) -> (B, n, D) float32
+        return F.embedding(codes, self.codebook())
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, in_dim: int, args: TATokArgs):
+        super().__init__()
+        self.in_linear = nn.Linear(in_dim, args.bottleneck_dim)
+        self.out_linear = nn.Linear(args.bottleneck_dim, args.bottleneck_dim)
+        self.regularizer = SimVQ(args.codebook_size, args.bottleneck_dim, args.l2_normalized, args.stochastic)
+
+
+class ScaleLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("shift", torch.full((1, 3, 1, 1), 0.5))
+        self.register_buffer("scale", torch.full((1, 3, 1, 1), 0.5))
+
+    def forward(self, x):
+        return (x - self.shift) / self.scale
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TA-Tok
+
+
+class TATok(nn.Module):
+    def __init__(self, args: TATokArgs, encoder_cfg: VisionConfig):
+        super().__init__()
+        self.args, self.encoder_cfg = args, encoder_cfg
+        C = encoder_cfg.hidden_size
+        if encoder_cfg.image_size != args.input_size:
+            raise ValueError(f"encoder image_size {encoder_cfg.image_size} != input_size {args.input_size}")
+        self.scale_layer = ScaleLayer()
+        self.encoder = SiglipEncoder(encoder_cfg)
+        self.encode_task_layer = nn.Sequential(nn.Linear(C, C), nn.Tanh())
+        self.bottleneck = Bottleneck(C, args)
+        dec_cfg = VisionConfig(  # Siglip2VisionConfig() defaults with only these four fields changed
+            hidden_size=C, num_hidden_layers=args.decoder_depth, num_channels=args.bottleneck_dim, patch_size=1,
+        )
+        self.decoder = DecoderWrapper(dec_cfg)
+        self.decode_task_layer = nn.Sequential(nn.Linear(C, C), nn.Tanh(), nn.Linear(C, C))
+        L = encoder_cfg.num_hidden_layers
+        # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i
+        self.n_encoder_layers = args.select_layer_id if args.select_layer_id >= 0 else L + 1 + args.select_layer_id
+        if not 0 <= self.n_encoder_layers <= L:
+            raise ValueError(f"select_layer_id {args.select_layer_id} is out of range for {L} encoder layers")
+        self.grid = encoder_cfg.image_size // encoder_cfg.patch_size
+        self.path: str | None = None
+        self.sha256: str | None = None
+
+    # -- properties users need -------------------------------------------------------------------------
+    @property
+    def input_size(self) -> int:
+        return self.args.input_size
+
+    @property
+    def codebook_size(self) -> int:
+        return self.args.codebook_size
+
+    def num_tokens(self, pool_scale: int) -> int:
+        return (self.grid // pool_scale) ** 2
+
+    # -- loading ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path: str, *, stochastic: bool | None = None, l2_normalized: bool | None = None,
+                        keep_unused: bool = False) -> "TATok":
+        """Load a reference-format TA-Tok checkpoint (local or s3://) strictly.
+
+        `stochastic` / `l2_normalized` override the regularizer args (the reference's non-stochastic variant).
+        The encoder layers after select_layer_id, its post-layernorm and head are checked on load and then
+        dropped unless `keep_unused`: they are never computed, so they need not take memory.
+        """
+        ckpt = read_checkpoint(path)
+        entry = unwrap_model_entry(ckpt, ("args", "sd"))
+        args = TATokArgs.from_ckpt_args(entry["args"], path)
+        if stochastic is not None:
+            args.stochastic = stochastic
+            args.raw["bottleneck"]["args"]["regularizer"]["args"]["stochastic"] = stochastic
+        if l2_normalized is not None:
+            args.l2_normalized = l2_normalized
+            args.raw["bottleneck"]["args"]["regularizer"]["args"]["l2_normalized"] = l2_normalized
+        enc_cfg = resolve_teacher(args.teacher, path)
+        try:
+            model = cls(args, enc_cfg)
+        except ValueError as e:
+            raise CheckpointError(path, f"inconsistent args: {e}") from None
+        sd = entry["sd"]
+        if not isinstance(sd, Mapping):
+            raise CheckpointError(path, f"ckpt['model']['sd'] is a {type(sd).__name__}, not a state dict")
+        sd = {k: v for k, v in sd.items() if not k.startswith("teacher.")}
+        load_state_dict_strict(model, sd, path)
+        if not keep_unused:
+            model.drop_unused()
+        model.path, model.sha256 = path, ckpt.sha256
+        return model.eval()
+
+    def drop_unused(self) -> None:
+        enc = self.encoder
+        enc.encoder.layers = enc.encoder.layers[: self.n_encoder_layers]
+        for name in ("post_layernorm", "head"):
+            if hasattr(enc, name):
+                delattr(enc, name)
+        if hasattr(self.decoder.vision_model, "head"):
+            del self.decoder.vision_model.head
+
+    def checkpoint_dict(self) -> dict:
+        """The reference format, for saving (`torch.save(model.checkpoint_dict(), path)`)."""
+        return {"model": {"args": copy.deepcopy(self.args.raw), "sd": self.state_dict()}}
+
+    # -- preprocessing ----------------------------------------------------------------------------------
+    def preprocess(self, images: Iterable) -> torch.Tensor:
+        """PIL images -> (B, 3, S, S) float32 in [0, 1], exactly as the reference: RGB, PIL bicubic resize of
+        the uint8 image to S x S (aspect not kept, no crop), / 255."""
+        return torch.stack([preprocess_image(im, self.input_size) for im in images])
+
+    # -- encoding ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) in [0, 1] -> (B, g*g, C) hidden_states[select_layer_id] of the encoder."""
+        if pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[-2:] != (self.input_size, self.input_size):
+            raise ValueError(f"expected pixels of shape (B, 3, {self.input_size}, {self.input_size}), "
+                             f"got {tuple(pixels.shape)}; use TATok.preprocess")
+        dtype = self.encode_task_layer[0].weight.dtype
+        x = self.scale_layer(pixels.to(self.scale_layer.shift.device, torch.float32)).to(dtype)
+        return self.encoder(x, self.n_encoder_layers)
+
+    def pool(self, feats: torch.Tensor, pool_scale: int) -> torch.Tensor:  # (B, g*g, C) -> (B, (g//s)^2, C)
+        if pool_scale == 1:
+            return feats
+        B, T, C = feats.shape
+        g = math.isqrt(T)
+        grid = feats.transpose(1, 2).reshape(B, C, g, g)
+        grid = F.avg_pool2d(grid, kernel_size=pool_scale, stride=pool_scale)  # floor: remainder dropped
+        return grid.flatten(2).transpose(1, 2)
+
+    @torch.no_grad()
+    def quantize_features(self, feats: torch.Tensor, pool_scale: int) -> torch.Tensor:
+        z = self.bottleneck.in_linear(self.encode_task_layer(self.pool(feats, pool_scale)))  # (B, n, D)
+        return self.bottleneck.regularizer.quantize(z)
+
+    @torch.no_grad()
+    def encode_scales(self, pixels: torch.Tensor, pool_scales: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Codes at several pool scales from one encoder pass: {scale: (B, n_scale) int64}."""
+        for s in pool_scales:
+            if not 1 <= int(s) <= self.grid:
+                raise ValueError(f"pool scale {s} is out of range 1..{self.grid}")
+        feats = self.encode_features(pixels)
+        return {int(s): self.quantize_features(feats, int(s)) for s in pool_scales}
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor, pool_scale: int = 1) -> torch.Tensor:
+        """(B, 3, S, S) float in [0, 1] -> (B, n) int64 codes; n = (g // pool_scale)^2."""
+        return self.encode_scales(pixels, [pool_scale])[pool_scale]
+
+    # -- decoding ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, n) codes, n a square -> (B, n, C) "rec" features, the de-tokenizers' condition."""
+        n = codes.shape[-1]
+        if math.isqrt(n) ** 2 != n:
+            raise ValueError(f"{n} codes do not form a square grid")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise ValueError(f"codes must lie in [0, {self.codebook_size}); got [{int(codes.min())}, "
+                             f"{int(codes.max())}]")
+        dtype = self.decode_task_layer[0].weight.dtype
+        q = self.bottleneck.regularizer.lookup(codes.long().to(self.scale_layer.shift.device))  # (B, n, D) fp32
+        x = self.bottleneck.out_linear(q.to(dtype))
+        return self.decode_task_layer(self.decoder(x))
+
+
+def preprocess_image(image, size: int) -> torch.Tensor:
+    """One PIL image -> (3, size, size) float32 in [0, 1] (RGB, PIL bicubic on uint8, / 255)."""
+    from PIL import Image
+
+    im = image.convert("RGB").resize((size, size), Image.BICUBIC)
+    a = np.asarray(im, dtype=np.uint8)
+    return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def random_tatok(seed: int = 0, *, input_size: int = 224, patch_size: int = 14, hidden: int = 64, layers: int = 3,
+                 heads: int = 4, bottleneck_dim: int = 32, codebook_size: int = 1024, decoder_depth: int = 2,
+                 teacher: str = "encoder") -> tuple[TATok, dict]:
+    """A small TA-Tok with random weights (fixed seed) and the encoder config.json its checkpoint refers to.
+
+    For demos and tests only: its codes carry no meaning. Save with `torch.save(model.checkpoint_dict(), p)`
+    and write the returned config as `<dir of p>/<teacher>/config.json`.
+    """
+    enc = VisionConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=heads, image_size=input_size, patch_size=patch_size)
+    raw = {
+        "bottleneck": {"name": "bottleneck", "args": {
+            "bottleneck_dim": bottleneck_dim, "norm": "none",
+            "regularizer": {"name": "simvq", "args": {
+                "codebook_size": codebook_size, "commitment_loss_weight": 0.25, "codebook_loss_weight": 1.0,
+                "entropy_loss_weight": 0.0, "entropy_loss_temperature": 0.01, "l2_normalized": True,
+                "stochastic": True, "stochastic_temperature": 0.03}}}},
+        "bottleneck_token_num": (input_size // patch_size) ** 2, "input_size": input_size, "teacher": teacher,
+        "pool_scale": 1, "decoder_depth": decoder_depth, "select_layer_id": -2,
+    }
+    args = TATokArgs.from_ckpt_args(raw)
+    g = torch.Generator().manual_seed(seed)
+    model = TATok(args, enc)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) * 1.5 / math.sqrt(fan_in))
+    vision_cfg = {"model_type": "siglip_vision_model", **{k: getattr(enc, k) for k in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+        "image_size", "patch_size", "layer_norm_eps", "hidden_act")}}
+    return model.eval(), {"model_type": "siglip", "vision_config": vision_cfg}
