@@ -503,7 +503,7 @@ def preprocess_image(image, size: int) -> torch.Tensor:
     return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-def random_tatok(seed: int = 0, *, input_size: int = 224, patch_size: int = 14, hidden: int = 64, layers: int = 3,
+def random_tatok(seed: int = 0, *, input_size: int = 224, patch_size: int = 14, hidden: int = 96, layers: int = 3,
                  heads: int = 4, bottleneck_dim: int = 32, codebook_size: int = 1024, decoder_depth: int = 2,
                  teacher: str = "encoder") -> tuple[TATok, dict]:
     """A small TA-Tok with random weights (fixed seed) and the encoder config.json its checkpoint refers to.

@@ -1,0 +1,130 @@
+"""The bundled sample and the default model, created on first use, offline.
+
+- A few real photos that scikit-image ships (public domain / CC0) with captions, written as img2dataset
+  WebDataset shards (`00000.tar` + `00000.parquet` + `00000_stats.json`), so the tokenize job has something
+  real to run on with no download.
+- A small TA-Tok with random weights in the reference checkpoint format. Its folder name says RANDOM and
+  UNTRAINED: its codes are deterministic but meaningless. Pass `--tatok PATH` for the real checkpoint.
+
+Both live under $TARFLOW_HOME (default ~/.cache/tarflow).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import tarfile
+import time
+from pathlib import Path
+
+# (skimage.data function, caption)
+SAMPLE_PHOTOS = [
+    ("astronaut", "Portrait of astronaut Eileen Collins in an orange flight suit in front of the US flag."),
+    ("coffee", "A cup of coffee on a saucer with a spoon, seen from above."),
+    ("chelsea", "A tabby cat named Chelsea looking to the side."),
+    ("rocket", "A rocket on the launch pad under a clear sky."),
+    ("camera", "Black and white photo of a man with a camera on a tripod."),
+    ("horse", "Silhouette of a horse on a white background."),
+    ("stereo_motorcycle", "A motorcycle parked in a garage."),
+    ("hubble_deep_field", "The Hubble deep field: hundreds of distant galaxies on black."),
+]
+SAMPLES_PER_SHARD = 4
+DEFAULT_SEED = 0
+RANDOM_TATOK_NAME = f"tatok-RANDOM-UNTRAINED-tiny-seed{DEFAULT_SEED}"
+
+
+def tarflow_home() -> Path:
+    return Path(os.environ.get("TARFLOW_HOME", Path.home() / ".cache" / "tarflow"))
+
+
+def sample_photos() -> list[tuple[str, bytes, str]]:
+    """(name, JPEG bytes, caption) for each bundled photo; deterministic."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    out = []
+    for name, caption in SAMPLE_PHOTOS:
+        a = getattr(skimage.data, name)()
+        if isinstance(a, tuple):
+            a = a[0]
+        im = Image.fromarray(np.asarray(a))
+        buf = io.BytesIO()
+        im.convert("L" if im.mode in ("L", "I", "I;16", "F") else "RGB").save(buf, format="JPEG", quality=90)
+        out.append((name, buf.getvalue(), caption))
+    return out
+
+
+def write_img2dataset_shards(folder: str | Path, photos: list[tuple[str, bytes, str]],
+                             samples_per_shard: int = SAMPLES_PER_SHARD) -> list[Path]:
+    """Write `photos` in img2dataset's WebDataset layout; return the tar paths.
+
+    Keys follow img2dataset: shard_id * 10**ceil(log10(samples_per_shard)) + row, zero-padded to 9 digits;
+    `_stats.json` is written last, as img2dataset does.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key_stride = 10 ** math.ceil(math.log10(samples_per_shard)) if samples_per_shard > 1 else 1
+    tars = []
+    for shard_id in range(math.ceil(len(photos) / samples_per_shard)):
+        rows = []
+        tar_path = folder / f"{shard_id:05d}.tar"
+        with tarfile.open(tar_path, "w") as tar:
+            for row, (name, data, caption) in enumerate(
+                    photos[shard_id * samples_per_shard:(shard_id + 1) * samples_per_shard]):
+                key = f"{shard_id * key_stride + row:09d}"
+                w, h = Image.open(io.BytesIO(data)).size
+                meta = {"url": f"https://example.invalid/skimage/{name}.jpg", "caption": caption, "key": key,
+                        "status": "success", "error_message": None, "width": w, "height": h,
+                        "original_width": w, "original_height": h, "exif": None,
+                        "sha256": hashlib.sha256(data).hexdigest()}
+                for suffix, payload in (("jpg", data), ("txt", caption.encode()),
+                                        ("json", json.dumps(meta, indent=4).encode())):
+                    info = tarfile.TarInfo(f"{key}.{suffix}")
+                    info.size, info.mtime = len(payload), 0
+                    tar.addfile(info, io.BytesIO(payload))
+                rows.append(meta)
+        pq.write_table(pa.Table.from_pylist(rows), folder / f"{shard_id:05d}.parquet")
+        stats = {"count": len(rows), "successes": len(rows), "failed_to_download": 0, "failed_to_resize": 0,
+                 "duration": 0.0, "status_dict": {"success": len(rows)}}
+        (folder / f"{shard_id:05d}_stats.json").write_text(json.dumps(stats, indent=4))
+        tars.append(tar_path)
+    return tars
+
+
+def ensure_sample_shards(home: Path | None = None) -> Path:
+    """The bundled sample's shard folder, created once."""
+    folder = (home or tarflow_home()) / "sample" / "skimage-photos"
+    expected = math.ceil(len(SAMPLE_PHOTOS) / SAMPLES_PER_SHARD)
+    if not all((folder / f"{i:05d}_stats.json").exists() for i in range(expected)):
+        write_img2dataset_shards(folder, sample_photos())
+    return folder
+
+
+def ensure_random_tatok(home: Path | None = None) -> Path:
+    """Path of the default small random-weight TA-Tok checkpoint (reference format), created once."""
+    import torch
+
+    from tarflow.data import storage
+    from tarflow.models.tatok import random_tatok
+
+    folder = (home or tarflow_home()) / "models" / RANDOM_TATOK_NAME
+    path = folder / "ta_tok.pth"
+    if not path.exists():
+        model, enc_config = random_tatok(DEFAULT_SEED, teacher="encoder")
+        (folder / "encoder").mkdir(parents=True, exist_ok=True)
+        (folder / "encoder" / "config.json").write_text(json.dumps(enc_config, indent=2))
+        (folder / "README.txt").write_text(
+            "RANDOM, UNTRAINED TA-Tok for demos and tests (seed %d, created %s).\n"
+            "Its codes are deterministic but carry no meaning. Use the released ta_tok.pth for real work.\n"
+            % (DEFAULT_SEED, time.strftime("%Y-%m-%d")))
+        buf = io.BytesIO()
+        torch.save(model.checkpoint_dict(), buf)
+        storage.write_bytes_atomic(str(path), buf.getvalue())
+    return path

@@ -1,0 +1,125 @@
+"""Every on-disk format tarflow writes, in one place, versioned.
+
+A tokenize output folder holds, per input shard `{shard}` (the input file's name without extension):
+
+    codes/{shard}.parquet      CODE_SHARD rows, in the input's order; one row per sample that tokenized
+    errors/{shard}.parquet     ERROR rows: one per sample that did not (key, shard, stage, reason)
+    _manifest/{shard}.json     MANIFEST, written last: its presence means the shard is finished
+
+Readers call `check_*` and fail with a message that names the file and the fix when the format or its
+version is not what they understand. Bump a version whenever a field changes meaning or type.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping, Sequence
+
+import pyarrow as pa
+
+CODE_SHARD_FORMAT = "tarflow.code_shard"
+CODE_SHARD_VERSION = 1
+ERRORS_FORMAT = "tarflow.errors"
+ERRORS_VERSION = 1
+MANIFEST_FORMAT = "tarflow.tokenize_manifest"
+MANIFEST_VERSION = 1
+
+PARQUET_META_KEY = b"tarflow"  # Parquet key-value metadata entry holding a JSON object
+
+CODES_DIR, ERRORS_DIR, MANIFEST_DIR = "codes", "errors", "_manifest"
+
+
+class SchemaError(ValueError):
+    pass
+
+
+def code_column(scale: int) -> str:
+    """Column holding TA-Tok codes at pool scale `scale` (1 -> 729 tokens for the released TA-Tok)."""
+    return f"tatok_s{int(scale)}"
+
+
+def code_value_type(codebook_size: int) -> pa.DataType:
+    """Narrowest unsigned type that holds every code: uint16 for K <= 65536 (the released TA-Tok)."""
+    if codebook_size <= 1 << 16:
+        return pa.uint16()
+    if codebook_size <= 1 << 32:
+        return pa.uint32()
+    raise SchemaError(f"codebook size {codebook_size} is too large")
+
+
+def code_shard_schema(scales: Sequence[int], codebook_size: int) -> pa.Schema:
+    """Columns of a code shard.
+
+    key       img2dataset key of the sample (tar member stem), unique within the shard
+    caption   the sample's .txt (UTF-8), null when the sample has none
+    url       the `url` field of the sample's .json metadata, null when absent
+    sha256    hex sha256 of the image member's bytes as stored in the input
+    width, height   size of the decoded image (before resizing to TA-Tok's input size)
+    meta      the sample's img2dataset .json, passed through verbatim as a string (null when absent)
+    tatok_s{s}  list of TA-Tok codes at pool scale s, row-major over the (g/s) x (g/s) grid
+    """
+    vt = code_value_type(codebook_size)
+    return pa.schema(
+        [
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("caption", pa.string()),
+            pa.field("url", pa.string()),
+            pa.field("sha256", pa.string(), nullable=False),
+            pa.field("width", pa.int32(), nullable=False),
+            pa.field("height", pa.int32(), nullable=False),
+            pa.field("meta", pa.string()),
+        ]
+        + [pa.field(code_column(s), pa.list_(vt), nullable=False) for s in scales]
+    )
+
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),  # read | decode | encode
+        pa.field("reason", pa.string(), nullable=False),  # short tag, e.g. corrupt_image, no_image
+        pa.field("detail", pa.string()),  # the underlying message, for humans
+    ]
+)
+
+
+def with_metadata(schema: pa.Schema, fmt: str, version: int, facts: Mapping[str, Any]) -> pa.Schema:
+    meta = {"format": fmt, "version": version, **facts}
+    return schema.with_metadata({PARQUET_META_KEY: json.dumps(meta, sort_keys=True).encode()})
+
+
+def read_metadata(schema: pa.Schema, path: str) -> dict:
+    raw = (schema.metadata or {}).get(PARQUET_META_KEY)
+    if raw is None:
+        raise SchemaError(f"{path}: no tarflow metadata in the Parquet footer; is this a tarflow output file?")
+    return json.loads(raw)
+
+
+def check_code_shard(schema: pa.Schema, path: str) -> dict:
+    """Check a code shard's footer and columns; return its metadata (model and schema facts)."""
+    meta = read_metadata(schema, path)
+    if meta.get("format") != CODE_SHARD_FORMAT:
+        raise SchemaError(f"{path}: format {meta.get('format')!r} is not a code shard ({CODE_SHARD_FORMAT})")
+    if meta.get("version") != CODE_SHARD_VERSION:
+        raise SchemaError(
+            f"{path}: code shard version {meta.get('version')} is not supported (this tarflow reads version "
+            f"{CODE_SHARD_VERSION}); re-run the tokenize job with this tarflow, or use the tarflow that wrote it"
+        )
+    expected = code_shard_schema(meta["scales"], meta["model"]["codebook_size"])
+    for f in expected:
+        if f.name not in schema.names:
+            raise SchemaError(f"{path}: column {f.name!r} is missing")
+        if not schema.field(f.name).type.equals(f.type):
+            raise SchemaError(f"{path}: column {f.name!r} is {schema.field(f.name).type}, expected {f.type}")
+    return meta
+
+
+def check_manifest(manifest: Mapping[str, Any], path: str) -> Mapping[str, Any]:
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise SchemaError(f"{path}: not a tarflow tokenize manifest (format {manifest.get('format')!r})")
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise SchemaError(
+            f"{path}: manifest version {manifest.get('version')} is not supported (expected {MANIFEST_VERSION}); "
+            "re-run with --overwrite to redo this output with this tarflow"
+        )
+    return manifest
