@@ -18,11 +18,21 @@ Notes on img2dataset (1.47.0), checked against its source:
   inputs are always re-encoded).  ``disable_all_reencoding=True`` would also keep bytes but
   leaves width/height as null.
 * The ``sha256`` in the metadata is always that of the *downloaded* bytes.
-* Tar members per sample are written in sorted extension order: ``{key}.jpg``,
-  ``{key}.json``, ``{key}.txt``.  Failed rows appear only in the sibling parquet, not in
+* Tar members per sample are written sorted by extension (webdataset's TarWriter):
+  ``{key}.jpg, {key}.json, {key}.txt`` but ``{key}.json, {key}.png, {key}.txt`` and
+  ``{key}.json, {key}.txt, {key}.webp``.  Failed rows appear only in the sibling parquet, not in
   the tar.
-* Keys are ``"%09d" % (shard_id * 10**ceil(log10(number_sample_per_shard)) + row_index)``
-  (oom_shard_count=5), so with 4 samples per shard shard 1's keys start at 000000010.
+* Keys are ``shard_id * 10**ceil(log10(number_sample_per_shard)) + row_index`` zero-padded
+  to ``ceil(log10(number_sample_per_shard)) + 5`` digits: with 4 samples per shard that is
+  6 digits (shard 0: 000000..000003, shard 1: 000010..), with 10000 it is 9 digits.
+  Shard files are ``00000.tar`` etc. (5 digits).
+* Sibling/output parquet columns: ``caption, url, key, status, error_message, width, height,
+  original_width, original_height, exif, sha256`` (+ a binary column named after
+  ``encode_format``, e.g. ``jpg``, for output_format="parquet"; there is no ``txt`` column,
+  the caption is in ``caption``).  Failed rows have status "failed_to_download" and
+  error_message "HTTP Error 404: Not Found".  ``exif`` is a JSON string ("{}" if none).
+* A run takes ~7 s, mostly three Python processes importing img2dataset (torch via
+  webdataset, wandb, cv2, albumentations); build once per test module/session if possible.
 * Samples are fetched by a thread pool with ``imap_unordered``; we use one thread by
   default so the order of samples inside a tar is the url-list order.
 """
@@ -36,6 +46,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -170,8 +181,14 @@ _RUNNER = textwrap.dedent(
 )
 
 
-def _offline_env() -> dict:
+def _offline_env(extra_path: str | None = None, tmpdir: str | None = None) -> dict:
     env = dict(os.environ)
+    if tmpdir:
+        # wandb makes tmp*wandb-media / tmp*wandb-artifacts dirs at import time and the
+        # terminated pool workers never clean them up: keep them inside workdir.
+        env.update(TMPDIR=tmpdir, TEMP=tmpdir, TMP=tmpdir)
+    if extra_path:
+        env["PYTHONPATH"] = os.pathsep.join(x for x in (extra_path, env.get("PYTHONPATH")) if x)
     no_proxy = "localhost,127.0.0.1,::1"
     for k in ("NO_PROXY", "no_proxy"):
         env[k] = ",".join(x for x in (env.get(k), no_proxy) if x)
@@ -198,6 +215,8 @@ def build_with_img2dataset(
     skip_reencode: bool = True,
     resize_mode: str = "no",
     thread_count: int = 1,
+    encode_quality: int | None = None,
+    hide_torch: bool = True,
     timeout_s: float = 120.0,
 ) -> str:
     """Run the real ``img2dataset.download`` on ``items`` served from 127.0.0.1.
@@ -212,7 +231,12 @@ def build_with_img2dataset(
     processes_count=1), wandb off.  Returns ``<workdir>/i2d_<output_format>`` holding
     ``00000.tar`` + ``00000.parquet`` + ``00000_stats.json`` ... (webdataset) or
     ``00000.parquet`` with the image bytes in a column named ``encode_format`` (parquet).
-    Raises RuntimeError (with img2dataset's output) if it fails.
+    Raises RuntimeError (with img2dataset's output) if it fails or exceeds ``timeout_s``.
+    img2dataset's console output is kept in ``<workdir>/i2d_<output_format>.log``.
+
+    ``hide_torch`` puts a stub ``torch`` package (raising ModuleNotFoundError) first on the
+    subprocess's PYTHONPATH: webdataset then uses its torch-free fallbacks, which
+    img2dataset's writer never needs, and each of the three processes starts ~1.5 s sooner.
     """
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -249,6 +273,8 @@ def build_with_img2dataset(
             output_folder=out_dir,
             output_format=output_format,
             encode_format=encode_format,
+            # img2dataset's default 95 is rejected for png (there it is a 0-9 compression level)
+            encode_quality=(9 if encode_format == "png" else 95) if encode_quality is None else encode_quality,
             resize_mode=resize_mode,
             skip_reencode=skip_reencode,
             number_sample_per_shard=number_sample_per_shard,
@@ -258,21 +284,45 @@ def build_with_img2dataset(
             retries=0,
             enable_wandb=False,
             distributor="multiprocessing",
-            incremental_mode="overwrite",
+            # not "overwrite": that deletes output_folder/_tmp, which download() has just
+            # created, and the run then hangs.  out_dir is fresh, so "incremental" is clean.
+            incremental_mode="incremental",
         )
+        extra_path = None
+        if hide_torch:
+            extra_path = os.path.join(workdir, "_i2d_notorch")
+            os.makedirs(os.path.join(extra_path, "torch"), exist_ok=True)
+            with open(os.path.join(extra_path, "torch", "__init__.py"), "w") as f:
+                f.write('raise ModuleNotFoundError("torch hidden by shardmaker", name="torch")\n')
+        tmpdir = os.path.join(workdir, "_i2d_tmp")
+        os.makedirs(tmpdir, exist_ok=True)
         script = os.path.join(workdir, "_run_img2dataset.py")
         with open(script, "w") as f:
             f.write(_RUNNER)
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, script, json.dumps(kwargs)],
             cwd=workdir,
-            env=_offline_env(),
+            env=_offline_env(extra_path, tmpdir),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            timeout=timeout_s,
-            check=False,
+            start_new_session=True,  # own process group: its spawned workers die with it
         )
-    log = proc.stdout.decode("utf-8", "replace")
+        try:
+            stdout, _ = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            stdout, _ = proc.communicate()
+            raise RuntimeError(
+                f"img2dataset timed out after {timeout_s}s:\n"
+                + stdout.decode("utf-8", "replace")[-4000:]
+            ) from None
+        finally:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    log = stdout.decode("utf-8", "replace")
     with open(os.path.join(workdir, f"i2d_{output_format}.log"), "w") as f:
         f.write(log)
     stats = [n for n in os.listdir(out_dir) if n.endswith("_stats.json")] if os.path.isdir(out_dir) else []
@@ -340,8 +390,8 @@ def _base_rgb(size=(160, 120)) -> Image.Image:
 def _meta(key: str, caption: str, data: bytes | None, size, exif: dict | None = None) -> dict:
     w, h = size if size else (None, None)
     return {
-        "url": f"http://127.0.0.1:8000/img/{key}",
         "caption": caption,
+        "url": f"http://127.0.0.1:8000/img/{key}",
         "key": key,
         "status": "success",
         "error_message": None,
@@ -358,8 +408,8 @@ def bad_samples() -> list[tuple[str, list[tuple[str, bytes]], str]]:
     """Samples for a "bad input" shard: ``(key, members, expected_outcome)``.
 
     Keys are "000000000", "000000001", ... in order.  Members mimic img2dataset
-    (``{key}.<ext>``, ``{key}.json``, ``{key}.txt``, in that order; json written with
-    indent=4 and img2dataset's fields).  ``expected_outcome`` is "ok" or one of:
+    (``{key}.<ext>``, ``{key}.json``, ``{key}.txt``, sorted by name as img2dataset writes
+    them, so .png/.webp come after .json; json has img2dataset's fields, indent=4).  ``expected_outcome`` is "ok" or one of:
     "corrupt_image" (truncated/garbled JPEG, PNG or WebP), "empty_image" (0-byte file),
     "not_an_image" (text named .jpg), "decompression_bomb" (25 M pixel PNG -- only with a
     pixel limit such as TEST_MAX_PIXELS = 10 M set by the test), "no_image" (.txt/.json
@@ -424,5 +474,6 @@ def bad_samples() -> list[tuple[str, list[tuple[str, bytes]], str]]:
             members.append((f"{key}.{ext}", data))
         members.append((f"{key}.json", json_bytes))
         members.append((f"{key}.txt", txt))
+        members.sort(key=lambda m: m[0])  # same order as img2dataset's tars
         out.append((key, members, outcome))
     return out

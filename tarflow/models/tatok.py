@@ -496,11 +496,19 @@ class TATok(nn.Module):
 
 def preprocess_image(image, size: int) -> torch.Tensor:
     """One PIL image -> (3, size, size) float32 in [0, 1] (RGB, PIL bicubic on uint8, / 255)."""
+    return pixels_from_uint8(torch.from_numpy(resize_uint8(image, size)[None]))[0]
+
+
+def resize_uint8(image, size: int) -> np.ndarray:
+    """PIL image -> (size, size, 3) uint8: the part of preprocessing that runs on CPU workers."""
     from PIL import Image
 
-    im = image.convert("RGB").resize((size, size), Image.BICUBIC)
-    a = np.asarray(im, dtype=np.uint8)
-    return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div_(255.0)
+    return np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8).copy()
+
+
+def pixels_from_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 / 255, bit-identical to preprocess (also on GPU)."""
+    return pixels.permute(0, 3, 1, 2).float().div_(255.0)
 
 
 def random_tatok(seed: int = 0, *, input_size: int = 224, patch_size: int = 14, hidden: int = 96, layers: int = 3,

@@ -1,0 +1,105 @@
+"""Tokenize img2dataset shards into TA-Tok code Parquet shards.
+
+    ray job submit --working-dir . -- python jobs/tokenize_laion.py \
+        --input s3://bucket/laion/ --output s3://bucket/laion-tatok/ --tatok s3://models/ta_tok.pth --scales 1,2,3
+
+With no arguments it runs on the bundled sample with a small RANDOM-weight TA-Tok (a demo of the pipeline:
+its codes are meaningless), on a private local Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from tarflow.data.images import DEFAULT_MAX_PIXELS
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="tokenize_laion.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = p.add_argument_group("input and output")
+    io.add_argument("--input", nargs="+", default=None,
+                    help="img2dataset output: folder/prefix, brace pattern ('{00000..00999}.tar'), glob, list file "
+                         "(.txt), or shard files; local or s3://. Default: the bundled sample.")
+    io.add_argument("--input-format", choices=["auto", "webdataset", "parquet"], default="auto",
+                    help="img2dataset output format (auto: tars if present, else parquet with image bytes)")
+    io.add_argument("--output", default="out/tokenize-sample",
+                    help="output folder or s3:// prefix (codes/, errors/, _manifest/) [%(default)s]")
+    io.add_argument("--overwrite", action="store_true",
+                    help="redo shards whose outputs were made with another checkpoint, scales or options")
+    io.add_argument("--max-shards", type=int, default=None, help="only the first N shards (for trials)")
+    m = p.add_argument_group("model")
+    m.add_argument("--tatok", default=None,
+                   help="TA-Tok checkpoint (reference ta_tok.pth), local or s3://. Default: a small RANDOM-weight "
+                        "demo model created on first use")
+    m.add_argument("--scales", default="1,2,3",
+                   help="pool scales to store, comma-separated (1 -> 729, 2 -> 169, 3 -> 81 tokens) [%(default)s]")
+    m.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="encoder dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    m.add_argument("--device", default="auto", help="auto, cpu, cuda [%(default)s]")
+    d = p.add_argument_group("decoding")
+    d.add_argument("--exif-transpose", action="store_true",
+                   help="rotate images upright by their EXIF orientation (default: pixels as stored, as Tar and "
+                        "img2dataset do)")
+    d.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="refuse images above this many pixels (decompression bombs) [%(default)s]")
+    r = p.add_argument_group("resources")
+    r.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a private local Ray)")
+    r.add_argument("--num-encoders", type=int, default=None,
+                   help="encoder actors (default: one per GPU in the cluster, 1 without GPUs)")
+    r.add_argument("--gpus-per-encoder", type=float, default=None, help="default: 1 with GPUs, else 0")
+    r.add_argument("--encode-batch-size", type=int, default=None, help="images per encoder call (256 GPU / 32 CPU)")
+    r.add_argument("--decode-batch-size", type=int, default=32, help="images per decode task batch [%(default)s]")
+    r.add_argument("--read-chunk", type=int, default=64, help="samples per block read from a shard [%(default)s]")
+    p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars (log lines only)")
+    p.add_argument("--summary-json", default=None, help="also write the final summary as JSON here")
+    args = p.parse_args(argv)
+    try:
+        args.scales = sorted({int(s) for s in args.scales.split(",") if s.strip()})
+    except ValueError:
+        p.error(f"--scales must be comma-separated integers, got {args.scales!r}")
+    if not args.scales or min(args.scales) < 1:
+        p.error("--scales needs at least one pool scale >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from tarflow.data.img2dataset import InputError
+    from tarflow.data.sample import ensure_random_tatok, ensure_sample_shards
+    from tarflow.models.checkpoint import CheckpointError
+    from tarflow.pipelines.runtime import init_ray, setup_logging
+    from tarflow.pipelines.tokenize import OutputConflict, TokenizeConfig, run_tokenize
+
+    setup_logging()
+    log = logging.getLogger("tarflow.tokenize")
+    if args.input is None:
+        args.input = [str(ensure_sample_shards())]
+        log.info("no --input: using the bundled sample %s", args.input[0])
+    if args.tatok is None:
+        args.tatok = str(ensure_random_tatok())
+        log.warning("no --tatok: using a RANDOM, UNTRAINED demo TA-Tok (%s); its codes are meaningless", args.tatok)
+    cfg = TokenizeConfig(
+        input=args.input, output=args.output, tatok=args.tatok, scales=args.scales, input_format=args.input_format,
+        overwrite=args.overwrite, exif_transpose=args.exif_transpose, max_pixels=args.max_pixels,
+        read_chunk=args.read_chunk, decode_batch_size=args.decode_batch_size,
+        encode_batch_size=args.encode_batch_size, num_encoders=args.num_encoders,
+        gpus_per_encoder=args.gpus_per_encoder, dtype=args.dtype, device=args.device, max_shards=args.max_shards)
+    init_ray(args.address, progress_bars=not args.no_progress)
+    try:
+        summary = run_tokenize(cfg)
+    except (InputError, CheckpointError, OutputConflict, ValueError) as e:
+        log.error("%s", e)
+        return 2
+    print(summary.render())
+    if args.summary_json:
+        from tarflow.data import storage
+
+        storage.write_bytes_atomic(args.summary_json, json.dumps(summary.as_dict(), indent=2).encode())
+    return 1 if summary.shards_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

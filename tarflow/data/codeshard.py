@@ -1,0 +1,143 @@
+"""Writing and reading the tokenize job's outputs (formats in tarflow.data.schema).
+
+`CodeShardWriter.write` turns all the rows of one input shard into `codes/{shard}.parquet`,
+`errors/{shard}.parquet` and, last, `_manifest/{shard}.json`; each appears atomically under its final name.
+"""
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+import tarflow
+from tarflow.data import schema, storage
+
+
+@dataclass
+class TokenizeFacts:
+    """What determines the content of a code shard; a rerun whose facts differ must not mix outputs."""
+
+    checkpoint: str
+    checkpoint_sha256: str
+    model_args: dict
+    codebook_size: int
+    input_size: int
+    scales: list[int]
+    options: dict  # decoding options that change outputs (exif_transpose, max_pixels)
+
+    def as_dict(self) -> dict:
+        return {
+            "model": {"checkpoint": self.checkpoint, "sha256": self.checkpoint_sha256, "args": self.model_args,
+                      "codebook_size": self.codebook_size, "input_size": self.input_size},
+            "scales": list(self.scales),
+            "options": dict(self.options),
+        }
+
+    def mismatch(self, manifest: Mapping[str, Any]) -> list[str]:
+        """What differs between these facts and a finished shard's manifest ([] if nothing)."""
+        diffs = []
+        m = manifest.get("model", {})
+        if m.get("sha256") != self.checkpoint_sha256:
+            diffs.append(f"TA-Tok checkpoint sha256 {str(m.get('sha256'))[:12]} != {self.checkpoint_sha256[:12]}")
+        if list(manifest.get("scales", [])) != list(self.scales):
+            diffs.append(f"scales {manifest.get('scales')} != {list(self.scales)}")
+        if dict(manifest.get("options", {})) != dict(self.options):
+            diffs.append(f"options {manifest.get('options')} != {self.options}")
+        return diffs
+
+
+def output_paths(output: str, shard: str) -> dict[str, str]:
+    return {
+        "codes": storage.join(output, schema.CODES_DIR, f"{shard}.parquet"),
+        "errors": storage.join(output, schema.ERRORS_DIR, f"{shard}.parquet"),
+        "manifest": storage.join(output, schema.MANIFEST_DIR, f"{shard}.json"),
+    }
+
+
+def read_manifest(path: str) -> dict | None:
+    """The manifest at `path`, or None when the shard is not finished."""
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        return None
+    try:
+        manifest = json.loads(data)
+    except ValueError as e:
+        raise schema.SchemaError(f"{path}: manifest is not valid JSON ({e}); delete it to redo the shard") from None
+    return dict(schema.check_manifest(manifest, path))
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+class CodeShardWriter:
+    def __init__(self, output: str, facts: TokenizeFacts):
+        self.output, self.facts = output, facts
+        meta = {**facts.as_dict(), "tarflow_version": tarflow.__version__}
+        self.codes_schema = schema.with_metadata(schema.code_shard_schema(facts.scales, facts.codebook_size),
+                                                 schema.CODE_SHARD_FORMAT, schema.CODE_SHARD_VERSION, meta)
+        self.errors_schema = schema.with_metadata(schema.ERRORS_SCHEMA, schema.ERRORS_FORMAT,
+                                                  schema.ERRORS_VERSION, {"tarflow_version": tarflow.__version__})
+
+    def write(self, shard_name: str, shard_input: Mapping[str, Any], rows: pa.Table, complete: bool = True,
+              incomplete_reason: str = "", extra: Mapping[str, Any] | None = None) -> dict:
+        """Write one shard's outputs from all its rows (in input order, good and failed); return the manifest.
+
+        `rows` has the columns of a code shard plus `ok`, `error_stage`, `error_reason`, `error_detail`.
+        """
+        paths = output_paths(self.output, shard_name)
+        ok_mask = rows.column("ok")
+        ok = rows.filter(ok_mask)
+        failed = rows.filter(pc.invert(ok_mask))
+        codes = ok.select(self.codes_schema.names).cast(self.codes_schema)
+        errors = pa.table({
+            "key": failed.column("key"),
+            "shard": pa.array([shard_name] * len(failed), pa.string()),
+            "stage": failed.column("error_stage"),
+            "reason": failed.column("error_reason"),
+            "detail": failed.column("error_detail"),
+        }).cast(self.errors_schema)
+        reasons = Counter(failed.column("error_reason").to_pylist())
+        codes_bytes, errors_bytes = _parquet_bytes(codes), _parquet_bytes(errors)
+        storage.write_bytes_atomic(paths["codes"], codes_bytes)
+        storage.write_bytes_atomic(paths["errors"], errors_bytes)
+        manifest = {
+            "format": schema.MANIFEST_FORMAT,
+            "version": schema.MANIFEST_VERSION,
+            "shard": shard_name,
+            "input": dict(shard_input),
+            "complete": bool(complete),
+            "incomplete_reason": (incomplete_reason or None) if not complete else None,
+            "counts": {"samples_in": len(rows), "ok": len(ok), "failed": len(failed),
+                       "failed_by_reason": dict(reasons)},
+            **self.facts.as_dict(),
+            "schema": {"code_shard": schema.CODE_SHARD_VERSION, "errors": schema.ERRORS_VERSION},
+            "tarflow_version": tarflow.__version__,
+            "outputs": {
+                "codes": {"path": paths["codes"], "rows": len(ok), "bytes": len(codes_bytes)},
+                "errors": {"path": paths["errors"], "rows": len(failed), "bytes": len(errors_bytes)},
+            },
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **({"extra": dict(extra)} if extra else {}),
+        }
+        storage.write_bytes_atomic(paths["manifest"], json.dumps(manifest, indent=2).encode())
+        return manifest
+
+
+def read_code_shard(path: str) -> pa.Table:
+    """Read a code shard, checking its format and version first."""
+    fs, p = storage.filesystem(path)
+    with fs.open(p, "rb") as f:
+        table = pq.read_table(f)
+    schema.check_code_shard(table.schema, path)
+    return table

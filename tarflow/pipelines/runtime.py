@@ -1,0 +1,39 @@
+"""Connecting to Ray the way a job expects.
+
+Under `ray job submit` (or with RAY_ADDRESS / --address) the job joins that cluster. Otherwise it starts a
+private local Ray with no dashboard, which is what `make run` and a laptop want.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, progress_bars: bool = True) -> None:
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                     object_store_memory=_local_object_store_bytes())
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress_bars
+
+
+def _local_object_store_bytes() -> int | None:
+    """A small object store for a local run: Ray's default takes 30% of RAM, which a laptop needs."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+    return int(min(2 << 30, max(256 << 20, total // 10)))
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")

@@ -1,0 +1,417 @@
+"""The tokenize pipeline: img2dataset shards -> TA-Tok code Parquet shards, on Ray Data.
+
+    shard list --ShardReader (tasks: raw bytes, no decoding)
+               --ImageDecoder (CPU tasks: decode, convert, resize to TA-Tok's input size)
+               --TATokEncoder (GPU actor pool: one encoder pass, codes at every requested scale)
+               --> driver: ShardAssembler gathers each shard's rows; CodeShardWriter writes it
+
+Every sample of a shard travels as one row, good or bad, and each shard ends with an "end" row that carries
+its sample count; a shard is written only once all its rows have arrived, so a shard is never written
+partially and a killed job redoes exactly the shards that have no manifest. Rows are keyed by (shard, index):
+a block replayed by a retried task cannot duplicate a sample.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from hashlib import sha256
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tarflow.data import schema, storage
+from tarflow.data.codeshard import CodeShardWriter, TokenizeFacts, output_paths, read_manifest
+from tarflow.data.images import DEFAULT_MAX_PIXELS, SampleError, decode_rgb
+from tarflow.data.img2dataset import RawSample, ShardEnd, ShardInput, iter_samples, resolve_inputs
+
+log = logging.getLogger("tarflow.tokenize")
+
+# Rows between stages (in memory only; the on-disk formats are in tarflow.data.schema).
+_COMMON = [
+    pa.field("shard", pa.string()), pa.field("idx", pa.int64()), pa.field("key", pa.string()),
+    pa.field("kind", pa.string()),  # "sample" | "end"
+    pa.field("error_stage", pa.string()), pa.field("error_reason", pa.string()),
+    pa.field("error_detail", pa.string()),
+    pa.field("end_info", pa.string()),  # JSON of ShardEnd, on "end" rows only
+]
+RAW_SCHEMA = pa.schema(_COMMON + [
+    pa.field("image", pa.binary()), pa.field("image_suffix", pa.string()),
+    pa.field("txt", pa.binary()), pa.field("json", pa.binary()),
+])
+_DECODED_FIELDS = [
+    pa.field("ok", pa.bool_()), pa.field("caption", pa.string()), pa.field("url", pa.string()),
+    pa.field("meta", pa.string()), pa.field("sha256", pa.string()),
+    pa.field("width", pa.int32()), pa.field("height", pa.int32()),
+]
+DECODED_SCHEMA = pa.schema(_COMMON + _DECODED_FIELDS + [pa.field("pixels", pa.binary())])
+
+
+def encoded_schema(scales: Sequence[int], codebook_size: int) -> pa.Schema:
+    vt = schema.code_value_type(codebook_size)
+    return pa.schema(_COMMON + _DECODED_FIELDS + [pa.field(schema.code_column(s), pa.list_(vt)) for s in scales])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stages
+
+
+class ShardReader:
+    """Shard descriptions -> raw sample rows (bytes only), in chunks, then one "end" row per shard."""
+
+    def __init__(self, chunk_size: int = 64):
+        self.chunk_size = chunk_size
+
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        for d in batch.to_pylist():
+            shard = ShardInput(path=d["path"], name=d["name"], format=d["format"], size=d["size"])
+            rows: list[dict] = []
+            for item in iter_samples(shard):
+                rows.append(self._row(shard.name, item))
+                if len(rows) >= self.chunk_size:
+                    yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
+                    rows = []
+            yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
+
+    @staticmethod
+    def _row(shard: str, item: RawSample | ShardEnd) -> dict:
+        if isinstance(item, ShardEnd):
+            info = {"n_samples": item.n_samples, "complete": item.complete, "detail": item.detail, **item.extra}
+            return {"shard": shard, "idx": -1, "key": "", "kind": "end", "end_info": json.dumps(info)}
+        err = item.error or (None, None, None)
+        return {"shard": shard, "idx": item.idx, "key": item.key, "kind": "sample", "error_stage": err[0],
+                "error_reason": err[1], "error_detail": err[2], "image": item.image,
+                "image_suffix": item.image_suffix, "txt": item.txt, "json": item.json}
+
+
+class ImageDecoder:
+    """Raw rows -> decoded rows: caption and metadata parsed, image decoded to RGB and resized to the TA-Tok
+    input size as uint8 (TA-Tok's preprocessing up to the /255, which runs on the accelerator)."""
+
+    def __init__(self, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, exif_transpose: bool = False):
+        self.input_size, self.max_pixels, self.exif_transpose = input_size, max_pixels, exif_transpose
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from PIL import Image
+
+        from tarflow.models.tatok import resize_uint8
+
+        Image.MAX_IMAGE_PIXELS = None  # our own limit (max_pixels) applies, with a per-sample error
+        out = []
+        for r in batch.to_pylist():
+            row = {k: r[k] for k in ("shard", "idx", "key", "kind", "error_stage", "error_reason",
+                                     "error_detail", "end_info")}
+            row["ok"] = False
+            if r["kind"] == "sample" and r["error_reason"] is None:
+                try:
+                    row.update(self._decode(r, resize_uint8))
+                    row["ok"] = True
+                except SampleError as e:
+                    row.update(error_stage=e.stage, error_reason=e.reason, error_detail=e.detail)
+            out.append(row)
+        return pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
+
+    def _decode(self, r: dict, resize_uint8) -> dict:
+        caption = meta = url = None
+        if r["txt"] is not None:
+            try:
+                caption = r["txt"].decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SampleError("decode", "invalid_utf8_caption", str(e)[:200]) from None
+        if r["json"] is not None:
+            try:
+                meta = r["json"].decode("utf-8")
+                parsed = json.loads(meta)
+            except (UnicodeDecodeError, ValueError) as e:
+                raise SampleError("decode", "invalid_json", str(e)[:200]) from None
+            if isinstance(parsed, dict) and isinstance(parsed.get("url"), str):
+                url = parsed["url"]
+        data = r["image"]
+        im = decode_rgb(data, max_pixels=self.max_pixels, exif_transpose=self.exif_transpose)
+        return {"caption": caption, "meta": meta, "url": url, "sha256": sha256(data).hexdigest(),
+                "width": im.width, "height": im.height,
+                "pixels": resize_uint8(im, self.input_size).tobytes()}
+
+
+class TATokEncoder:
+    """Actor: decoded rows -> rows with TA-Tok codes at every requested scale (one encoder pass)."""
+
+    def __init__(self, checkpoint: str, scales: Sequence[int], dtype: str = "auto", device: str = "auto"):
+        import torch
+
+        from tarflow.models.tatok import TATok
+
+        self.torch = torch
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.dtype = getattr(torch, dtype)
+        self.model = TATok.from_checkpoint(checkpoint).to(self.device, self.dtype)
+        self.scales = [int(s) for s in scales]
+        self.schema = encoded_schema(self.scales, self.model.codebook_size)
+        self.code_type = schema.code_value_type(self.model.codebook_size)
+        self.np_code_type = self.code_type.to_pandas_dtype()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from tarflow.models.tatok import pixels_from_uint8
+
+        torch, S = self.torch, self.model.input_size
+        ok = batch.column("ok").to_numpy(zero_copy_only=False)
+        idx_ok = np.flatnonzero(ok)
+        codes = {}
+        if len(idx_ok):
+            pix = batch.column("pixels").to_pylist()
+            arr = np.stack([np.frombuffer(pix[i], dtype=np.uint8).reshape(S, S, 3) for i in idx_ok])
+            x = torch.from_numpy(arr)
+            if self.device.type == "cuda":
+                x = x.pin_memory().to(self.device, non_blocking=True)
+            codes = {s: c.cpu().numpy().astype(self.np_code_type)
+                     for s, c in self.model.encode_scales(pixels_from_uint8(x), self.scales).items()}
+        out = batch.drop_columns(["pixels"])
+        for s in self.scales:
+            n = self.model.num_tokens(s)
+            flat = np.zeros((len(batch), n), dtype=self.np_code_type)
+            if len(idx_ok):
+                flat[idx_ok] = codes[s]
+            arr = pa.ListArray.from_arrays(pa.array(np.arange(0, (len(batch) + 1) * n, n, dtype=np.int32)),
+                                           pa.array(flat.reshape(-1), type=self.code_type),
+                                           mask=pa.array(~ok))
+            out = out.append_column(schema.code_column(s), arr)
+        return out.select(self.schema.names).cast(self.schema)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Driver side
+
+
+class ShardAssembler:
+    """Collects rows per shard; hands back a shard's full table once its end row and every sample arrived."""
+
+    def __init__(self, row_schema: pa.Schema):
+        self.row_schema = row_schema
+        self.parts: dict[str, list[pa.Table]] = defaultdict(list)
+        self.counts: Counter = Counter()
+        self.ends: dict[str, dict] = {}
+
+    def add(self, batch: pa.Table) -> list[tuple[str, pa.Table, dict]]:
+        kinds = batch.column("kind")
+        samples = batch.filter(pc.equal(kinds, "sample"))
+        for shard in pc.unique(samples.column("shard")).to_pylist():
+            part = samples.filter(pc.equal(samples.column("shard"), shard))
+            self.parts[shard].append(part)
+            self.counts[shard] += len(part)
+        for r in batch.filter(pc.equal(kinds, "end")).select(["shard", "end_info"]).to_pylist():
+            self.ends[r["shard"]] = json.loads(r["end_info"])
+        done = []
+        for shard in [s for s, e in self.ends.items() if self.counts[s] >= e["n_samples"]]:
+            table = self._dedupe(shard)
+            if len(table) == self.ends[shard]["n_samples"]:
+                self.parts.pop(shard, None)
+                self.counts.pop(shard, None)
+                done.append((shard, table, self.ends.pop(shard)))
+        return done
+
+    def _dedupe(self, shard: str) -> pa.Table:
+        """The shard's rows in input order, each index once (a replayed block must not duplicate samples)."""
+        parts = self.parts.get(shard) or [self.row_schema.empty_table()]
+        table = pa.concat_tables(parts)
+        table = table.take(pc.sort_indices(table, [("idx", "ascending")]))
+        idx = table.column("idx").to_numpy()
+        if len(idx) > 1 and (idx[1:] == idx[:-1]).any():
+            table = table.filter(pa.array(np.concatenate([[True], idx[1:] != idx[:-1]])))
+        self.parts[shard], self.counts[shard] = [table], len(table)
+        return table
+
+    def unfinished(self) -> list[str]:
+        return sorted(set(self.parts) | set(self.ends))
+
+
+@dataclass
+class TokenizeConfig:
+    input: str | list[str]
+    output: str
+    tatok: str
+    scales: list[int] = field(default_factory=lambda: [1, 2, 3])
+    input_format: str = "auto"
+    overwrite: bool = False
+    exif_transpose: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    read_chunk: int = 64
+    decode_batch_size: int = 32
+    encode_batch_size: int | None = None  # default: 256 on GPU, 32 on CPU
+    num_encoders: int | None = None  # default: one per GPU in the cluster, or 1 without GPUs
+    gpus_per_encoder: float | None = None  # default: 1 when the cluster has GPUs, else 0
+    cpus_per_encoder: float = 1.0
+    decode_cpus: float | None = None  # default: 1 with GPUs, 0.5 without
+    max_concurrent_shards: int = 8  # shards read at once; bounds the rows the driver holds
+    dtype: str = "auto"
+    device: str = "auto"
+    max_shards: int | None = None
+    progress_every_s: float = 10.0
+
+
+@dataclass
+class TokenizeSummary:
+    shards_total: int = 0
+    shards_done: int = 0
+    shards_skipped: int = 0
+    shards_incomplete: list = field(default_factory=list)
+    shards_failed: list = field(default_factory=list)
+    samples_in: int = 0
+    samples_ok: int = 0
+    samples_failed: int = 0
+    failed_by_reason: Counter = field(default_factory=Counter)
+    output_bytes: int = 0
+    seconds: float = 0.0
+    output: str = ""
+
+    @property
+    def images_per_s(self) -> float:
+        return self.samples_in / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items()}
+        d["failed_by_reason"] = dict(self.failed_by_reason)
+        d["images_per_s"] = round(self.images_per_s, 2)
+        return d
+
+    def render(self) -> str:
+        lines = [
+            f"tarflow tokenize: {self.shards_done} shards written, {self.shards_skipped} skipped (already done), "
+            f"{len(self.shards_failed)} failed, of {self.shards_total}",
+            f"  samples: {self.samples_in} in = {self.samples_ok} ok + {self.samples_failed} failed",
+        ]
+        for reason, n in self.failed_by_reason.most_common():
+            lines.append(f"    {reason:<22} {n}")
+        if self.shards_incomplete:
+            lines.append(f"  incomplete input shards (kept what was readable): {', '.join(self.shards_incomplete)}")
+        if self.shards_failed:
+            lines.append(f"  FAILED shards (no manifest; rerun to redo): {', '.join(self.shards_failed)}")
+        lines.append(f"  {self.images_per_s:.1f} images/s over {self.seconds:.1f} s; "
+                     f"{self.output_bytes / 1e6:.2f} MB written to {self.output}")
+        return "\n".join(lines)
+
+
+class OutputConflict(RuntimeError):
+    pass
+
+
+def plan_shards(shards: list[ShardInput], output: str, facts: TokenizeFacts, overwrite: bool
+                ) -> tuple[list[ShardInput], list[ShardInput]]:
+    """Split shards into (to do, already done). Refuses to mix outputs made with other facts."""
+    todo, done, conflicts = [], [], []
+    for s in shards:
+        manifest = read_manifest(output_paths(output, s.name)["manifest"])
+        if manifest is None:
+            todo.append(s)
+            continue
+        diffs = facts.mismatch(manifest)
+        if diffs and not overwrite:
+            conflicts.append(f"{s.name}: {'; '.join(diffs)}")
+        elif diffs or manifest.get("input", {}).get("size") != s.size or manifest.get("input", {}).get(
+                "path") != s.path:
+            todo.append(s)
+        else:
+            done.append(s)
+    if conflicts:
+        raise OutputConflict(
+            f"{output} already holds shards made with other settings; refusing to mix outputs:\n  "
+            + "\n  ".join(conflicts[:10]) + ("\n  ..." if len(conflicts) > 10 else "")
+            + "\nUse another --output, or pass --overwrite to redo these shards with the new settings.")
+    return todo, done
+
+
+def model_facts(cfg: TokenizeConfig) -> TokenizeFacts:
+    from tarflow.models.tatok import TATok
+
+    model = TATok.from_checkpoint(cfg.tatok)
+    for s in cfg.scales:
+        if not 1 <= s <= model.grid:
+            raise ValueError(f"--scales: pool scale {s} is out of range 1..{model.grid} for this TA-Tok")
+    return TokenizeFacts(
+        checkpoint=cfg.tatok, checkpoint_sha256=model.sha256, model_args=model.args.raw,
+        codebook_size=model.codebook_size, input_size=model.input_size, scales=list(cfg.scales),
+        options={"exif_transpose": cfg.exif_transpose, "max_pixels": cfg.max_pixels},
+    )
+
+
+def build_dataset(shards: list[ShardInput], cfg: TokenizeConfig, facts: TokenizeFacts, encoder_cls=TATokEncoder):
+    import ray
+    import ray.data
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    gpus_per = cfg.gpus_per_encoder if cfg.gpus_per_encoder is not None else (1.0 if gpus else 0.0)
+    n_enc = cfg.num_encoders or (max(1, int(gpus // gpus_per)) if gpus_per else 1)
+    enc_bs = cfg.encode_batch_size or (256 if gpus_per else 32)
+    # Without GPUs the encoder shares the CPUs: smaller decode reservations keep a 2-CPU laptop from starving
+    # one stage while another holds its reservation.
+    decode_cpus = cfg.decode_cpus if cfg.decode_cpus is not None else (1.0 if gpus_per else 0.5)
+    items = [{"path": s.path, "name": s.name, "format": s.format, "size": s.size} for s in shards]
+    # Stages stay separate because their resource requests differ (Ray Data fuses adjacent map stages whose
+    # requests match): reading must not decode, and CPU decoding must overlap accelerator inference. The
+    # encoder's memory request (room for its model) makes it distinct even when CPU counts coincide.
+    encoder_memory = max(512 << 20, 4 * storage.size(cfg.tatok))
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds = ds.map_batches(ShardReader(cfg.read_chunk), batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+                        compute=ray.data.TaskPoolStrategy(size=max(1, min(cfg.max_concurrent_shards, len(items)))))
+    ds = ds.map_batches(ImageDecoder(facts.input_size, cfg.max_pixels, cfg.exif_transpose),
+                        batch_size=cfg.decode_batch_size, batch_format="pyarrow", num_cpus=decode_cpus)
+    ds = ds.map_batches(encoder_cls, fn_constructor_kwargs=dict(checkpoint=cfg.tatok, scales=cfg.scales,
+                                                                dtype=cfg.dtype, device=cfg.device),
+                        batch_size=enc_bs, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_enc),
+                        num_gpus=gpus_per, num_cpus=cfg.cpus_per_encoder, memory=encoder_memory)
+    return ds
+
+
+def run_tokenize(cfg: TokenizeConfig, encoder_cls=TATokEncoder) -> TokenizeSummary:
+    t0 = time.time()
+    shards = resolve_inputs(cfg.input, cfg.input_format)
+    if cfg.max_shards:
+        shards = shards[: cfg.max_shards]
+    facts = model_facts(cfg)
+    todo, done = plan_shards(shards, cfg.output, facts, cfg.overwrite)
+    summary = TokenizeSummary(shards_total=len(shards), shards_skipped=len(done), output=cfg.output)
+    log.info("%d input shards: %d to do, %d already done (skipped)", len(shards), len(todo), len(done))
+    for s in todo:  # a stale manifest must never describe new, partly written outputs
+        storage.remove(output_paths(cfg.output, s.name)["manifest"])
+    if todo:
+        writer = CodeShardWriter(cfg.output, facts)
+        by_name = {s.name: s for s in todo}
+        assembler = ShardAssembler(encoded_schema(facts.scales, facts.codebook_size))
+        last = time.time()
+        ds = build_dataset(todo, cfg, facts, encoder_cls)
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for name, table, end in assembler.add(batch):
+                s = by_name[name]
+                manifest = writer.write(
+                    name, {"path": s.path, "size": s.size, "format": s.format},
+                    table, complete=end["complete"], incomplete_reason=end.get("detail", ""),
+                    extra={k: v for k, v in end.items() if k not in ("n_samples", "complete", "detail")})
+                _account(summary, manifest)
+                if time.time() - last > cfg.progress_every_s or summary.shards_done == len(todo):
+                    last = time.time()
+                    el = time.time() - t0
+                    log.info("progress: %d/%d shards, %d samples (%d failed), %.1f images/s",
+                             summary.shards_done, len(todo), summary.samples_in, summary.samples_failed,
+                             summary.samples_in / max(el, 1e-9))
+        summary.shards_failed = assembler.unfinished()
+    summary.seconds = time.time() - t0
+    return summary
+
+
+def _account(summary: TokenizeSummary, manifest: dict) -> None:
+    c = manifest["counts"]
+    summary.shards_done += 1
+    summary.samples_in += c["samples_in"]
+    summary.samples_ok += c["ok"]
+    summary.samples_failed += c["failed"]
+    summary.failed_by_reason.update(c["failed_by_reason"])
+    summary.output_bytes += sum(o["bytes"] for o in manifest["outputs"].values())
+    if not manifest["complete"]:
+        summary.shards_incomplete.append(manifest["shard"])
