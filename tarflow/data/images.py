@@ -42,7 +42,8 @@ def decode_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, exif_transp
             warnings.simplefilter("ignore")
             im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as e:
-        raise SampleError("decode", "not_an_image", str(e)[:200]) from None
+        reason = "corrupt_image" if looks_like_image(data) else "not_an_image"
+        raise SampleError("decode", reason, str(e)[:200]) from None
     except Image.DecompressionBombError as e:
         raise SampleError("decode", "decompression_bomb", str(e)[:200]) from None
     except Exception as e:  # malformed headers raise many types
@@ -63,6 +64,14 @@ def decode_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, exif_transp
         raise SampleError("decode", "decompression_bomb", str(e)[:200]) from None
     except Exception as e:
         raise SampleError("decode", "corrupt_image", f"{type(e).__name__}: {e}"[:200]) from None
+
+
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def looks_like_image(data: bytes) -> bool:
+    """Whether the bytes start like a known image format (then a decode failure means a damaged image)."""
+    return data.startswith(_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
 def _to_rgb(im):

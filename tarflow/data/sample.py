@@ -26,7 +26,7 @@ SAMPLE_PHOTOS = [
     ("chelsea", "A tabby cat named Chelsea looking to the side."),
     ("rocket", "A rocket on the launch pad under a clear sky."),
     ("camera", "Black and white photo of a man with a camera on a tripod."),
-    ("horse", "Silhouette of a horse on a white background."),
+    ("horse", "The black silhouette of a horse on a white background."),
     ("stereo_motorcycle", "A motorcycle parked in a garage."),
     ("hubble_deep_field", "The Hubble deep field: hundreds of distant galaxies on black."),
 ]
@@ -50,6 +50,8 @@ def sample_photos() -> list[tuple[str, bytes, str]]:
         a = getattr(skimage.data, name)()
         if isinstance(a, tuple):
             a = a[0]
+        if a.dtype == bool:  # the horse: True where the horse is
+            a = np.where(a, 0, 255).astype(np.uint8)
         im = Image.fromarray(np.asarray(a))
         buf = io.BytesIO()
         im.convert("L" if im.mode in ("L", "I", "I;16", "F") else "RGB").save(buf, format="JPEG", quality=90)
@@ -61,8 +63,8 @@ def write_img2dataset_shards(folder: str | Path, photos: list[tuple[str, bytes, 
                              samples_per_shard: int = SAMPLES_PER_SHARD) -> list[Path]:
     """Write `photos` in img2dataset's WebDataset layout; return the tar paths.
 
-    Keys follow img2dataset: shard_id * 10**ceil(log10(samples_per_shard)) + row, zero-padded to 9 digits;
-    `_stats.json` is written last, as img2dataset does.
+    Keys follow img2dataset: shard_id * 10**ceil(log10(samples_per_shard)) + row, zero-padded to
+    ceil(log10(samples_per_shard)) + 5 digits; `_stats.json` is written last, as img2dataset does.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -70,7 +72,8 @@ def write_img2dataset_shards(folder: str | Path, photos: list[tuple[str, bytes, 
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    key_stride = 10 ** math.ceil(math.log10(samples_per_shard)) if samples_per_shard > 1 else 1
+    digits = math.ceil(math.log10(samples_per_shard)) if samples_per_shard > 1 else 0
+    key_stride = 10**digits
     tars = []
     for shard_id in range(math.ceil(len(photos) / samples_per_shard)):
         rows = []
@@ -78,7 +81,7 @@ def write_img2dataset_shards(folder: str | Path, photos: list[tuple[str, bytes, 
         with tarfile.open(tar_path, "w") as tar:
             for row, (name, data, caption) in enumerate(
                     photos[shard_id * samples_per_shard:(shard_id + 1) * samples_per_shard]):
-                key = f"{shard_id * key_stride + row:09d}"
+                key = f"{shard_id * key_stride + row:0{digits + 5}d}"
                 w, h = Image.open(io.BytesIO(data)).size
                 meta = {"url": f"https://example.invalid/skimage/{name}.jpg", "caption": caption, "key": key,
                         "status": "success", "error_message": None, "width": w, "height": h,

@@ -341,7 +341,10 @@ def model_facts(cfg: TokenizeConfig) -> TokenizeFacts:
     )
 
 
-def build_dataset(shards: list[ShardInput], cfg: TokenizeConfig, facts: TokenizeFacts, encoder_cls=TATokEncoder):
+def build_dataset(shards: list[ShardInput], cfg: TokenizeConfig, facts: TokenizeFacts, encoder_cls=TATokEncoder,
+                  encoder_kwargs: dict | None = None):
+    """The Ray Dataset of encoded rows. `encoder_cls` may be a TATokEncoder subclass (extra constructor
+    arguments in `encoder_kwargs`)."""
     import ray
     import ray.data
 
@@ -363,13 +366,15 @@ def build_dataset(shards: list[ShardInput], cfg: TokenizeConfig, facts: Tokenize
     ds = ds.map_batches(ImageDecoder(facts.input_size, cfg.max_pixels, cfg.exif_transpose),
                         batch_size=cfg.decode_batch_size, batch_format="pyarrow", num_cpus=decode_cpus)
     ds = ds.map_batches(encoder_cls, fn_constructor_kwargs=dict(checkpoint=cfg.tatok, scales=cfg.scales,
-                                                                dtype=cfg.dtype, device=cfg.device),
+                                                                dtype=cfg.dtype, device=cfg.device,
+                                                                **(encoder_kwargs or {})),
                         batch_size=enc_bs, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_enc),
                         num_gpus=gpus_per, num_cpus=cfg.cpus_per_encoder, memory=encoder_memory)
     return ds
 
 
-def run_tokenize(cfg: TokenizeConfig, encoder_cls=TATokEncoder) -> TokenizeSummary:
+def run_tokenize(cfg: TokenizeConfig, encoder_cls=TATokEncoder, encoder_kwargs: dict | None = None
+                 ) -> TokenizeSummary:
     t0 = time.time()
     shards = resolve_inputs(cfg.input, cfg.input_format)
     if cfg.max_shards:
@@ -385,7 +390,7 @@ def run_tokenize(cfg: TokenizeConfig, encoder_cls=TATokEncoder) -> TokenizeSumma
         by_name = {s.name: s for s in todo}
         assembler = ShardAssembler(encoded_schema(facts.scales, facts.codebook_size))
         last = time.time()
-        ds = build_dataset(todo, cfg, facts, encoder_cls)
+        ds = build_dataset(todo, cfg, facts, encoder_cls, encoder_kwargs)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for name, table, end in assembler.add(batch):
                 s = by_name[name]
