@@ -513,14 +513,16 @@ def pixels_from_uint8(pixels: torch.Tensor) -> torch.Tensor:
 
 def random_tatok(seed: int = 0, *, input_size: int = 224, patch_size: int = 14, hidden: int = 96, layers: int = 3,
                  heads: int = 4, bottleneck_dim: int = 32, codebook_size: int = 1024, decoder_depth: int = 2,
-                 teacher: str = "encoder") -> tuple[TATok, dict]:
-    """A small TA-Tok with random weights (fixed seed) and the encoder config.json its checkpoint refers to.
+                 teacher: str = "encoder", encoder: VisionConfig | None = None) -> tuple[TATok, dict]:
+    """A TA-Tok with random weights (fixed seed) and the encoder config.json its checkpoint refers to.
 
-    For demos and tests only: its codes carry no meaning. Save with `torch.save(model.checkpoint_dict(), p)`
-    and write the returned config as `<dir of p>/<teacher>/config.json`.
+    For demos, tests and benchmarks only: its codes carry no meaning. Save with
+    `torch.save(model.checkpoint_dict(), p)` and write the returned config as `<dir of p>/<teacher>/config.json`
+    (not needed when `teacher` is a built-in id and `encoder` its config, e.g. the real shape for benchmarks).
     """
-    enc = VisionConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                       num_attention_heads=heads, image_size=input_size, patch_size=patch_size)
+    enc = encoder or VisionConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                                  num_attention_heads=heads, image_size=input_size, patch_size=patch_size)
+    input_size, patch_size = enc.image_size, enc.patch_size
     raw = {
         "bottleneck": {"name": "bottleneck", "args": {
             "bottleneck_dim": bottleneck_dim, "norm": "none",

@@ -270,15 +270,25 @@ class TokenizeSummary:
     output_bytes: int = 0
     seconds: float = 0.0
     output: str = ""
+    shard_times: list = field(default_factory=list, repr=False)  # (seconds since start, samples) per shard
 
     @property
     def images_per_s(self) -> float:
         return self.samples_in / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def steady_images_per_s(self) -> float:
+        """Throughput between the first and the last shard written: start-up (model loads) excluded."""
+        if len(self.shard_times) < 2:
+            return 0.0
+        span = self.shard_times[-1][0] - self.shard_times[0][0]
+        return sum(n for _, n in self.shard_times[1:]) / span if span > 0 else 0.0
+
     def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items()}
+        d = {k: v for k, v in self.__dict__.items() if k != "shard_times"}
         d["failed_by_reason"] = dict(self.failed_by_reason)
         d["images_per_s"] = round(self.images_per_s, 2)
+        d["steady_images_per_s"] = round(self.steady_images_per_s, 2)
         return d
 
     def render(self) -> str:
@@ -293,7 +303,8 @@ class TokenizeSummary:
             lines.append(f"  incomplete input shards (kept what was readable): {', '.join(self.shards_incomplete)}")
         if self.shards_failed:
             lines.append(f"  FAILED shards (no manifest; rerun to redo): {', '.join(self.shards_failed)}")
-        lines.append(f"  {self.images_per_s:.1f} images/s over {self.seconds:.1f} s; "
+        steady = f" ({self.steady_images_per_s:.1f} once started)" if self.steady_images_per_s else ""
+        lines.append(f"  {self.images_per_s:.1f} images/s{steady} over {self.seconds:.1f} s; "
                      f"{self.output_bytes / 1e6:.2f} MB written to {self.output}")
         return "\n".join(lines)
 
@@ -399,6 +410,7 @@ def run_tokenize(cfg: TokenizeConfig, encoder_cls=TATokEncoder, encoder_kwargs: 
                     table, complete=end["complete"], incomplete_reason=end.get("detail", ""),
                     extra={k: v for k, v in end.items() if k not in ("n_samples", "complete", "detail")})
                 _account(summary, manifest)
+                summary.shard_times.append((time.time() - t0, manifest["counts"]["samples_in"]))
                 if time.time() - last > cfg.progress_every_s or summary.shards_done == len(todo):
                     last = time.time()
                     el = time.time() - t0
