@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make run    create .venv, install tarflow, tokenize the bundled sample with the default small TA-Tok
 #   make test   create .venv, install tarflow with test extras, run the test suite
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

@@ -138,6 +138,7 @@ def test_resolve_inputs_forms(tmp_path):
     assert all(s.format == "webdataset" and s.size > 0 for s in i2d.resolve_inputs(str(d)))
     assert [s.name for s in i2d.resolve_inputs(f"{d}/{{00000..00001}}.tar")] == names[:2]
     assert [s.name for s in i2d.resolve_inputs(f"{d}/*.tar")] == names
+    assert [s.name for s in i2d.resolve_inputs(f"{d}/0000")] == names  # a key prefix
     lst = tmp_path / "shards.txt"
     lst.write_text("# my shards\nlaion/00002.tar\n" + str(d / "00000.tar") + "\n")
     assert [s.name for s in i2d.resolve_inputs(str(lst))] == ["00000", "00002"]

@@ -81,8 +81,11 @@ def _expand(spec: str, input_format: str) -> list[str]:
     if storage.isdir(spec):
         return _select(storage.listdir(spec), input_format, spec)
     if not storage.exists(spec):
-        raise InputError(f"input {spec} does not exist (give a folder, a brace pattern, a glob, a list file or a "
-                         "shard file)")
+        by_prefix = _select(storage.glob(spec + "*"), input_format, spec)  # a key prefix: s3://b/laion/part-
+        if by_prefix:
+            return by_prefix
+        raise InputError(f"input {spec} does not exist (give a folder, a prefix, a brace pattern, a glob, a list "
+                         "file or a shard file)")
     if spec.endswith((".txt", ".lst")):
         lines = storage.read_bytes(spec).decode().splitlines()
         base = storage.dirname(spec)
