@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tarflow.models.checkpoint import CheckpointError, load_state_dict_strict, read_checkpoint, unwrap_model_entry
+from tarflow.models.sampling import sample
 
 # name -> (n_layer, n_head, dim)
 PRESETS = {
@@ -260,11 +261,12 @@ class ARDetokenizer(nn.Module):
     @torch.no_grad()
     def generate(self, cond: torch.Tensor, *, cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, num_tokens: int | None = None, generator: torch.Generator | None = None,
-                 step_fn=None) -> torch.Tensor:
+                 seeds: torch.Tensor | None = None, step_fn=None) -> torch.Tensor:
         """cond (B, n_cond, C) rec features -> VQ tokens (B, num_tokens) int64 (default: max_seq_len).
 
         top_k=1 is greedy (argmax), reproducible across implementations; otherwise tokens are sampled with
-        `generator`. `step_fn` replaces `decode_step` (e.g. a compiled version of it).
+        `generator`, or with per-row `seeds` (B,) so that a row's image does not depend on its batch.
+        `step_fn` replaces `decode_step` (e.g. a compiled version of it).
         """
         B, n_cond = cond.shape[:2]
         n = num_tokens or self.args.max_seq_len
@@ -279,40 +281,21 @@ class ARDetokenizer(nn.Module):
                         cond.device)
         step = step_fn or self.decode_step
 
-        def pick(logits):  # (B', vocab) -> (B,)
+        def pick(logits, j):  # (B', vocab) -> (B,)
             logits = logits.float()
             if use_cfg:
                 c, u = logits[:B], logits[B:]
                 logits = u + (c - u) * cfg_scale
-            return sample_logits(logits, temperature, top_k, top_p, generator)
+            return sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                          seeds=seeds, step=j)
 
         out = torch.empty(B, n, dtype=torch.long, device=cond.device)
-        out[:, 0] = pick(self._prefill(x, cache))
+        out[:, 0] = pick(self._prefill(x, cache), 0)
         for j in range(1, n):
             tok = torch.cat([out[:, j - 1], out[:, j - 1]]) if use_cfg else out[:, j - 1]
             pos = torch.tensor(n_cond + j - 1, device=cond.device)
-            out[:, j] = pick(step(tok, pos, cache))
+            out[:, j] = pick(step(tok, pos, cache), j)
         return out
-
-
-def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, V) -> (B,) token ids. Temperature, then top-k, then top-p (nucleus, keeping at least one token)."""
-    if top_k == 1:
-        return logits.argmax(dim=-1)
-    logits = logits / max(temperature, 1e-5)
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum > top_p
-        drop[:, 1:] = drop[:, :-1].clone()  # keep the token that crosses the threshold
-        drop[:, 0] = False
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 def _round_up(n: int, k: int) -> int:
