@@ -114,12 +114,14 @@ def check_code_shard(schema: pa.Schema, path: str) -> dict:
     return meta
 
 
-def check_manifest(manifest: Mapping[str, Any], path: str) -> Mapping[str, Any]:
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise SchemaError(f"{path}: not a tarflow tokenize manifest (format {manifest.get('format')!r})")
-    if manifest.get("version") != MANIFEST_VERSION:
+def check_manifest(manifest: Mapping[str, Any], path: str, fmt: str = MANIFEST_FORMAT,
+                   version: int = MANIFEST_VERSION) -> Mapping[str, Any]:
+    if manifest.get("format") != fmt:
+        raise SchemaError(f"{path}: format {manifest.get('format')!r} is not {fmt}; is this output folder "
+                          "another job's?")
+    if manifest.get("version") != version:
         raise SchemaError(
-            f"{path}: manifest version {manifest.get('version')} is not supported (expected {MANIFEST_VERSION}); "
+            f"{path}: manifest version {manifest.get('version')} is not supported (expected {version}); "
             "re-run with --overwrite to redo this output with this tarflow"
         )
     return manifest

@@ -15,19 +15,19 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from hashlib import sha256
 from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from tarflow.data import schema, storage
 from tarflow.data.codeshard import CodeShardWriter, TokenizeFacts, output_paths, read_manifest
 from tarflow.data.images import DEFAULT_MAX_PIXELS, SampleError, decode_rgb
 from tarflow.data.img2dataset import RawSample, ShardEnd, ShardInput, iter_samples, resolve_inputs
+from tarflow.pipelines.sharded import OutputConflict  # noqa: F401  (raised by run_tokenize; jobs catch it)
+from tarflow.pipelines.sharded import JobSummary, ShardAssembler, drain, end_row, plan_shards
 
 log = logging.getLogger("tarflow.tokenize")
 
@@ -80,8 +80,7 @@ class ShardReader:
     @staticmethod
     def _row(shard: str, item: RawSample | ShardEnd) -> dict:
         if isinstance(item, ShardEnd):
-            info = {"n_samples": item.n_samples, "complete": item.complete, "detail": item.detail, **item.extra}
-            return {"shard": shard, "idx": -1, "key": "", "kind": "end", "end_info": json.dumps(info)}
+            return end_row(shard, item.n_samples, complete=item.complete, detail=item.detail, **item.extra)
         err = item.error or (None, None, None)
         return {"shard": shard, "idx": item.idx, "key": item.key, "kind": "sample", "error_stage": err[0],
                 "error_reason": err[1], "error_detail": err[2], "image": item.image,
@@ -190,48 +189,6 @@ class TATokEncoder:
 # Driver side
 
 
-class ShardAssembler:
-    """Collects rows per shard; hands back a shard's full table once its end row and every sample arrived."""
-
-    def __init__(self, row_schema: pa.Schema):
-        self.row_schema = row_schema
-        self.parts: dict[str, list[pa.Table]] = defaultdict(list)
-        self.counts: Counter = Counter()
-        self.ends: dict[str, dict] = {}
-
-    def add(self, batch: pa.Table) -> list[tuple[str, pa.Table, dict]]:
-        kinds = batch.column("kind")
-        samples = batch.filter(pc.equal(kinds, "sample"))
-        for shard in pc.unique(samples.column("shard")).to_pylist():
-            part = samples.filter(pc.equal(samples.column("shard"), shard))
-            self.parts[shard].append(part)
-            self.counts[shard] += len(part)
-        for r in batch.filter(pc.equal(kinds, "end")).select(["shard", "end_info"]).to_pylist():
-            self.ends[r["shard"]] = json.loads(r["end_info"])
-        done = []
-        for shard in [s for s, e in self.ends.items() if self.counts[s] >= e["n_samples"]]:
-            table = self._dedupe(shard)
-            if len(table) == self.ends[shard]["n_samples"]:
-                self.parts.pop(shard, None)
-                self.counts.pop(shard, None)
-                done.append((shard, table, self.ends.pop(shard)))
-        return done
-
-    def _dedupe(self, shard: str) -> pa.Table:
-        """The shard's rows in input order, each index once (a replayed block must not duplicate samples)."""
-        parts = self.parts.get(shard) or [self.row_schema.empty_table()]
-        table = pa.concat_tables(parts)
-        table = table.take(pc.sort_indices(table, [("idx", "ascending")]))
-        idx = table.column("idx").to_numpy()
-        if len(idx) > 1 and (idx[1:] == idx[:-1]).any():
-            table = table.filter(pa.array(np.concatenate([[True], idx[1:] != idx[:-1]])))
-        self.parts[shard], self.counts[shard] = [table], len(table)
-        return table
-
-    def unfinished(self) -> list[str]:
-        return sorted(set(self.parts) | set(self.ends))
-
-
 @dataclass
 class TokenizeConfig:
     input: str | list[str]
@@ -254,88 +211,6 @@ class TokenizeConfig:
     device: str = "auto"
     max_shards: int | None = None
     progress_every_s: float = 10.0
-
-
-@dataclass
-class TokenizeSummary:
-    shards_total: int = 0
-    shards_done: int = 0
-    shards_skipped: int = 0
-    shards_incomplete: list = field(default_factory=list)
-    shards_failed: list = field(default_factory=list)
-    samples_in: int = 0
-    samples_ok: int = 0
-    samples_failed: int = 0
-    failed_by_reason: Counter = field(default_factory=Counter)
-    output_bytes: int = 0
-    seconds: float = 0.0
-    output: str = ""
-    shard_times: list = field(default_factory=list, repr=False)  # (seconds since start, samples) per shard
-
-    @property
-    def images_per_s(self) -> float:
-        return self.samples_in / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def steady_images_per_s(self) -> float:
-        """Throughput between the first and the last shard written: start-up (model loads) excluded."""
-        if len(self.shard_times) < 2:
-            return 0.0
-        span = self.shard_times[-1][0] - self.shard_times[0][0]
-        return sum(n for _, n in self.shard_times[1:]) / span if span > 0 else 0.0
-
-    def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "shard_times"}
-        d["failed_by_reason"] = dict(self.failed_by_reason)
-        d["images_per_s"] = round(self.images_per_s, 2)
-        d["steady_images_per_s"] = round(self.steady_images_per_s, 2)
-        return d
-
-    def render(self) -> str:
-        lines = [
-            f"tarflow tokenize: {self.shards_done} shards written, {self.shards_skipped} skipped (already done), "
-            f"{len(self.shards_failed)} failed, of {self.shards_total}",
-            f"  samples: {self.samples_in} in = {self.samples_ok} ok + {self.samples_failed} failed",
-        ]
-        for reason, n in self.failed_by_reason.most_common():
-            lines.append(f"    {reason:<22} {n}")
-        if self.shards_incomplete:
-            lines.append(f"  incomplete input shards (kept what was readable): {', '.join(self.shards_incomplete)}")
-        if self.shards_failed:
-            lines.append(f"  FAILED shards (no manifest; rerun to redo): {', '.join(self.shards_failed)}")
-        steady = f" ({self.steady_images_per_s:.1f} once started)" if self.steady_images_per_s else ""
-        lines.append(f"  {self.images_per_s:.1f} images/s{steady} over {self.seconds:.1f} s; "
-                     f"{self.output_bytes / 1e6:.2f} MB written to {self.output}")
-        return "\n".join(lines)
-
-
-class OutputConflict(RuntimeError):
-    pass
-
-
-def plan_shards(shards: list[ShardInput], output: str, facts: TokenizeFacts, overwrite: bool
-                ) -> tuple[list[ShardInput], list[ShardInput]]:
-    """Split shards into (to do, already done). Refuses to mix outputs made with other facts."""
-    todo, done, conflicts = [], [], []
-    for s in shards:
-        manifest = read_manifest(output_paths(output, s.name)["manifest"])
-        if manifest is None:
-            todo.append(s)
-            continue
-        diffs = facts.mismatch(manifest)
-        if diffs and not overwrite:
-            conflicts.append(f"{s.name}: {'; '.join(diffs)}")
-        elif diffs or manifest.get("input", {}).get("size") != s.size or manifest.get("input", {}).get(
-                "path") != s.path:
-            todo.append(s)
-        else:
-            done.append(s)
-    if conflicts:
-        raise OutputConflict(
-            f"{output} already holds shards made with other settings; refusing to mix outputs:\n  "
-            + "\n  ".join(conflicts[:10]) + ("\n  ..." if len(conflicts) > 10 else "")
-            + "\nUse another --output, or pass --overwrite to redo these shards with the new settings.")
-    return todo, done
 
 
 def model_facts(cfg: TokenizeConfig) -> TokenizeFacts:
@@ -384,51 +259,43 @@ def build_dataset(shards: list[ShardInput], cfg: TokenizeConfig, facts: Tokenize
     return ds
 
 
+TokenizeSummary = JobSummary
+
+
+def plan(shards: list[ShardInput], cfg: TokenizeConfig, facts: TokenizeFacts) -> tuple[list[ShardInput], list]:
+    by_name = {s.name: s for s in shards}
+
+    def same_input(name, manifest):
+        return manifest.get("input", {}).get("size") == by_name[name].size and \
+            manifest.get("input", {}).get("path") == by_name[name].path
+
+    todo, done = plan_shards(by_name, lambda n: output_paths(cfg.output, n)["manifest"], read_manifest,
+                             facts.mismatch, same_input, cfg.overwrite, cfg.output)
+    return [by_name[n] for n in todo], done
+
+
 def run_tokenize(cfg: TokenizeConfig, encoder_cls=TATokEncoder, encoder_kwargs: dict | None = None
-                 ) -> TokenizeSummary:
+                 ) -> JobSummary:
     t0 = time.time()
     shards = resolve_inputs(cfg.input, cfg.input_format)
     if cfg.max_shards:
         shards = shards[: cfg.max_shards]
     facts = model_facts(cfg)
-    todo, done = plan_shards(shards, cfg.output, facts, cfg.overwrite)
-    summary = TokenizeSummary(shards_total=len(shards), shards_skipped=len(done), output=cfg.output)
+    todo, done = plan(shards, cfg, facts)
+    summary = JobSummary(job="tokenize", shards_total=len(shards), shards_skipped=len(done), output=cfg.output)
     log.info("%d input shards: %d to do, %d already done (skipped)", len(shards), len(todo), len(done))
-    for s in todo:  # a stale manifest must never describe new, partly written outputs
-        storage.remove(output_paths(cfg.output, s.name)["manifest"])
     if todo:
         writer = CodeShardWriter(cfg.output, facts)
         by_name = {s.name: s for s in todo}
-        assembler = ShardAssembler(encoded_schema(facts.scales, facts.codebook_size))
-        last = time.time()
+
+        def write(name, table, end):
+            s = by_name[name]
+            return writer.write(name, {"path": s.path, "size": s.size, "format": s.format}, table,
+                                complete=end["complete"], incomplete_reason=end.get("detail", ""),
+                                extra={k: v for k, v in end.items() if k not in ("n_samples", "complete", "detail")})
+
         ds = build_dataset(todo, cfg, facts, encoder_cls, encoder_kwargs)
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for name, table, end in assembler.add(batch):
-                s = by_name[name]
-                manifest = writer.write(
-                    name, {"path": s.path, "size": s.size, "format": s.format},
-                    table, complete=end["complete"], incomplete_reason=end.get("detail", ""),
-                    extra={k: v for k, v in end.items() if k not in ("n_samples", "complete", "detail")})
-                _account(summary, manifest)
-                summary.shard_times.append((time.time() - t0, manifest["counts"]["samples_in"]))
-                if time.time() - last > cfg.progress_every_s or summary.shards_done == len(todo):
-                    last = time.time()
-                    el = time.time() - t0
-                    log.info("progress: %d/%d shards, %d samples (%d failed), %.1f images/s",
-                             summary.shards_done, len(todo), summary.samples_in, summary.samples_failed,
-                             summary.samples_in / max(el, 1e-9))
-        summary.shards_failed = assembler.unfinished()
+        drain(ds, ShardAssembler(encoded_schema(facts.scales, facts.codebook_size)), write, summary, len(todo), t0,
+              cfg.progress_every_s)
     summary.seconds = time.time() - t0
     return summary
-
-
-def _account(summary: TokenizeSummary, manifest: dict) -> None:
-    c = manifest["counts"]
-    summary.shards_done += 1
-    summary.samples_in += c["samples_in"]
-    summary.samples_ok += c["ok"]
-    summary.samples_failed += c["failed"]
-    summary.failed_by_reason.update(c["failed_by_reason"])
-    summary.output_bytes += sum(o["bytes"] for o in manifest["outputs"].values())
-    if not manifest["complete"]:
-        summary.shards_incomplete.append(manifest["shard"])
