@@ -29,3 +29,14 @@ def test_seeded_sampling_matches_the_softmax_and_depends_only_on_seed_and_step()
     assert torch.equal(u[0], u[2]) and not torch.equal(u[0], u[1])
     assert not torch.equal(u[0], row_uniforms(torch.tensor([7]), 6, 1000)[0])
     assert float(u.min()) > 0 and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.02
+
+
+def test_masked_tokens_are_never_sampled():
+    """Even the largest uniform must give finite Gumbel noise: -inf logits stay -inf, never NaN."""
+    logits = torch.full((4096, 1000), float("-inf"))
+    logits[:, 10:20] = torch.randn(4096, 10)
+    for step in range(8):
+        tok = sample(logits, top_k=1200, top_p=0.95, seeds=torch.arange(4096), step=step)
+        assert bool(((tok >= 10) & (tok < 20)).all())
+    top = (torch.tensor((1 << 23) - 1).float() + 0.5) / float(1 << 23)
+    assert float(top) < 1.0

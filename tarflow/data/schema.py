@@ -125,3 +125,41 @@ def check_manifest(manifest: Mapping[str, Any], path: str, fmt: str = MANIFEST_F
             "re-run with --overwrite to redo this output with this tarflow"
         )
     return manifest
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Caption job: an output folder holds captions/{shard}.parquet, errors/{shard}.parquet, _manifest/{shard}.json
+# (one per input code shard, named like it).
+
+CAPTIONS_FORMAT = "tarflow.captions"
+CAPTIONS_VERSION = 1
+CAPTION_MANIFEST_FORMAT = "tarflow.caption_manifest"
+CAPTION_MANIFEST_VERSION = 1
+CAPTIONS_DIR = "captions"
+
+CAPTIONS_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),  # the code shard's key (img2dataset key)
+        pa.field("prompt", pa.string(), nullable=False),  # the question asked about the image
+        pa.field("caption", pa.string(), nullable=False),  # the generated answer, special tokens removed
+        pa.field("model", pa.string(), nullable=False),  # the Tar checkpoint it came from
+        pa.field("sampling", pa.string(), nullable=False),  # JSON: greedy/temperature/top_k/top_p/seed
+        pa.field("prompt_tokens", pa.int32(), nullable=False),
+        pa.field("caption_tokens", pa.int32(), nullable=False),
+        pa.field("finished", pa.bool_(), nullable=False),  # ended on <|im_end|> (else cut at max_new_tokens)
+    ]
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generate job: img2dataset's WebDataset layout ({shard}.tar + {shard}.parquet + {shard}_stats.json) so the
+# output feeds straight back into tarflow, plus errors/{shard}.parquet and _manifest/{shard}.json (last).
+# Tar members per sample: {key}.png|jpg, {key}.txt (the prompt), {key}.json (GENERATED_SAMPLE_META fields).
+
+GENERATE_MANIFEST_FORMAT = "tarflow.generate_manifest"
+GENERATE_MANIFEST_VERSION = 1
+GENERATED_SAMPLE_META = ("key", "id", "index", "prompt", "seed", "scale", "width", "height", "status",
+                         "mllm", "detokenizer", "sampling", "detok_sampling", "codes", "codes_fix")
+
+PROMPT_TABLE_COLUMNS = {"id": "required", "prompt": "required", "scale": "optional (default --scale)",
+                        "seed": "optional (default --seed + row number)", "n": "optional (default --n)"}

@@ -46,11 +46,13 @@ class ARImageDecoder:
 
     @torch.no_grad()
     def vq_tokens(self, codes: torch.Tensor, sampling: ARSampling = ARSampling(),
-                  generator: torch.Generator | None = None, step_fn=None) -> torch.Tensor:
-        """(B, n) TA-Tok codes -> (B, max_seq_len) VQ tokens."""
+                  generator: torch.Generator | None = None, seeds: torch.Tensor | None = None,
+                  step_fn=None) -> torch.Tensor:
+        """(B, n) TA-Tok codes -> (B, max_seq_len) VQ tokens (per-row `seeds` make rows batch-independent)."""
         rec = self.tatok.decode(codes)
         return self.ar.generate(rec, cfg_scale=sampling.cfg_scale, temperature=sampling.temperature,
-                                top_k=sampling.top_k, top_p=sampling.top_p, generator=generator, step_fn=step_fn)
+                                top_k=sampling.top_k, top_p=sampling.top_p, generator=generator, seeds=seeds,
+                                step_fn=step_fn)
 
     @torch.no_grad()
     def __call__(self, codes: torch.Tensor, sampling: ARSampling = ARSampling(),

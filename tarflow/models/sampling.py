@@ -39,7 +39,9 @@ def row_uniforms(seeds: torch.Tensor, step: int, n: int) -> torch.Tensor:
     """(B,) int64 seeds -> (B, n) float32 uniforms in (0, 1), a function of (seed, step, column) only."""
     base = splitmix64(splitmix64(seeds.long()) + step)[:, None]  # (B, 1)
     z = splitmix64(base + torch.arange(n, device=seeds.device, dtype=torch.long))  # (B, n)
-    return (_shr(z, 40).float() + 0.5) / float(1 << 24)
+    # 23 bits: (k + 0.5) / 2^23 is exact in float32 and strictly inside (0, 1); with 24 bits the top value
+    # rounds to 1.0 and its Gumbel noise to +inf
+    return (_shr(z, 41).float() + 0.5) / float(1 << 23)
 
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0

@@ -1,0 +1,77 @@
+"""Caption (recaption) images from their TA-Tok code shards with the Tar MLLM.
+
+    ray job submit --working-dir . -- python jobs/caption.py \
+        --input s3://bucket/laion-tatok/ --output s3://bucket/laion-captions/ --model s3://models/Tar-1.5B
+
+Reads the tokenize job's output (only finished shards), writes captions/{shard}.parquet (key, prompt, caption,
+model, sampling, token counts), errors/ and _manifest/ per shard. Images are never decoded again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from tarflow.pipelines.caption import DEFAULT_QUESTION
+
+    p = argparse.ArgumentParser(prog="caption.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True,
+                   help="the tokenize job's output folder, a folder of code shards, or code shard files")
+    p.add_argument("--output", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--model", required=True, help="Tar checkpoint folder (Qwen2 + tokenizer), local or s3://")
+    p.add_argument("--scale", type=int, default=1, help="which stored pool scale to read (tatok_s{scale}) [1]")
+    p.add_argument("--question", default=DEFAULT_QUESTION, help="the instruction asked about each image [%(default)s]")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="caption length limit in tokens [256]")
+    g = p.add_argument_group("sampling (default: greedy, deterministic)")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0, help="with --sample: per-sample seeds derive from it and the key")
+    r = p.add_argument_group("resources")
+    r.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a private local Ray)")
+    r.add_argument("--num-workers", type=int, default=None, help="MLLM actors (default: one per GPU, or 1)")
+    r.add_argument("--gpus-per-worker", type=float, default=None)
+    r.add_argument("--batch-size", type=int, default=None, help="images per decoding batch (64 GPU / 8 CPU)")
+    r.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    r.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU)")
+    p.add_argument("--overwrite", action="store_true", help="redo shards captioned with other settings")
+    p.add_argument("--max-shards", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--summary-json", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from tarflow.models.checkpoint import CheckpointError
+    from tarflow.pipelines.caption import CaptionConfig, run_caption
+    from tarflow.pipelines.runtime import init_ray, setup_logging
+    from tarflow.pipelines.sharded import OutputConflict
+
+    setup_logging()
+    cfg = CaptionConfig(
+        input=args.input, output=args.output, model=args.model, scale=args.scale, question=args.question,
+        max_new_tokens=args.max_new_tokens, greedy=not args.sample, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, overwrite=args.overwrite, batch_size=args.batch_size,
+        num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker, dtype=args.dtype, compile=args.compile,
+        max_shards=args.max_shards)
+    init_ray(args.address, progress_bars=not args.no_progress)
+    try:
+        summary = run_caption(cfg)
+    except (FileNotFoundError, CheckpointError, OutputConflict, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary.render())
+    if args.summary_json:
+        from tarflow.data import storage
+
+        storage.write_bytes_atomic(args.summary_json, json.dumps(summary.as_dict(), indent=2).encode())
+    return 1 if summary.shards_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

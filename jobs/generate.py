@@ -1,0 +1,92 @@
+"""Generate images in bulk from a prompt table with the Tar MLLM and a de-tokenizer.
+
+    ray job submit --working-dir . -- python jobs/generate.py \
+        --prompts s3://bucket/prompts.parquet --output s3://bucket/synthetic/ \
+        --mllm s3://models/Tar-1.5B --tatok s3://models/ta_tok.pth \
+        --ar-detok s3://models/ar_dtok_lp_256px.pth --vq s3://models/vq_ds16_t2i.pt
+
+The prompt table (Parquet, CSV or JSONL) has columns id, prompt and optionally scale, seed, n. Output:
+img2dataset-style WebDataset shards ({shard}.tar with {key}.png, {key}.txt (prompt), {key}.json (seed,
+sampling, model ids, codes), {shard}.parquet, {shard}_stats.json), errors/ and _manifest/. Deterministic per
+seed; rerunning skips finished shards.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="generate.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", required=True, help="prompt table: .parquet, .csv or .jsonl (local or s3://)")
+    p.add_argument("--output", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--mllm", required=True, help="Tar checkpoint folder (Qwen2 + tokenizer)")
+    p.add_argument("--tatok", required=True, help="TA-Tok checkpoint (its decoder conditions the de-tokenizer)")
+    p.add_argument("--detok", choices=["ar", "diffusion"], default="ar", help="de-tokenizer [ar]")
+    p.add_argument("--ar-detok", default=None, help="AR de-tokenizer checkpoint (ar_dtok_*.pth)")
+    p.add_argument("--vq", default=None, help="pixel VQ checkpoint (vq_ds16_t2i.pt)")
+    p.add_argument("--diffusion-detok", default=None, help="SANA de-tokenizer folder (diffusers format)")
+    p.add_argument("--scale", type=int, default=1, help="pool scale for rows without one (1: 729 tokens) [1]")
+    p.add_argument("--seed", type=int, default=0, help="seed for rows without one: seed + row number [0]")
+    p.add_argument("--n", type=int, default=1, help="images per prompt for rows without n [1]")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--image-format", choices=["png", "jpg"], default="png")
+    g = p.add_argument_group("sampling (defaults: the reference's T2I settings)")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=1200)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--cfg-scale", type=float, default=4.0, help="AR de-tokenizer classifier-free guidance")
+    g.add_argument("--guidance-scale", type=float, default=4.0, help="diffusion de-tokenizer guidance")
+    g.add_argument("--steps", type=int, default=20, help="diffusion de-tokenizer steps")
+    r = p.add_argument_group("resources")
+    r.add_argument("--address", default=None)
+    r.add_argument("--num-workers", type=int, default=None, help="generator actors (default: one per GPU, or 1)")
+    r.add_argument("--gpus-per-worker", type=float, default=None)
+    r.add_argument("--batch-size", type=int, default=None, help="images per batch (32 GPU / 4 CPU)")
+    r.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    r.add_argument("--compile", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--summary-json", default=None)
+    args = p.parse_args(argv)
+    if args.detok == "ar" and not (args.ar_detok and args.vq):
+        p.error("--detok ar needs --ar-detok and --vq")
+    if args.detok == "diffusion" and not args.diffusion_detok:
+        p.error("--detok diffusion needs --diffusion-detok")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from tarflow.models.checkpoint import CheckpointError
+    from tarflow.pipelines.generate import GenerateConfig, PromptTableError, run_generate
+    from tarflow.pipelines.runtime import init_ray, setup_logging
+    from tarflow.pipelines.sharded import OutputConflict
+
+    setup_logging()
+    cfg = GenerateConfig(
+        prompts=args.prompts, output=args.output, mllm=args.mllm, tatok=args.tatok, detok=args.detok,
+        ar_detok=args.ar_detok, vq=args.vq, diffusion_detok=args.diffusion_detok, scale=args.scale, seed=args.seed,
+        n=args.n, samples_per_shard=args.samples_per_shard, image_format=args.image_format,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
+        guidance_scale=args.guidance_scale, num_inference_steps=args.steps, overwrite=args.overwrite,
+        batch_size=args.batch_size, num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
+        dtype=args.dtype, compile=args.compile)
+    init_ray(args.address, progress_bars=not args.no_progress)
+    try:
+        summary = run_generate(cfg)
+    except (PromptTableError, CheckpointError, OutputConflict, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary.render())
+    if args.summary_json:
+        from tarflow.data import storage
+
+        storage.write_bytes_atomic(args.summary_json, json.dumps(summary.as_dict(), indent=2).encode())
+    return 1 if summary.shards_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

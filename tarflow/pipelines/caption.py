@@ -1,0 +1,316 @@
+"""The caption job: TA-Tok code shards -> captions from the Tar MLLM, on Ray Data.
+
+    code shards --CodeShardReader (tasks: one scale column, checked)
+                --Captioner (GPU actor pool: I2T prompts, batched decoding, one static KV cache per batch)
+                --> driver: ShardAssembler, CaptionShardWriter (captions/, errors/, _manifest/ per shard)
+
+Images are never decoded again: the codes stored by the tokenize job are the image. Resumable like the
+tokenize job: finished shards (manifest present, same settings) are skipped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tarflow.data import schema, storage
+from tarflow.pipelines.sharded import JobSummary, ShardAssembler, drain, end_row, plan_shards
+
+log = logging.getLogger("tarflow.caption")
+
+DEFAULT_QUESTION = "Describe the image shortly."  # the reference's I2T example
+
+_COMMON = [pa.field("shard", pa.string()), pa.field("idx", pa.int64()), pa.field("key", pa.string()),
+           pa.field("kind", pa.string()), pa.field("end_info", pa.string()), pa.field("error_stage", pa.string()),
+           pa.field("error_reason", pa.string()), pa.field("error_detail", pa.string())]
+CODES_ROW_SCHEMA = pa.schema(_COMMON + [pa.field("codes", pa.list_(pa.int32()))])
+CAPTIONED_ROW_SCHEMA = pa.schema(_COMMON + [
+    pa.field("ok", pa.bool_()), pa.field("prompt", pa.string()), pa.field("caption", pa.string()),
+    pa.field("prompt_tokens", pa.int32()), pa.field("caption_tokens", pa.int32()), pa.field("finished", pa.bool_()),
+])
+
+
+@dataclass(frozen=True)
+class CodeShard:
+    path: str
+    name: str
+    size: int
+
+
+def resolve_code_shards(spec: str | list[str]) -> list[CodeShard]:
+    """A tokenize output folder (finished shards: those with a manifest), a folder of code shards, or files."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    out = []
+    for s in specs:
+        if storage.isdir(storage.join(s, schema.CODES_DIR)):
+            manifests = {p.rsplit("/", 1)[-1][:-5] for p in storage.listdir(storage.join(s, schema.MANIFEST_DIR))
+                         if p.endswith(".json")}
+            files = [p for p in storage.listdir(storage.join(s, schema.CODES_DIR)) if p.endswith(".parquet")]
+            unfinished = [p for p in files if _stem(p) not in manifests]
+            if unfinished:
+                log.warning("%d code shards in %s have no manifest (their tokenize run did not finish); skipped",
+                            len(unfinished), s)
+            files = [p for p in files if _stem(p) in manifests]
+        elif storage.isdir(s):
+            files = [p for p in storage.listdir(s) if p.endswith(".parquet")]
+        elif storage.exists(s):
+            files = [s]
+        else:
+            raise FileNotFoundError(f"caption input {s} does not exist (give the tokenize job's output folder, a "
+                                    "folder of code shards, or code shard files)")
+        out += [CodeShard(p, _stem(p), storage.size(p)) for p in files]
+    if not out:
+        raise FileNotFoundError(f"no code shards found in {specs}")
+    names = [c.name for c in out]
+    if len(set(names)) != len(names):
+        raise ValueError("two code shards share a name; outputs are named after their input shard")
+    return sorted(out, key=lambda c: c.name)
+
+
+def _stem(path: str) -> str:
+    return path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
+class CodeShardReader:
+    """Code shard descriptions -> one row per sample with the chosen scale's codes, then an end row."""
+
+    def __init__(self, column: str, chunk_size: int = 256):
+        self.column, self.chunk_size = column, chunk_size
+
+    def __call__(self, batch: pa.Table):
+        for d in batch.to_pylist():
+            fs, p = storage.filesystem(d["path"])
+            with fs.open(p, "rb") as f:
+                pf = pq.ParquetFile(f)
+                schema.check_code_shard(pf.schema_arrow, d["path"])
+                if self.column not in pf.schema_arrow.names:
+                    raise ValueError(f"{d['path']}: no column {self.column!r} (has "
+                                     f"{[n for n in pf.schema_arrow.names if n.startswith('tatok_s')]}); choose "
+                                     "another --scale or tokenize at this scale")
+                n = 0
+                for rb in pf.iter_batches(batch_size=self.chunk_size, columns=["key", self.column]):
+                    keys = rb.column(0).to_pylist()
+                    codes = rb.column(1).cast(pa.list_(pa.int32()))
+                    yield _with_schema({"shard": [d["name"]] * len(keys), "idx": list(range(n, n + len(keys))),
+                                        "key": keys, "kind": ["sample"] * len(keys)}, codes, CODES_ROW_SCHEMA)
+                    n += len(keys)
+            yield pa.Table.from_pylist([end_row(d["name"], n)], schema=CODES_ROW_SCHEMA)
+
+
+def _with_schema(cols: dict, codes: pa.Array, row_schema: pa.Schema) -> pa.Table:
+    n = len(codes)
+    arrays = []
+    for f in row_schema:
+        if f.name == "codes":
+            arrays.append(codes)
+        elif f.name in cols:
+            arrays.append(pa.array(cols[f.name], f.type))
+        else:
+            arrays.append(pa.nulls(n, f.type))
+    return pa.Table.from_arrays(arrays, schema=row_schema)
+
+
+def row_seed(seed: int, key: str) -> int:
+    """A per-sample seed from the job seed and the sample key: same caption for a key however it is batched."""
+    return (seed * 1_000_003 + int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "big")) % (1 << 62)
+
+
+class Captioner:
+    """Actor: code rows -> caption rows. Loads the Tar MLLM once; builds I2T prompts; decodes the batch."""
+
+    def __init__(self, model: str, question: str = DEFAULT_QUESTION, max_new_tokens: int = 256,
+                 sampling: dict | None = None, seed: int = 0, dtype: str = "auto", device: str = "auto",
+                 compile: bool = False):
+        import torch
+
+        from tarflow.models.generation import BatchedDecoder, Sampling
+        from tarflow.models.mllm import load_tar
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype == "auto":
+            dtype = "bfloat16" if device == "cuda" else "float32"
+        self.model, self.tokenizer, self.vocab = load_tar(model, dtype=getattr(torch, dtype), device=device)
+        self.decoder = BatchedDecoder(self.model, self.vocab.pad_id, compile=compile)
+        self.sampling = Sampling(**(sampling or {"greedy": True}))
+        self.question, self.max_new_tokens, self.seed = question, max_new_tokens, seed
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from tarflow.models.mllm import i2t_prompt_ids
+
+        rows = batch.to_pylist()
+        prompts, todo = [], []
+        for i, r in enumerate(rows):
+            r.update(ok=False, prompt=None, caption=None, prompt_tokens=None, caption_tokens=None, finished=None)
+            if r["kind"] != "sample":
+                continue
+            codes = r["codes"] or []
+            side = int(len(codes) ** 0.5)
+            if not codes or side * side != len(codes) or max(codes) >= self.vocab.num_image_tokens or min(codes) < 0:
+                r.update(error_stage="caption", error_reason="bad_codes",
+                         error_detail=f"{len(codes)} codes, range [{min(codes, default=0)}, {max(codes, default=0)}]")
+                continue
+            prompts.append(i2t_prompt_ids(self.tokenizer, self.vocab, codes, self.question))
+            todo.append(i)
+        if todo:
+            order = sorted(range(len(todo)), key=lambda j: len(prompts[j]))  # similar lengths pad less
+            seeds = None if self.sampling.greedy else [row_seed(self.seed, rows[todo[j]]["key"]) for j in order]
+            out = self.decoder.generate([prompts[j] for j in order], self.max_new_tokens, self.sampling,
+                                        seeds=seeds, stop_ids=(self.vocab.eos_id,))
+            for j, toks, stopped in zip(order, out.tokens, out.stopped):
+                r = rows[todo[j]]
+                r.update(ok=True, prompt=self.question, prompt_tokens=len(prompts[j]), caption_tokens=len(toks),
+                         finished=stopped,
+                         caption=self.tokenizer.decode(toks, skip_special_tokens=True).strip())
+        for r in rows:
+            r.pop("codes", None)
+        return pa.Table.from_pylist(rows, schema=CAPTIONED_ROW_SCHEMA)
+
+
+@dataclass
+class CaptionConfig:
+    input: str | list[str]
+    output: str
+    model: str
+    scale: int = 1
+    question: str = DEFAULT_QUESTION
+    max_new_tokens: int = 256
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    overwrite: bool = False
+    batch_size: int | None = None  # default: 64 on GPU, 8 on CPU
+    num_workers: int | None = None  # default: one per GPU, or 1
+    gpus_per_worker: float | None = None
+    cpus_per_worker: float = 1.0
+    dtype: str = "auto"
+    device: str = "auto"
+    compile: bool = False
+    max_shards: int | None = None
+    progress_every_s: float = 10.0
+    sampling: dict = field(init=False)
+
+    def __post_init__(self):
+        self.sampling = {"greedy": self.greedy, "temperature": self.temperature, "top_k": self.top_k,
+                         "top_p": self.top_p}
+
+    def facts(self) -> dict:
+        """What determines the captions: a rerun with other facts must not mix outputs."""
+        return {"model": self.model, "scale": self.scale, "question": self.question,
+                "max_new_tokens": self.max_new_tokens, "sampling": {**self.sampling, "seed": self.seed}}
+
+
+def output_paths(output: str, shard: str) -> dict[str, str]:
+    return {"captions": storage.join(output, schema.CAPTIONS_DIR, f"{shard}.parquet"),
+            "errors": storage.join(output, schema.ERRORS_DIR, f"{shard}.parquet"),
+            "manifest": storage.join(output, schema.MANIFEST_DIR, f"{shard}.json")}
+
+
+def read_caption_manifest(path: str) -> dict | None:
+    try:
+        m = json.loads(storage.read_bytes(path))
+    except FileNotFoundError:
+        return None
+    return dict(schema.check_manifest(m, path, schema.CAPTION_MANIFEST_FORMAT, schema.CAPTION_MANIFEST_VERSION))
+
+
+class CaptionShardWriter:
+    def __init__(self, output: str, cfg: CaptionConfig):
+        import tarflow
+
+        self.output, self.cfg = output, cfg
+        self.facts = cfg.facts()
+        self.captions_schema = schema.with_metadata(schema.CAPTIONS_SCHEMA, schema.CAPTIONS_FORMAT,
+                                                    schema.CAPTIONS_VERSION,
+                                                    {**self.facts, "tarflow_version": tarflow.__version__})
+        self.errors_schema = schema.with_metadata(schema.ERRORS_SCHEMA, schema.ERRORS_FORMAT, schema.ERRORS_VERSION,
+                                                  {"tarflow_version": tarflow.__version__})
+        self.version = tarflow.__version__
+
+    def write(self, shard: CodeShard, rows: pa.Table) -> dict:
+        import pyarrow.compute as pc
+
+        from tarflow.data.codeshard import _parquet_bytes
+
+        paths = output_paths(self.output, shard.name)
+        ok = rows.filter(rows.column("ok"))
+        failed = rows.filter(pc.invert(rows.column("ok")))
+        n = len(ok)
+        captions = pa.table({
+            "key": ok.column("key"), "prompt": ok.column("prompt"), "caption": ok.column("caption"),
+            "model": pa.array([self.cfg.model] * n, pa.string()),
+            "sampling": pa.array([json.dumps(self.facts["sampling"], sort_keys=True)] * n, pa.string()),
+            "prompt_tokens": ok.column("prompt_tokens"), "caption_tokens": ok.column("caption_tokens"),
+            "finished": ok.column("finished"),
+        }).cast(self.captions_schema)
+        errors = pa.table({"key": failed.column("key"), "shard": pa.array([shard.name] * len(failed), pa.string()),
+                           "stage": failed.column("error_stage"), "reason": failed.column("error_reason"),
+                           "detail": failed.column("error_detail")}).cast(self.errors_schema)
+        cap_bytes, err_bytes = _parquet_bytes(captions), _parquet_bytes(errors)
+        storage.write_bytes_atomic(paths["captions"], cap_bytes)
+        storage.write_bytes_atomic(paths["errors"], err_bytes)
+        generated = int(pc.sum(ok.column("caption_tokens")).as_py() or 0)
+        unfinished = int(pc.sum(pc.invert(ok.column("finished")).cast(pa.int64())).as_py() or 0)
+        reasons = {d["values"]: d["counts"] for d in pc.value_counts(failed.column("error_reason")).to_pylist()}
+        manifest = {
+            "format": schema.CAPTION_MANIFEST_FORMAT, "version": schema.CAPTION_MANIFEST_VERSION,
+            "shard": shard.name, "input": {"path": shard.path, "size": shard.size}, "complete": True,
+            "counts": {"samples_in": len(rows), "ok": n, "failed": len(failed),
+                       "failed_by_reason": reasons},
+            "totals": {"caption_tokens": generated, "cut_at_max_new_tokens": unfinished},
+            **self.facts, "schema": {"captions": schema.CAPTIONS_VERSION, "errors": schema.ERRORS_VERSION},
+            "tarflow_version": self.version,
+            "outputs": {"captions": {"path": paths["captions"], "rows": n, "bytes": len(cap_bytes)},
+                        "errors": {"path": paths["errors"], "rows": len(failed), "bytes": len(err_bytes)}},
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        storage.write_bytes_atomic(paths["manifest"], json.dumps(manifest, indent=2).encode())
+        return manifest
+
+
+def _mismatch(facts: dict):
+    def check(manifest) -> list[str]:
+        return [f"{k} {manifest.get(k)!r} != {v!r}" for k, v in facts.items() if manifest.get(k) != v]
+    return check
+
+
+def run_caption(cfg: CaptionConfig, captioner_cls=Captioner) -> JobSummary:
+    import ray
+    import ray.data
+
+    t0 = time.time()
+    shards = resolve_code_shards(cfg.input)
+    if cfg.max_shards:
+        shards = shards[: cfg.max_shards]
+    by_name = {s.name: s for s in shards}
+    todo, done = plan_shards(
+        by_name, lambda n: output_paths(cfg.output, n)["manifest"], read_caption_manifest, _mismatch(cfg.facts()),
+        lambda n, m: m.get("input", {}).get("size") == by_name[n].size, cfg.overwrite, cfg.output)
+    summary = JobSummary(job="caption", unit="captions", shards_total=len(shards), shards_skipped=len(done),
+                         output=cfg.output)
+    log.info("%d code shards: %d to do, %d already done (skipped)", len(shards), len(todo), len(done))
+    if todo:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        gpus_per = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if gpus else 0.0)
+        n_workers = cfg.num_workers or (max(1, int(gpus // gpus_per)) if gpus_per else 1)
+        items = [{"path": by_name[n].path, "name": n} for n in todo]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(CodeShardReader(schema.code_column(cfg.scale)), batch_size=1, batch_format="pyarrow",
+                            num_cpus=0.25)
+        ds = ds.map_batches(captioner_cls, fn_constructor_kwargs=dict(
+            model=cfg.model, question=cfg.question, max_new_tokens=cfg.max_new_tokens, sampling=cfg.sampling,
+            seed=cfg.seed, dtype=cfg.dtype, device=cfg.device, compile=cfg.compile),
+            batch_size=cfg.batch_size or (64 if gpus_per else 8), batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=n_workers), num_gpus=gpus_per, num_cpus=cfg.cpus_per_worker)
+        writer = CaptionShardWriter(cfg.output, cfg)
+        drain(ds, ShardAssembler(CAPTIONED_ROW_SCHEMA), lambda name, table, end: writer.write(by_name[name], table),
+              summary, len(todo), t0, cfg.progress_every_s)
+    summary.seconds = time.time() - t0
+    return summary
