@@ -135,3 +135,60 @@ def ensure_dir(path: str) -> None:
 
 def all_exist(paths: Iterable[str]) -> bool:
     return all(exists(p) for p in paths)
+
+
+def cached_folder_copy(url: str, cache_dir, keep=lambda rel: True, maxdepth: int | None = None):
+    """Copy the files of the remote folder `url` for which `keep(relative path)` holds into a local folder
+    under `cache_dir`; return that folder (a pathlib.Path).
+
+    The local folder is named after the URL plus a hash of every kept file's path, size and ETag: an unchanged
+    folder is reused, a changed one fetched anew. Files land in a temporary folder renamed into place once all
+    sizes check out, so an interrupted or concurrent copy is never used. Raises FileNotFoundError when
+    nothing is kept.
+    """
+    import hashlib
+    import json
+    import re
+    import shutil
+    from pathlib import Path
+
+    fs, root = filesystem(url)
+    root = root.rstrip("/")
+    fs.invalidate_cache(root)  # s3fs keeps listings per process; a stale one would hide a changed folder
+    try:
+        found = fs.find(root, maxdepth=maxdepth, detail=True)
+    except FileNotFoundError:
+        found = {}
+    listing = sorted(
+        (p[len(root) + 1:], int(info.get("size") or 0), str(info.get("ETag") or info.get("etag") or ""))
+        for p, info in found.items()
+        if info.get("type") != "directory" and p.startswith(root + "/") and keep(p[len(root) + 1:])
+    )
+    if not listing:
+        raise FileNotFoundError(f"{url}: no files found there; check the URL and the AWS_* credentials / "
+                                "AWS_ENDPOINT_URL")
+    key = hashlib.sha256(json.dumps([url.rstrip("/"), listing]).encode()).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", url.split("://", 1)[-1].strip("/"))[-80:]
+    final = Path(cache_dir) / f"{name}-{key}"
+    if (final / ".complete").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        rels = [rel for rel, _, _ in listing]
+        for rel in rels:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        fs.get([f"{root}/{r}" for r in rels], [str(tmp / r) for r in rels])  # one call: fetched concurrently
+        for rel, nbytes, _ in listing:
+            got = (tmp / rel).stat().st_size
+            if got != nbytes:
+                raise OSError(f"copying {url}/{rel}: got {got} bytes, expected {nbytes}; try again")
+        (tmp / ".complete").write_text(json.dumps(listing))
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / ".complete").is_file():  # another process completed the same copy first: use it
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

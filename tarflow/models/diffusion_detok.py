@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -36,7 +33,6 @@ INSTALL_HINT = "pip install 'tarflow[diffusion]'"
 # Subfolders of a diffusers SANA pipeline folder that this de-tokenizer never uses: skipped when downloading.
 UNUSED_SUBFOLDERS = ("text_encoder", "tokenizer")
 NEGATIVE_EMBEDS_FILE = "negative_prompt_embeds.pth"
-_COMPLETE_MARKER = ".tarflow-download-complete.json"
 
 
 def _import_diffusers():
@@ -66,60 +62,15 @@ def _is_unused(rel: str) -> bool:
 
 
 def download_folder(url: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Copy the pipeline folder at `url` (s3://..., any fsspec URL) to a local folder and return that folder.
-
-    The text encoder and tokenizer are skipped. A copy is reused only if it was completed and every remote
-    file still has the size recorded then; otherwise it is fetched again into a fresh temporary folder and
-    renamed into place, so a crashed or concurrent download never leaves a half-written folder in use.
-    """
-    fs, root = storage.filesystem(url)
-    root = root.rstrip("/")
+    """Copy the pipeline folder at `url` (s3://..., any fsspec URL) to a local cache folder and return it; the
+    text encoder and tokenizer are skipped (see storage.cached_folder_copy)."""
     try:
-        found = fs.find(root, detail=True)  # {full remote path: info}
+        return storage.cached_folder_copy(url, cache_dir or default_cache_dir(), keep=lambda rel: not _is_unused(rel))
     except FileNotFoundError:
-        found = {}
-    # relative path -> size, e.g. {"transformer/config.json": 1234, ...}
-    listing = {
-        p[len(root) + 1:]: int(info.get("size") or 0)
-        for p, info in found.items()
-        if info.get("type") != "directory" and p.startswith(root + "/") and not _is_unused(p[len(root) + 1:])
-    }
-    if not listing:
         raise FileNotFoundError(
             f"diffusion de-tokenizer folder {url}: nothing found there; expected a diffusers pipeline folder "
             f"(transformer/, vae/, scheduler/). Check the URL and the AWS_* credentials / AWS_ENDPOINT_URL"
-        )
-
-    # one local folder per URL: readable name, no characters that paths or shells dislike
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", url.split("://", 1)[-1].strip("/"))
-    final = Path(cache_dir or default_cache_dir()) / name
-    marker = final / _COMPLETE_MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == listing:
-        return final
-
-    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        rels = sorted(listing)
-        for rel in rels:
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        # a list of files in one call: s3fs fetches them concurrently
-        fs.get([f"{root}/{r}" for r in rels], [str(tmp / r) for r in rels])
-        for rel, nbytes in listing.items():
-            got = (tmp / rel).stat().st_size
-            if got != nbytes:
-                raise OSError(f"downloaded {url}/{rel}: {got} bytes, expected {nbytes}; try again")
-        (tmp / _COMPLETE_MARKER).write_text(json.dumps(listing, sort_keys=True))
-        if final.exists():  # a stale or incomplete copy: replace it
-            shutil.rmtree(final)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            # another process finished the same download first; use its copy if it is complete
-            if not (marker.is_file() and json.loads(marker.read_text()) == listing):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------------

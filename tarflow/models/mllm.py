@@ -12,13 +12,9 @@ the reference's `i2t_inference.py` / `t2i_inference.py` feed the LLM (checked ag
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import re
-import shutil
-import uuid
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -305,55 +301,14 @@ def default_cache_dir() -> Path:
 
 
 def fetch_model_folder(url: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Copy the top-level model files of the folder at `url` (s3://...) to a local folder and return it.
-
-    The local folder is keyed by the URL and every file's size and ETag, so a changed checkpoint is fetched anew
-    and an unchanged one is reused. Files go to a temporary folder that is renamed into place once complete, so
-    an interrupted or concurrent copy is never used.
-    """
-    fs, root = storage.filesystem(url)
-    root = root.rstrip("/")
-    fs.invalidate_cache(root)  # s3fs keeps listings per process; a stale one would hide a changed checkpoint
+    """Copy the top-level model files of the folder at `url` (s3://...) to a local cache folder and return it
+    (reused while the remote files are unchanged; see storage.cached_folder_copy)."""
     try:
-        found = fs.find(root, maxdepth=1, detail=True)
+        return storage.cached_folder_copy(url, cache_dir or default_cache_dir(), maxdepth=1,
+                                          keep=lambda rel: "/" not in rel and rel.endswith(_MODEL_FILE_SUFFIXES))
     except FileNotFoundError:
-        found = {}
-    files = {
-        p[len(root) + 1:]: info for p, info in found.items()
-        if info.get("type") != "directory" and p.startswith(root + "/") and "/" not in p[len(root) + 1:]
-        and p.endswith(_MODEL_FILE_SUFFIXES)
-    }
-    if not files:
         raise CheckpointError(url, "no model files found there (config.json, *.safetensors, tokenizer files)",
-                              "check the URL and the AWS_* credentials / AWS_ENDPOINT_URL")
-    listing = sorted((rel, int(info.get("size") or 0), str(info.get("ETag") or info.get("etag") or ""))
-                     for rel, info in files.items())
-    key = hashlib.sha256(json.dumps([url.rstrip("/"), listing]).encode()).hexdigest()[:16]
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", url.split("://", 1)[-1].strip("/"))[-80:]
-    final = Path(cache_dir or default_cache_dir()) / f"{name}-{key}"
-    if (final / ".complete").is_file():
-        return final
-
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        tmp.mkdir()
-        rels = [rel for rel, _, _ in listing]
-        fs.get([f"{root}/{r}" for r in rels], [str(tmp / r) for r in rels])  # one call: fetched concurrently
-        for rel, nbytes, _ in listing:
-            got = (tmp / rel).stat().st_size
-            if got != nbytes:
-                raise OSError(f"copying {url}/{rel}: got {got} bytes, expected {nbytes}; try again")
-        (tmp / ".complete").write_text(json.dumps(listing))
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            # another process completed the same copy first: use it
-            if not (final / ".complete").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+                              "check the URL and the AWS_* credentials / AWS_ENDPOINT_URL") from None
 
 
 def load_tar(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
