@@ -69,24 +69,21 @@ class BatchedDecoder:
         pos = (mask[:, :P].cumsum(-1) - 1).clamp(min=0)
         row_seeds = torch.tensor(seeds, dtype=torch.long, device=dev) if seeds is not None else None
         stop = torch.tensor(list(stop_ids) or [-1], device=dev)
-        vocab_mask = None
+        lo, hi = allowed_range if allowed_range is not None else (0, None)
         cache = StaticCache(config=self.model.config, max_cache_len=P + N)
 
         logits = self.model(input_ids=ids, attention_mask=mask[:, :P], position_ids=pos, past_key_values=cache,
-                            cache_position=torch.arange(P, device=dev), use_cache=True).logits[:, -1]
+                            cache_position=torch.arange(P, device=dev), use_cache=True,
+                            logits_to_keep=1).logits[:, -1]  # vocab-wide logits for the last position only
         out = torch.full((B, N), self.pad_id, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         next_pos = pos[:, -1] + 1
         n = 0
         for t in range(N):
-            logits = logits.float()
-            if allowed_range is not None:
-                if vocab_mask is None:
-                    vocab_mask = torch.full((logits.shape[-1],), float("-inf"), device=dev)
-                    vocab_mask[allowed_range[0]:allowed_range[1]] = 0
-                logits = logits + vocab_mask
-            tok = sample(logits, temperature=sampling.temperature, top_k=1 if sampling.greedy else sampling.top_k,
-                         top_p=sampling.top_p, seeds=row_seeds, step=t)
+            # sampling only within the allowed range is the same as masking the rest, and sorts less (top-p)
+            tok = lo + sample(logits[:, lo:hi].float(), temperature=sampling.temperature,
+                              top_k=1 if sampling.greedy else sampling.top_k, top_p=sampling.top_p,
+                              seeds=row_seeds, step=t)
             tok = torch.where(done, self.pad_id, tok)
             out[:, t] = tok
             done = done | torch.isin(tok, stop)
