@@ -1,0 +1,490 @@
+"""Training the Tar MLLM on code shards with Ray Train: codes in, never a JPEG or SigLIP again.
+
+    code shards / conversation Parquet --Ray Data: SampleBuilder (CPU: pick task and scale, build ids + labels)
+        --> Ray Train workers (get_dataset_shard): pack samples into rows of max_length (positions restart per
+            sample, attention block-diagonal), AdamW + cosine, DDP, checkpoints in Hugging Face format
+
+Tasks, as the reference builds them from a row:
+    I2T   user: image tokens + "\\n" + question        assistant: caption
+    T2I   user: caption                                 assistant: <im_start><S{s-1}> image tokens <im_end>
+    text  any `conversations` row without <image>
+Labels: system and user turns are masked except "\\n", <|im_start|> and <|im_end|>; assistant turns are
+learned. With packing, the first token of each sample is masked too (it would be predicted from the previous
+sample).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from tarflow.data import schema, storage
+from tarflow.train.common import OptimConfig
+
+log = logging.getLogger("tarflow.train.mllm")
+
+IGNORE = -100
+TASK_IDS = {"i2t": 0, "t2i": 1, "text": 2}
+DEFAULT_QUESTIONS = ("Describe the image shortly.", "What is in this image?", "Write a short caption for the image.")
+SAMPLE_SCHEMA = pa.schema([pa.field("input_ids", pa.list_(pa.int32())), pa.field("labels", pa.list_(pa.int32())),
+                           pa.field("task", pa.int8()), pa.field("skip", pa.string())])
+
+
+@dataclass
+class MLLMTrainConfig:
+    data: list[str]  # code shard folders/files, or Parquet with `conversations` (+ tatok_s* columns)
+    storage_path: str  # where Ray Train keeps runs and checkpoints (local or s3://)
+    name: str = "tar-mllm"
+    base: str | None = None  # base Qwen2 folder: Tar's vocabulary is added
+    resume_from: str | None = None  # or a Tar checkpoint folder to continue from
+    tatok: str | None = None  # TA-Tok checkpoint: image-token rows start from its codebook when widths match
+    task_mix: dict = field(default_factory=lambda: {"i2t": 2, "t2i": 4, "text": 1})
+    scales: list[int] = field(default_factory=lambda: [1, 1, 2, 3])
+    questions: tuple = DEFAULT_QUESTIONS
+    system: str = "You are a helpful assistant."
+    max_length: int = 2048
+    rows_per_step: int = 1  # packed rows per micro-batch per worker
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 100
+    stop_after_steps: int | None = None  # end this run (with a checkpoint) after so many steps; rerun resumes
+    max_failures: int = 1
+    shuffle_buffer: int = 256
+    log_every: int = 10
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["questions"] = list(self.questions)
+        return d
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Samples
+
+
+def _key_rng(seed: int, key: str, epoch: int) -> random.Random:
+    h = hashlib.sha256(f"{seed}/{epoch}/{key}".encode()).digest()
+    return random.Random(int.from_bytes(h[:8], "big"))
+
+
+class SampleBuilder:
+    """Ray Data stage: rows -> (input_ids, labels, task) per sample, or a skip reason (never trained on)."""
+
+    def __init__(self, tokenizer_dir: str, task_mix: dict, scales: list[int], tokens_per_scale: dict,
+                 questions, system: str, max_length: int, seed: int, codebook_size: int):
+        from tarflow.models.mllm import TarVocab
+
+        self.tokenizer = _load_tokenizer(tokenizer_dir)
+        self.vocab = TarVocab.from_tokenizer(self.tokenizer)
+        self.task_mix, self.scales = task_mix, list(scales)
+        self.tokens_per_scale = {int(k): int(v) for k, v in tokens_per_scale.items()}
+        self.questions, self.system, self.max_length, self.seed = list(questions), system, max_length, seed
+        self.codebook_size = min(codebook_size, self.vocab.num_image_tokens)
+        t = self.tokenizer
+        self.im_start, self.im_end = t.convert_tokens_to_ids("<|im_start|>"), t.convert_tokens_to_ids("<|im_end|>")
+        self.newline = t("\n", add_special_tokens=False)["input_ids"]
+        self.unmasked = {self.im_start, self.im_end, *self.newline}
+
+    # -- turns ------------------------------------------------------------------------------------------
+    def _text(self, s: str) -> list[int]:
+        return self.tokenizer(s, add_special_tokens=False)["input_ids"]
+
+    def _turn(self, role: str, parts: list) -> tuple[list[int], list[int]]:
+        """<|im_start|>role\\n ... <|im_end|>\\n with `parts` = strings and lists of ids (image tokens)."""
+        ids = [self.im_start] + self._text(f"{role}\n")
+        for p in parts:
+            ids += self._text(p) if isinstance(p, str) else list(p)
+        ids += [self.im_end] + self.newline
+        if role == "assistant":
+            labels = list(ids)
+        else:
+            labels = [i if i in self.unmasked else IGNORE for i in ids]
+        return ids, labels
+
+    def _conversation(self, turns: list[tuple[str, list]]) -> tuple[list[int], list[int]]:
+        ids, labels = self._turn("system", [self.system])
+        for role, parts in turns:
+            i, lab = self._turn(role, parts)
+            ids += i
+            labels += lab
+        return ids, labels
+
+    # -- rows -------------------------------------------------------------------------------------------
+    def _codes(self, row: dict, scale: int):
+        codes = row.get(schema.code_column(scale))
+        if codes is None:
+            return None, "missing_codes"
+        codes = [int(c) for c in codes]
+        if len(codes) != self.tokens_per_scale.get(scale, -1):
+            return None, "wrong_code_length"
+        if codes and (min(codes) < 0 or max(codes) >= self.codebook_size):
+            return None, "codes_out_of_range"
+        return codes, None
+
+    def build(self, row: dict, epoch: int) -> tuple[list[int], list[int], str, str]:
+        rng = _key_rng(self.seed, str(row.get("key") or row.get("id") or json.dumps(row, default=str)[:200]),
+                       epoch)
+        conv = row.get("conversations")
+        if conv is not None:
+            has_image = any("<image>" in (t.get("value") or "") for t in conv)
+            task = "i2t" if has_image else "text"
+            turns = []
+            scale = rng.choice(self.scales)
+            image = None
+            if has_image:
+                image, why = self._codes(row, scale)
+                if image is None:
+                    return [], [], task, why
+            for t in conv:
+                role = "user" if t.get("from") in ("human", "user") else "assistant"
+                value = t.get("value") or ""
+                parts = []
+                for k, piece in enumerate(value.split("<image>")):
+                    if k:
+                        parts.append(self.vocab.codes_to_ids(image))
+                    if piece:
+                        parts.append(piece)
+                turns.append((role, parts))
+        else:
+            caption = row.get("caption")
+            tasks = {t: w for t, w in self.task_mix.items() if t in ("i2t", "t2i") and w > 0}
+            task = rng.choices(list(tasks), weights=list(tasks.values()))[0]
+            if not caption or not str(caption).strip():
+                return [], [], task, "empty_caption"
+            scale = rng.choice(self.scales)
+            codes, why = self._codes(row, scale)
+            if codes is None:
+                return [], [], task, why
+            image = self.vocab.codes_to_ids(codes)
+            if task == "i2t":
+                turns = [("user", [image, "\n" + rng.choice(self.questions)]), ("assistant", [caption])]
+            else:
+                answer = [self.vocab.image_start_tag_id, self.vocab.scale_token_id(scale)] + image + [
+                    self.vocab.image_end_tag_id]
+                turns = [("user", [caption]), ("assistant", [answer])]
+        ids, labels = self._conversation(turns)
+        if len(ids) > self.max_length:
+            return [], [], task, "too_long"
+        return ids, labels, task, ""
+
+    def __call__(self, batch: pa.Table, epoch: int = 0) -> pa.Table:
+        out = {"input_ids": [], "labels": [], "task": [], "skip": []}
+        for row in batch.to_pylist():
+            ids, labels, task, skip = self.build(row, epoch)
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["task"].append(TASK_IDS[task])
+            out["skip"].append(skip)
+        return pa.Table.from_pydict(out, schema=SAMPLE_SCHEMA)
+
+
+def _load_tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    from tarflow.models.mllm import fetch_model_folder
+
+    local = fetch_model_folder(folder) if storage.is_remote(folder) else folder
+    return AutoTokenizer.from_pretrained(local, local_files_only=True, fix_mistral_regex=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Packing
+
+
+def pack(samples: list[tuple[list[int], list[int], int]], max_length: int, pad_id: int, rows=None) -> dict:
+    """Pack (ids, labels, task) samples into rows of at most `max_length` (greedy first fit, or the given
+    `rows`).
+
+    Returns input_ids, labels, task (per token, -1 on padding), position_ids (restart per sample), segment
+    ids (-1 on padding) and the padding fraction.
+    """
+    if rows is None:
+        rows = []
+        for s in samples:
+            for r in rows:
+                if sum(len(x[0]) for x in r) + len(s[0]) <= max_length:
+                    r.append(s)
+                    break
+            else:
+                rows.append([s])
+    L = max(sum(len(x[0]) for x in r) for r in rows)
+    B = len(rows)
+    ids = np.full((B, L), pad_id, np.int64)
+    labels = np.full((B, L), IGNORE, np.int64)
+    tasks = np.full((B, L), -1, np.int64)
+    pos = np.zeros((B, L), np.int64)
+    seg = np.full((B, L), -1, np.int64)
+    for b, r in enumerate(rows):
+        o = 0
+        for k, (i, lab, t, *_) in enumerate(r):
+            n = len(i)
+            ids[b, o:o + n], labels[b, o:o + n], tasks[b, o:o + n] = i, lab, t
+            labels[b, o] = IGNORE  # never predicted across samples
+            pos[b, o:o + n] = np.arange(n)
+            seg[b, o:o + n] = k
+            o += n
+    pad = float((seg < 0).mean())
+    return {"input_ids": ids, "labels": labels, "tasks": tasks, "position_ids": pos, "segments": seg,
+            "padding": pad}
+
+
+def block_causal_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L) segment ids -> (B, 1, L, L) additive mask: causal within a sample, nothing across samples.
+    Padding attends to itself only (a row with no allowed key would give NaN)."""
+    B, L = segments.shape
+    same = segments[:, :, None] == segments[:, None, :]
+    causal = torch.tril(torch.ones(L, L, dtype=torch.bool, device=segments.device))
+    allow = (same & causal) | torch.eye(L, dtype=torch.bool, device=segments.device)
+    return torch.zeros(B, 1, L, L, dtype=dtype, device=segments.device).masked_fill(
+        ~allow[:, None], torch.finfo(dtype).min)
+
+
+def packed_loss(model, batch: dict, device) -> tuple[torch.Tensor, dict]:
+    """Mean next-token loss over learned labels, plus (sum, count) per task for the metrics."""
+    ids = torch.as_tensor(batch["input_ids"], device=device)
+    labels = torch.as_tensor(batch["labels"], device=device)
+    tasks = torch.as_tensor(batch["tasks"], device=device)
+    seg = torch.as_tensor(batch["segments"], device=device)
+    pos = torch.as_tensor(batch["position_ids"], device=device)
+    mask = block_causal_mask(seg, torch.float32 if device.type == "cpu" else torch.bfloat16)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1]
+    target, task = labels[:, 1:], tasks[:, 1:]
+    tok_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                               ignore_index=IGNORE, reduction="none").view_as(target)
+    valid = target != IGNORE
+    loss = tok_loss[valid].sum() / valid.sum().clamp(min=1)
+    per_task = {name: (float(tok_loss[valid & (task == tid)].sum()), int((valid & (task == tid)).sum()))
+                for name, tid in TASK_IDS.items()}
+    return loss, per_task
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Ray Train loop
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from tarflow.models.mllm import load_tar
+    from tarflow.train.common import OptimConfig, TrainState, autocast, load_trainer_state, make_optimizer, report
+    from tarflow.train.common import unwrap
+
+    cfg = config["cfg"]
+    optim = OptimConfig(**cfg["optim"])
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(cfg["seed"] + rank)
+    device = ray.train.torch.get_device()
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            model, tokenizer, vocab = load_tar(d, device=str(device))
+            model.train()
+            model = ray.train.torch.prepare_model(model)
+            opt, sched = make_optimizer(model, optim)
+            state = load_trainer_state(d, opt, sched, rank)
+    else:
+        model, tokenizer, vocab = load_tar(config["init_model"], device=str(device))
+        model.train()
+        model = ray.train.torch.prepare_model(model)
+        opt, sched = make_optimizer(model, optim)
+        state = TrainState()
+
+    def save_model(folder):
+        unwrap(model).save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    builder = SampleBuilder(config["init_model"], cfg["task_mix"], cfg["scales"], config["tokens_per_scale"],
+                            cfg["questions"], cfg["system"], cfg["max_length"], cfg["seed"], config["codebook_size"])
+    shard = ray.train.get_dataset_shard("train")
+    skipped: Counter = Counter()
+
+    def micro_batches():
+        """Packed micro-batches, epoch after epoch; `state` records the data position for checkpoints."""
+        while True:
+            to_skip, pending, trained = state.samples_seen, [], 0
+            pos = start = state.samples_seen  # rows of this epoch read so far
+            for rb in shard.iter_batches(batch_size=64, batch_format="pyarrow",
+                                         local_shuffle_buffer_size=cfg["shuffle_buffer"] or None,
+                                         local_shuffle_seed=cfg["seed"] + state.epoch):
+                if to_skip >= len(rb):  # resuming: these rows were consumed before the checkpoint
+                    to_skip -= len(rb)
+                    continue
+                rb, to_skip = rb.slice(to_skip), 0
+                built = builder(rb, epoch=state.epoch)
+                for ids, labels, task, skip in zip(*(built.column(c).to_pylist()
+                                                     for c in ("input_ids", "labels", "task", "skip"))):
+                    pos += 1
+                    if skip:
+                        skipped[skip] += 1
+                        continue
+                    pending.append((ids, labels, task, pos - 1))
+                    if sum(len(p[0]) for p in pending) >= cfg["max_length"] * cfg["rows_per_step"]:
+                        batch, pending = _take_rows(pending, cfg["rows_per_step"], cfg["max_length"], vocab.pad_id)
+                        # a checkpoint after this batch resumes at the first sample not trained on yet
+                        state.samples_seen = pending[0][3] if pending else pos
+                        trained += 1
+                        yield batch
+            while pending:  # the epoch's last, partly filled rows
+                batch, pending = _take_rows(pending, cfg["rows_per_step"], cfg["max_length"], vocab.pad_id)
+                state.samples_seen = pending[0][3] if pending else pos
+                trained += 1
+                yield batch
+            if not trained and not start:  # (a resume exactly at an epoch's end trains nothing: fine)
+                raise RuntimeError(f"worker {rank}: no trainable sample in its data shard; skipped: {dict(skipped)}")
+            state.epoch += 1
+            state.samples_seen = 0
+
+    batches = micro_batches()
+    first_step = state.step
+    task_sum, task_n = Counter(), Counter()
+    t_last, tok_count, pad_acc, pad_n = time.time(), 0, 0.0, 0
+    while state.step < optim.total_steps:
+        opt.zero_grad(set_to_none=True)
+        for _ in range(optim.grad_accum):
+            batch = next(batches)
+            with autocast(device, optim.bf16):
+                loss, per_task = packed_loss(model, batch, device)
+            (loss / optim.grad_accum).backward()
+            for k, (s_, n_) in per_task.items():
+                task_sum[k] += s_
+                task_n[k] += n_
+            tok_count += int((batch["segments"] >= 0).sum())
+            pad_acc += batch["padding"]
+            pad_n += 1
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
+        opt.step()
+        sched.step()
+        state.step += 1
+        metrics = {"step": state.step, "loss": float(loss), "lr": sched.get_last_lr()[0], "epoch": state.epoch,
+                   **{f"loss_{k}": task_sum[k] / task_n[k] for k in task_n if task_n[k]},
+                   "tokens_per_s": tok_count / max(time.time() - t_last, 1e-9),
+                   "padding_fraction": pad_acc / max(pad_n, 1), **{f"skipped_{k}": v for k, v in skipped.items()}}
+        task_sum.clear()
+        task_n.clear()
+        t_last, tok_count, pad_acc, pad_n = time.time(), 0, 0.0, 0
+        last = state.step >= optim.total_steps or (cfg["stop_after_steps"] is not None
+                                                   and state.step - first_step >= cfg["stop_after_steps"])
+        report(metrics, save_model, opt, sched, state, checkpoint=last or state.step % cfg["checkpoint_every"] == 0)
+        if last:
+            return
+
+
+def _take_rows(pending, n_rows, max_length, pad_id):
+    """Fill `n_rows` rows with the leading pending samples, in order (a sample that does not fit the current
+    row opens the next); the rest stays pending. Taking a prefix keeps the resume position exact."""
+    rows, k = [[]], 0
+    for s in pending:
+        if sum(len(x[0]) for x in rows[-1]) + len(s[0]) > max_length:
+            if len(rows) == n_rows:
+                break
+            rows.append([])
+        rows[-1].append(s)
+        k += 1
+    return pack([x for r in rows for x in r], max_length, pad_id, rows=rows), pending[k:]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Driver
+
+
+def code_inputs(data: list[str]) -> list[str]:
+    """Parquet files of code shards (a tokenize output folder: finished shards only) or conversation tables."""
+    from tarflow.pipelines.caption import resolve_code_shards
+
+    files = []
+    for d in data:
+        if d.endswith(".parquet") and storage.exists(d):
+            files.append(d)
+        else:
+            files += [c.path for c in resolve_code_shards(d)]
+    if not files:
+        raise FileNotFoundError(f"no training data found in {data}")
+    return files
+
+
+def data_facts(files: list[str]) -> tuple[dict, int]:
+    """Tokens per pool scale and the TA-Tok codebook size, from the code shards' metadata."""
+    import pyarrow.parquet as pq
+
+    fs, p = storage.filesystem(files[0])
+    with fs.open(p, "rb") as f:
+        meta = schema.read_metadata(pq.ParquetFile(f).schema_arrow, files[0])
+    n1 = int(meta["model"]["args"]["bottleneck_token_num"])
+    g = math.isqrt(n1)
+    return {s: (g // s) ** 2 for s in (1, 2, 3)}, int(meta["model"]["codebook_size"])
+
+
+def prepare_initial_model(cfg: MLLMTrainConfig, folder: str) -> str:
+    """A Tar model folder to start from: `resume_from` as is, or `base` + Tar's vocabulary (image rows from
+    the TA-Tok codebook when widths match, else the mean embedding)."""
+    if cfg.resume_from:
+        return cfg.resume_from
+    if not cfg.base:
+        raise ValueError("give --base (a Qwen2 folder) or --resume-from (a Tar checkpoint)")
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    from tarflow.models.mllm import add_tar_tokens, new_tar_model
+
+    tok = AutoTokenizer.from_pretrained(cfg.base, local_files_only=True, fix_mistral_regex=False)
+    add_tar_tokens(tok)
+    model = Qwen2ForCausalLM.from_pretrained(cfg.base, local_files_only=True)
+    codebook = None
+    if cfg.tatok:
+        from tarflow.models.tatok import TATok
+
+        codebook = TATok.from_checkpoint(cfg.tatok).bottleneck.regularizer.codebook().detach()
+        n_image, hidden = len(tok) - tok.convert_tokens_to_ids("<I0>"), model.get_input_embeddings().weight.shape[1]
+        if tuple(codebook.shape) != (n_image, hidden):
+            log.info("TA-Tok codebook %s does not match (%d image tokens, hidden %d): image rows start from the "
+                     "mean embedding", tuple(codebook.shape), n_image, hidden)
+            codebook = None
+    new_tar_model(model, tok, codebook)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def run_train_mllm(cfg: MLLMTrainConfig):
+    """Train with Ray Train; returns the ray.train.Result (its checkpoint is a Hugging Face Tar folder)."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    files = code_inputs(cfg.data)
+    tokens_per_scale, codebook_size = data_facts(files)
+    init_dir = storage.join(cfg.storage_path, cfg.name, "init_model")
+    if not cfg.resume_from and not storage.exists(storage.join(init_dir, "config.json")):
+        local = init_dir if not storage.is_remote(init_dir) else os.path.join(
+            os.environ.get("TMPDIR", "/tmp"), f"tarflow-init-{cfg.name}")
+        prepare_initial_model(cfg, local)
+        if storage.is_remote(init_dir):
+            fs, p = storage.filesystem(init_dir)
+            fs.put(local + "/", p + "/", recursive=True)
+    init_model = prepare_initial_model(cfg, init_dir) if cfg.resume_from else init_dir
+    ds = ray.data.read_parquet(files, shuffle=None)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.as_dict(), "init_model": init_model, "tokens_per_scale": tokens_per_scale,
+                           "codebook_size": codebook_size},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name=cfg.name, storage_path=cfg.storage_path,
+                                       failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
+        datasets={"train": ds},
+    )
+    return trainer.fit()

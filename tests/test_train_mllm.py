@@ -1,0 +1,207 @@
+"""Training the Tar MLLM on code shards with Ray Train (CPU, tiny models, fractional-CPU workers)."""
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import reference_fixture
+
+from tarflow.data.codeshard import read_code_shard
+from tarflow.train.common import OptimConfig
+from tarflow.train.mllm import IGNORE, TASK_IDS, MLLMTrainConfig, SampleBuilder, block_causal_mask, pack
+from tarflow.train.mllm import packed_loss, run_train_mllm
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory):
+    """A tiny 'base' Qwen2 with the plain Qwen2.5 tokenizer (no Tar tokens yet)."""
+    import tiny_tar
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=tiny_tar.QWEN25_LEN, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      max_position_embeddings=1024)
+    folder = tmp_path_factory.mktemp("base") / "qwen-tiny"
+    Qwen2ForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    tiny_tar.qwen25_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def code_shards(ray_local, tmp_path_factory):
+    from tarflow.data.sample import ensure_sample_shards
+    from tarflow.pipelines.tokenize import TokenizeConfig, run_tokenize
+
+    out = tmp_path_factory.mktemp("tok") / "out"
+    run_tokenize(TokenizeConfig(input=str(ensure_sample_shards()), output=str(out),
+                                tatok=str(reference_fixture("ta_tok") / "ta_tok.pth"), scales=[1, 2, 3],
+                                progress_every_s=0))
+    return out
+
+
+@pytest.fixture(scope="module")
+def builder(code_shards, tmp_path_factory):
+    import tiny_tar
+
+    folder = tmp_path_factory.mktemp("tok2") / "tar-tokenizer"
+    tiny_tar.tar_tokenizer().save_pretrained(folder)
+    return SampleBuilder(str(folder), {"i2t": 1, "t2i": 1}, [3], {1: 81, 2: 16, 3: 9},
+                         ["Describe the image shortly."], "You are a helpful assistant.", 512, 0, 512)
+
+
+def _row(code_shards, i=0):
+    return read_code_shard(str(code_shards / "codes" / "00000.parquet")).to_pylist()[i]
+
+
+def test_samples_follow_the_reference_layout_and_masking(builder, code_shards):
+    t, v = builder.tokenizer, builder.vocab
+    row = _row(code_shards)
+    seen = set()
+    for epoch in range(12):
+        ids, labels, task, skip = builder.build(row, epoch)
+        assert not skip and len(ids) == len(labels)
+        seen.add(task)
+        text = t.decode(ids)
+        assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+        learned = [i for i, lab in zip(ids, labels) if lab != IGNORE]
+        user_end = ids.index(t.convert_tokens_to_ids("<|im_start|>"), 3)  # the user turn's start
+        # system and user turns: only <|im_start|>, <|im_end|> and "\n" are learned
+        assert {i for i, lab in zip(ids[:user_end + 1], labels[:user_end + 1]) if lab != IGNORE} <= builder.unmasked
+        codes = [c for c in row["tatok_s3"]]
+        if task == "t2i":
+            answer = [v.image_start_tag_id, v.scale_token_id(3)] + v.codes_to_ids(codes) + [v.image_end_tag_id]
+            k = ids.index(v.image_start_tag_id)
+            assert ids[k:k + len(answer)] == answer and labels[k:k + len(answer)] == answer
+            assert row["caption"] in text
+        else:
+            k = ids.index(v.code_to_id(codes[0]))
+            assert ids[k:k + 9] == v.codes_to_ids(codes) and all(lab == IGNORE for lab in labels[k:k + 9])
+            assert t.decode(learned).count(row["caption"]) == 1
+    assert seen == {"i2t", "t2i"}
+
+
+def test_bad_rows_are_skipped_with_a_reason(builder, code_shards):
+    row = _row(code_shards)
+    cases = {"missing_codes": {**row, "tatok_s3": None}, "wrong_code_length": {**row, "tatok_s3": [1, 2, 3]},
+             "codes_out_of_range": {**row, "tatok_s3": [600] * 9}, "empty_caption": {**row, "caption": " "}}
+    for reason, bad in cases.items():
+        assert builder.build(bad, 0)[3] == reason
+    long = SampleBuilder.__new__(SampleBuilder)
+    long.__dict__.update(builder.__dict__, max_length=20)
+    assert long.build(row, 0)[3] == "too_long"
+
+
+def test_packing_isolates_samples():
+    """A packed row gives every sample the loss it has alone: positions restart, no attention across."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    m = Qwen2ForCausalLM(Qwen2Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2)).eval()
+    samples = [(list(range(5, 15)), list(range(5, 15)), 0), (list(range(30, 37)), [IGNORE] * 3 + list(range(33, 37)), 1),
+               (list(range(50, 54)), list(range(50, 54)), 0)]
+    batch = pack(samples, max_length=24, pad_id=0)
+    assert batch["input_ids"].shape == (1, 21) and batch["padding"] == 0.0
+    assert batch["position_ids"][0].tolist() == list(range(10)) + list(range(7)) + list(range(4))
+    with torch.no_grad():
+        loss, per_task = packed_loss(m, batch, torch.device("cpu"))
+        total, count = 0.0, 0
+        for s in samples:
+            b = pack([s], 24, 0)
+            l1, _ = packed_loss(m, b, torch.device("cpu"))
+            n = sum(1 for x in s[1][1:] if x != IGNORE)
+            total, count = total + float(l1) * n, count + n
+    assert abs(float(loss) - total / count) < 1e-5
+    assert per_task["i2t"][1] == 9 + 3 and per_task["t2i"][1] == 4
+    two = pack(samples, max_length=12, pad_id=0)
+    assert two["input_ids"].shape[0] == 2 and 0 < two["padding"] < 0.5
+    mask = block_causal_mask(torch.as_tensor(two["segments"]), torch.float32)
+    assert torch.isfinite(mask).logical_not().sum() == 0 and (mask[0, 0, 10, :10] < -1e30).all()
+
+
+def _cfg(tmp_path, code_shards, base_folder, **kw):
+    kw.setdefault("optim", OptimConfig(lr=3e-3, total_steps=6, warmup_ratio=0.0))
+    return MLLMTrainConfig(data=[str(code_shards)], storage_path=str(tmp_path / "runs"), base=base_folder,
+                           tatok=str(reference_fixture("ta_tok") / "ta_tok.pth"), scales=[3], max_length=256,
+                           task_mix={"i2t": 1, "t2i": 1}, questions=("Describe the image shortly.",),
+                           cpus_per_worker=0.5, checkpoint_every=1000, shuffle_buffer=0, **kw)
+
+
+def test_two_workers_few_steps_loss_falls_and_checkpoint_loads(ray_local, code_shards, base_folder, tmp_path):
+    from tarflow.models.mllm import load_tar
+
+    cfg = _cfg(tmp_path, code_shards, base_folder, num_workers=2, name="two",
+               optim=OptimConfig(lr=3e-3, total_steps=8, warmup_ratio=0.0))
+    cfg.checkpoint_every = 2  # each checkpoint keeps its step's metrics
+    result = run_train_mllm(cfg)
+    assert result.error is None
+    losses = [m["loss"] for m in result.metrics_dataframe.sort_values("step").to_dict("records")]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert result.metrics["step"] == 8 and 0 <= result.metrics["padding_fraction"] < 1
+    assert result.metrics["tokens_per_s"] > 0 and {"loss_i2t", "loss_t2i"} <= set(result.metrics)
+    with result.checkpoint.as_directory() as d:
+        model, tok, vocab = load_tar(d)
+        assert len(tok) == 217206 and model.config.vocab_size >= 217206
+        from transformers import Qwen2ForCausalLM
+
+        Qwen2ForCausalLM.from_pretrained(d, local_files_only=True)  # plain transformers loads it too
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(ray_local, code_shards, base_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    whole = run_train_mllm(_cfg(tmp_path, code_shards, base_folder, name="whole"))
+    first = run_train_mllm(_cfg(tmp_path, code_shards, base_folder, name="split", stop_after_steps=3))
+    assert first.metrics["step"] == 3
+    second = run_train_mllm(_cfg(tmp_path, code_shards, base_folder, name="split"))
+    assert second.metrics["step"] == 6
+    with whole.checkpoint.as_directory() as a, second.checkpoint.as_directory() as b:
+        wa, wb = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_learning_is_real_i2t_and_t2i(ray_local, code_shards, base_folder, tmp_path):
+    """A tiny model trained on four rows reproduces their captions from their codes and their codes from their
+    captions, with greedy decoding."""
+    from tarflow.models.generation import BatchedDecoder, Sampling
+    from tarflow.models.mllm import i2t_prompt_ids, load_tar, parse_image_codes, t2i_prompt_ids
+
+    rows = read_code_shard(str(code_shards / "codes" / "00000.parquet")).to_pylist()[:4]
+    data = tmp_path / "four.parquet"
+    src = read_code_shard(str(code_shards / "codes" / "00000.parquet"))
+    pq.write_table(pa.Table.from_pylist(rows, schema=src.schema), data)
+    cfg = _cfg(tmp_path, code_shards, base_folder, name="learn",
+               optim=OptimConfig(lr=1e-2, total_steps=120, warmup_ratio=0.05))
+    cfg.data = [str(data)]
+    result = run_train_mllm(cfg)
+    assert result.error is None
+    with result.checkpoint.as_directory() as d:
+        model, tok, vocab = load_tar(d)
+    dec = BatchedDecoder(model, vocab.pad_id)
+    caps = dec.generate([i2t_prompt_ids(tok, vocab, r["tatok_s3"], "Describe the image shortly.") for r in rows],
+                        40, Sampling(greedy=True), stop_ids=(vocab.eos_id,))
+    assert [tok.decode(c, skip_special_tokens=True).strip() for c in caps.tokens] == [r["caption"] for r in rows]
+    start = vocab.image_base_id
+    gen = dec.generate([t2i_prompt_ids(tok, vocab, r["caption"], 3) for r in rows], 9, Sampling(greedy=True),
+                       allowed_range=(start, start + 512))
+    assert [parse_image_codes(g, vocab, 9)[0] for g in gen.tokens] == [list(r["tatok_s3"]) for r in rows]
+
+
+def test_bad_rows_are_counted_not_trained(ray_local, code_shards, base_folder, tmp_path):
+    src = read_code_shard(str(code_shards / "codes" / "00000.parquet"))
+    rows = src.to_pylist()
+    rows[0]["tatok_s3"] = rows[0]["tatok_s3"][:5]
+    rows[1]["tatok_s3"] = [511] * 8 + [600]
+    data = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=src.schema), data)
+    cfg = _cfg(tmp_path, code_shards, base_folder, name="bad", optim=OptimConfig(lr=1e-3, total_steps=2))
+    cfg.data = [str(data)]
+    result = run_train_mllm(cfg)
+    assert result.metrics["skipped_wrong_code_length"] >= 1 and result.metrics["skipped_codes_out_of_range"] >= 1
+    assert TASK_IDS["i2t"] == 0
