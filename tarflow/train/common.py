@@ -84,8 +84,9 @@ def gather_ints(value: int) -> list[int]:
 
     if not (dist.is_available() and dist.is_initialized()):
         return [int(value)]
-    out = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, torch.tensor([int(value)], dtype=torch.long))
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL gathers device tensors only
+    out = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, torch.tensor([int(value)], dtype=torch.long, device=device))
     return [int(t) for t in out]
 
 

@@ -254,21 +254,28 @@ def block_causal_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
 
 
 def packed_loss(model, batch: dict, device) -> tuple[torch.Tensor, dict]:
-    """Mean next-token loss over learned labels, plus (sum, count) per task for the metrics."""
+    """Mean next-token loss over learned labels, plus (sum, count) per task for the metrics.
+
+    Vocabulary-wide logits are computed only at positions whose next token is learned (Tar's vocabulary has
+    217,206 rows: the logits of a whole packed row would dominate time and memory).
+    """
     ids = torch.as_tensor(batch["input_ids"], device=device)
     labels = torch.as_tensor(batch["labels"], device=device)
     tasks = torch.as_tensor(batch["tasks"], device=device)
     seg = torch.as_tensor(batch["segments"], device=device)
     pos = torch.as_tensor(batch["position_ids"], device=device)
     mask = block_causal_mask(seg, torch.float32 if device.type == "cpu" else torch.bfloat16)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1]
     target, task = labels[:, 1:], tasks[:, 1:]
+    keep = torch.nonzero((target != IGNORE).any(0)).flatten()  # positions t whose token t+1 is learned
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
+    target, task = target[:, keep], task[:, keep]
     tok_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
                                ignore_index=IGNORE, reduction="none").view_as(target)
     valid = target != IGNORE
     loss = tok_loss[valid].sum() / valid.sum().clamp(min=1)
-    per_task = {name: (float(tok_loss[valid & (task == tid)].sum()), int((valid & (task == tid)).sum()))
-                for name, tid in TASK_IDS.items()}
+    with torch.no_grad():
+        per_task = {name: (float(tok_loss[valid & (task == tid)].sum()), int((valid & (task == tid)).sum()))
+                    for name, tid in TASK_IDS.items()}
     return loss, per_task
 
 
@@ -316,8 +323,8 @@ def train_loop_per_worker(config: dict) -> None:
     def micro_batches():
         """Packed micro-batches, epoch after epoch; `state` records the data position for checkpoints."""
         while True:
-            to_skip, pending, trained = state.samples_seen, [], 0
-            pos = start = state.samples_seen  # rows of this epoch read so far
+            to_skip, pending = state.samples_seen, []
+            pos = state.samples_seen  # rows of this epoch read so far
             for rb in shard.iter_batches(batch_size=64, batch_format="pyarrow",
                                          local_shuffle_buffer_size=cfg["shuffle_buffer"] or None,
                                          local_shuffle_seed=cfg["seed"] + state.epoch):
@@ -333,33 +340,35 @@ def train_loop_per_worker(config: dict) -> None:
                         skipped[skip] += 1
                         continue
                     pending.append((ids, labels, task, pos - 1))
-                    if sum(len(p[0]) for p in pending) >= cfg["max_length"] * cfg["rows_per_step"]:
+                    if _rows_closed(pending, cfg["rows_per_step"], cfg["max_length"]):
                         batch, pending = _take_rows(pending, cfg["rows_per_step"], cfg["max_length"], vocab.pad_id)
                         # a checkpoint after this batch resumes at the first sample not trained on yet
                         state.samples_seen = pending[0][3] if pending else pos
-                        trained += 1
                         yield batch
             while pending:  # the epoch's last, partly filled rows
                 batch, pending = _take_rows(pending, cfg["rows_per_step"], cfg["max_length"], vocab.pad_id)
                 state.samples_seen = pending[0][3] if pending else pos
-                trained += 1
                 yield batch
-            if not trained and not start:  # (a resume exactly at an epoch's end trains nothing: fine)
-                raise RuntimeError(f"worker {rank}: no trainable sample in its data shard; skipped: {dict(skipped)}")
+            yield None  # this worker's epoch is over; the next one starts when every worker got here
             state.epoch += 1
             state.samples_seen = 0
 
-    batches = micro_batches()
+    batches = LockstepBatches(micro_batches(), device)
     first_step = state.step
     task_sum, task_n = Counter(), Counter()
     t_last, tok_count, pad_acc, pad_n = time.time(), 0, 0.0, 0
     while state.step < optim.total_steps:
         opt.zero_grad(set_to_none=True)
         for _ in range(optim.grad_accum):
-            batch = next(batches)
+            batch = batches.next()
             with autocast(device, optim.bf16):
-                loss, per_task = packed_loss(model, batch, device)
+                if batch is None:  # out of data while others are not: a no-op step keeps DDP in lockstep
+                    loss, per_task = zero_loss(model, device), {}
+                else:
+                    loss, per_task = packed_loss(model, batch, device)
             (loss / optim.grad_accum).backward()
+            if batch is None:
+                continue
             for k, (s_, n_) in per_task.items():
                 task_sum[k] += s_
                 task_n[k] += n_
@@ -370,7 +379,9 @@ def train_loop_per_worker(config: dict) -> None:
         opt.step()
         sched.step()
         state.step += 1
-        metrics = {"step": state.step, "loss": float(loss), "lr": sched.get_last_lr()[0], "epoch": state.epoch,
+        n_learned = sum(task_n.values())
+        metrics = {"step": state.step, "loss": sum(task_sum.values()) / n_learned if n_learned else float("nan"),
+                   "lr": sched.get_last_lr()[0], "epoch": state.epoch,
                    **{f"loss_{k}": task_sum[k] / task_n[k] for k in task_n if task_n[k]},
                    "tokens_per_s": tok_count / max(time.time() - t_last, 1e-9),
                    "padding_fraction": pad_acc / max(pad_n, 1), **{f"skipped_{k}": v for k, v in skipped.items()}}
@@ -384,18 +395,80 @@ def train_loop_per_worker(config: dict) -> None:
             return
 
 
-def _take_rows(pending, n_rows, max_length, pad_id):
-    """Fill `n_rows` rows with the leading pending samples, in order (a sample that does not fit the current
-    row opens the next); the rest stays pending. Taking a prefix keeps the resume position exact."""
-    rows, k = [[]], 0
+class LockstepBatches:
+    """Micro-batches that keep DDP workers in step across epochs.
+
+    Packing makes the number of micro-batches per epoch differ between workers, and Ray Data starts a new
+    epoch of a split dataset only when every worker asks for it; a worker that runs out first would wait
+    there while the others wait for it in the gradient all-reduce. So each micro-batch, the workers agree
+    whether any of them still has data: if none has, all start the next epoch together; if some have, those
+    without train a no-op batch (None) until all are done. The next batch is fetched only when it is about
+    to be trained, so the recorded data position never runs ahead of training.
+    """
+
+    _UNFETCHED = object()
+
+    def __init__(self, gen, device):
+        self.gen, self.device, self.cur = gen, device, self._UNFETCHED
+
+    def _any(self, flag: bool) -> bool:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return flag
+        t = torch.tensor([int(flag)], device=self.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def next(self):
+        idle_epochs = 0
+        while True:
+            if self.cur is self._UNFETCHED:
+                self.cur = next(self.gen)
+            if self._any(self.cur is not None):
+                break
+            idle_epochs += 1  # every worker is at its epoch's end: all begin the next epoch
+            if idle_epochs > 2:
+                raise RuntimeError("no trainable sample in the data: every row was skipped (see skipped_* metrics)")
+            self.cur = self._UNFETCHED
+        batch = self.cur
+        if batch is not None:
+            self.cur = self._UNFETCHED
+        return batch
+
+
+def zero_loss(model, device) -> torch.Tensor:
+    """A loss of exactly zero that still touches every parameter (DDP expects gradients from all)."""
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    return model(input_ids=ids, logits_to_keep=1).logits.sum() * 0.0
+
+
+def _fill(pending, n_rows, max_length) -> list[list]:
+    """The leading pending samples that fill `n_rows` rows in order (a sample that does not fit the current row
+    opens the next one; the first that fits no row ends the fill)."""
+    rows, used = [[]], 0
     for s in pending:
-        if sum(len(x[0]) for x in rows[-1]) + len(s[0]) > max_length:
+        if used + len(s[0]) > max_length:
             if len(rows) == n_rows:
                 break
             rows.append([])
+            used = 0
         rows[-1].append(s)
-        k += 1
-    return pack([x for r in rows for x in r], max_length, pad_id, rows=rows), pending[k:]
+        used += len(s[0])
+    return rows
+
+
+def _take_rows(pending, n_rows, max_length, pad_id):
+    """Pack the leading samples that fill `n_rows` rows; the rest stays pending. Taking a prefix, decided by the
+    sequence alone, keeps the resume position exact."""
+    rows = _fill(pending, n_rows, max_length)
+    k = sum(len(r) for r in rows)
+    return pack(pending[:k], max_length, pad_id, rows=rows), pending[k:]
+
+
+def _rows_closed(pending, n_rows, max_length) -> bool:
+    """True once a pending sample no longer fits: the rows are as full as this sequence can make them."""
+    return sum(len(r) for r in _fill(pending, n_rows, max_length)) < len(pending)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -486,5 +559,7 @@ def run_train_mllm(cfg: MLLMTrainConfig):
         run_config=ray.train.RunConfig(name=cfg.name, storage_path=cfg.storage_path,
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
         datasets={"train": ds},
+        # a deterministic order (and split across workers) is what makes resuming exact
+        dataset_config=ray.train.DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
     return trainer.fit()
