@@ -36,8 +36,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "demo model created on first use")
     m.add_argument("--scales", default="1,2,3",
                    help="pool scales to store, comma-separated (1 -> 729, 2 -> 169, 3 -> 81 tokens) [%(default)s]")
+    m.add_argument("--vq", default=None,
+                   help="pixel VQ-16 checkpoint (vq_ds16_t2i.pt), local or s3://: also store each image's VQ codes "
+                        "at --vq-resolution in a column vq16_{resolution} (training data for the AR de-tokenizer)")
+    m.add_argument("--vq-resolution", type=int, default=256,
+                   help="with --vq: the de-tokenizer's resolution; images are resized to this square (RGB, PIL "
+                        "bicubic on uint8, aspect not kept, as for TA-Tok) before VQ encoding [%(default)s]")
     m.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="encoder dtype (auto: bfloat16 on GPU, float32 on CPU)")
+                   help="TA-Tok encoder dtype (auto: bfloat16 on GPU, float32 on CPU; the VQ runs in float32)")
     m.add_argument("--device", default="auto", help="auto, cpu, cuda [%(default)s]")
     d = p.add_argument_group("decoding")
     d.add_argument("--exif-transpose", action="store_true",
@@ -62,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--scales must be comma-separated integers, got {args.scales!r}")
     if not args.scales or min(args.scales) < 1:
         p.error("--scales needs at least one pool scale >= 1")
+    if args.vq_resolution < 1:
+        p.error(f"--vq-resolution must be positive, got {args.vq_resolution}")
     return args
 
 
@@ -86,7 +94,8 @@ def main(argv=None) -> int:
         overwrite=args.overwrite, exif_transpose=args.exif_transpose, max_pixels=args.max_pixels,
         read_chunk=args.read_chunk, decode_batch_size=args.decode_batch_size,
         encode_batch_size=args.encode_batch_size, num_encoders=args.num_encoders,
-        gpus_per_encoder=args.gpus_per_encoder, dtype=args.dtype, device=args.device, max_shards=args.max_shards)
+        gpus_per_encoder=args.gpus_per_encoder, dtype=args.dtype, device=args.device, max_shards=args.max_shards,
+        vq=args.vq, vq_resolution=args.vq_resolution)
     init_ray(args.address, progress_bars=not args.no_progress)
     try:
         summary = run_tokenize(cfg)

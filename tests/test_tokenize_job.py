@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import shardmaker
 import torch
+from conftest import reference_fixture
 
 from tarflow.data import schema, storage
 from tarflow.data.codeshard import read_code_shard
@@ -258,6 +259,41 @@ def test_encoder_actor_killed_midway_loses_and_duplicates_nothing(ray_local, i2d
         _check_against_inputs(out, os.path.join(i2d_shards, t), tatok)
 
 
+def test_vq_codes_at_the_detokenizer_resolution(ray_local, i2d_shards, tatok_path, tmp_path):
+    """--vq stores the pixel-VQ codes of each image resized to --vq-resolution, exactly VQVAE.encode of the same
+    preprocessing done here; the VQ facts are recorded and a rerun with another VQ setting refuses to mix."""
+    from PIL import Image
+
+    from tarflow.models.tatok import pixels_from_uint8, resize_uint8
+    from tarflow.models.vqvae import VQVAE
+
+    vq_path = str(reference_fixture("vqvae") / "vq.pt")
+    vq = VQVAE.from_checkpoint(vq_path)
+    out = tmp_path / "out"
+    summary = run_tokenize(_cfg(input=i2d_shards, output=str(out), tatok=tatok_path, scales=[3], vq=vq_path,
+                                vq_resolution=64))
+    assert summary.shards_done == 3 and summary.samples_ok == 8
+    for t in sorted(f for f in os.listdir(i2d_shards) if f.endswith(".tar")):
+        table = read_code_shard(str(out / "codes" / t.replace(".tar", ".parquet")))  # checks the vq column
+        assert table.schema.field("vq16_64").type.value_type == schema.code_value_type(64)
+        images = [Image.open(io.BytesIO(e["jpg"])) for e in _tar_samples(os.path.join(i2d_shards, t))]
+        want = vq.encode(pixels_from_uint8(torch.from_numpy(np.stack([resize_uint8(im, 64) for im in images]))))
+        got = np.stack([np.asarray(c) for c in table.column("vq16_64").to_pylist()])
+        assert got.shape == (len(images), 16) and np.array_equal(got, want.numpy())
+        for facts in (json.loads((out / "_manifest" / t.replace(".tar", ".json")).read_text())["vq"],
+                      schema.read_metadata(table.schema, t)["vq"]):
+            assert facts["sha256"] == vq.sha256 and facts["resolution"] == 64 and facts["column"] == "vq16_64"
+            assert facts["codebook_size"] == 64 and facts["num_tokens"] == 16
+    with pytest.raises(OutputConflict, match="VQ codes"):
+        run_tokenize(_cfg(input=i2d_shards, output=str(out), tatok=tatok_path, scales=[3], vq=vq_path,
+                          vq_resolution=32))
+    with pytest.raises(OutputConflict, match="VQ codes"):
+        run_tokenize(_cfg(input=i2d_shards, output=str(out), tatok=tatok_path, scales=[3]))
+    again = run_tokenize(_cfg(input=i2d_shards, output=str(out), tatok=tatok_path, scales=[3], vq=vq_path,
+                              vq_resolution=64))
+    assert again.shards_skipped == 3
+
+
 def test_job_script_help_and_default_run(ray_local, tmp_path, capsys):
     import importlib.util
 
@@ -268,6 +304,7 @@ def test_job_script_help_and_default_run(ray_local, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         job.parse_args(["--help"])
     assert e.value.code == 0 and "--scales" in capsys.readouterr().out
+    assert job.parse_args(["--vq", "vq.pt", "--vq-resolution", "64"]).vq_resolution == 64
     with pytest.raises(SystemExit):
         job.parse_args(["--scales", "one"])
     rc = job.main(["--output", str(tmp_path / "out"), "--no-progress", "--summary-json", str(tmp_path / "s.json")])

@@ -31,6 +31,9 @@ class TokenizeFacts:
     input_size: int
     scales: list[int]
     options: dict  # decoding options that change outputs (exif_transpose, max_pixels)
+    # tokenize --vq: {checkpoint, sha256, codebook_size, downsample, resolution, num_tokens, column, preprocess};
+    # None without it (and then absent from manifests and footers, which stay as they were)
+    vq: dict | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -38,6 +41,7 @@ class TokenizeFacts:
                       "codebook_size": self.codebook_size, "input_size": self.input_size},
             "scales": list(self.scales),
             "options": dict(self.options),
+            **({"vq": dict(self.vq)} if self.vq else {}),
         }
 
     def mismatch(self, manifest: Mapping[str, Any]) -> list[str]:
@@ -50,7 +54,19 @@ class TokenizeFacts:
             diffs.append(f"scales {manifest.get('scales')} != {list(self.scales)}")
         if dict(manifest.get("options", {})) != dict(self.options):
             diffs.append(f"options {manifest.get('options')} != {self.options}")
+        diffs += _vq_mismatch(manifest.get("vq"), self.vq)
         return diffs
+
+
+def _vq_mismatch(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> list[str]:
+    def show(v):
+        return f"{v['column']} (VQ sha256 {str(v.get('sha256'))[:12]})" if v else "no VQ codes"
+
+    if not old and not new:
+        return []
+    if not old or not new or (old.get("sha256"), old.get("resolution")) != (new["sha256"], new["resolution"]):
+        return [f"VQ codes: {show(old)} != {show(new)}"]
+    return []
 
 
 def output_paths(output: str, shard: str) -> dict[str, str]:
@@ -84,7 +100,7 @@ class CodeShardWriter:
     def __init__(self, output: str, facts: TokenizeFacts):
         self.output, self.facts = output, facts
         meta = {**facts.as_dict(), "tarflow_version": tarflow.__version__}
-        self.codes_schema = schema.with_metadata(schema.code_shard_schema(facts.scales, facts.codebook_size),
+        self.codes_schema = schema.with_metadata(schema.code_shard_schema(facts.scales, facts.codebook_size, facts.vq),
                                                  schema.CODE_SHARD_FORMAT, schema.CODE_SHARD_VERSION, meta)
         self.errors_schema = schema.with_metadata(schema.ERRORS_SCHEMA, schema.ERRORS_FORMAT,
                                                   schema.ERRORS_VERSION, {"tarflow_version": tarflow.__version__})

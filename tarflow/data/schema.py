@@ -46,7 +46,12 @@ def code_value_type(codebook_size: int) -> pa.DataType:
     raise SchemaError(f"codebook size {codebook_size} is too large")
 
 
-def code_shard_schema(scales: Sequence[int], codebook_size: int) -> pa.Schema:
+def vq_column(resolution: int, downsample: int = 16) -> str:
+    """Column holding pixel-VQ codes of the image resized to resolution x resolution (`vq16_256`)."""
+    return f"vq{int(downsample)}_{int(resolution)}"
+
+
+def code_shard_schema(scales: Sequence[int], codebook_size: int, vq: Mapping[str, Any] | None = None) -> pa.Schema:
     """Columns of a code shard.
 
     key       img2dataset key of the sample (tar member stem), unique within the shard
@@ -56,8 +61,12 @@ def code_shard_schema(scales: Sequence[int], codebook_size: int) -> pa.Schema:
     width, height   size of the decoded image (before resizing to TA-Tok's input size)
     meta      the sample's img2dataset .json, passed through verbatim as a string (null when absent)
     tatok_s{s}  list of TA-Tok codes at pool scale s, row-major over the (g/s) x (g/s) grid
+    vq{d}_{r}   optional (tokenize --vq): pixel-VQ codes of the image resized to r x r, row-major over the
+                (r/d) x (r/d) grid; `vq` is the shard's `vq` facts (column, codebook_size), None without it.
+                Optional columns leave the version at 1: a shard without one reads as before.
     """
     vt = code_value_type(codebook_size)
+    extra = [pa.field(vq["column"], pa.list_(code_value_type(vq["codebook_size"])), nullable=False)] if vq else []
     return pa.schema(
         [
             pa.field("key", pa.string(), nullable=False),
@@ -69,6 +78,7 @@ def code_shard_schema(scales: Sequence[int], codebook_size: int) -> pa.Schema:
             pa.field("meta", pa.string()),
         ]
         + [pa.field(code_column(s), pa.list_(vt), nullable=False) for s in scales]
+        + extra
     )
 
 
@@ -105,7 +115,7 @@ def check_code_shard(schema: pa.Schema, path: str) -> dict:
             f"{path}: code shard version {meta.get('version')} is not supported (this tarflow reads version "
             f"{CODE_SHARD_VERSION}); re-run the tokenize job with this tarflow, or use the tarflow that wrote it"
         )
-    expected = code_shard_schema(meta["scales"], meta["model"]["codebook_size"])
+    expected = code_shard_schema(meta["scales"], meta["model"]["codebook_size"], meta.get("vq"))
     for f in expected:
         if f.name not in schema.names:
             raise SchemaError(f"{path}: column {f.name!r} is missing")

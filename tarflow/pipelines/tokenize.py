@@ -1,14 +1,18 @@
 """The tokenize pipeline: img2dataset shards -> TA-Tok code Parquet shards, on Ray Data.
 
     shard list --ShardReader (tasks: raw bytes, no decoding)
-               --ImageDecoder (CPU tasks: decode, convert, resize to TA-Tok's input size)
-               --TATokEncoder (GPU actor pool: one encoder pass, codes at every requested scale)
+               --ImageDecoder (CPU tasks: decode, convert, resize to TA-Tok's input size [and the VQ's])
+               --TATokEncoder (GPU actor pool: one encoder pass, codes at every requested scale [+ VQ codes])
                --> driver: ShardAssembler gathers each shard's rows; CodeShardWriter writes it
 
 Every sample of a shard travels as one row, good or bad, and each shard ends with an "end" row that carries
 its sample count; a shard is written only once all its rows have arrived, so a shard is never written
 partially and a killed job redoes exactly the shards that have no manifest. Rows are keyed by (shard, index):
 a block replayed by a retried task cannot duplicate a sample.
+
+With `vq` (training data for the AR de-tokenizer) each image is also resized to vq_resolution x vq_resolution
+exactly as for TA-Tok (RGB, PIL bicubic on uint8, aspect not kept, no crop), so that the condition (TA-Tok
+codes) and the target (VQ codes) see the same picture, and the pixel VQ encodes it (/255 -> [0, 1]).
 """
 from __future__ import annotations
 
@@ -48,12 +52,16 @@ _DECODED_FIELDS = [
     pa.field("meta", pa.string()), pa.field("sha256", pa.string()),
     pa.field("width", pa.int32()), pa.field("height", pa.int32()),
 ]
-DECODED_SCHEMA = pa.schema(_COMMON + _DECODED_FIELDS + [pa.field("pixels", pa.binary())])
+# vq_pixels: null unless the job stores VQ codes
+DECODED_SCHEMA = pa.schema(_COMMON + _DECODED_FIELDS + [pa.field("pixels", pa.binary()),
+                                                        pa.field("vq_pixels", pa.binary())])
 
 
-def encoded_schema(scales: Sequence[int], codebook_size: int) -> pa.Schema:
+def encoded_schema(scales: Sequence[int], codebook_size: int, vq: dict | None = None) -> pa.Schema:
     vt = schema.code_value_type(codebook_size)
-    return pa.schema(_COMMON + _DECODED_FIELDS + [pa.field(schema.code_column(s), pa.list_(vt)) for s in scales])
+    extra = [pa.field(vq["column"], pa.list_(schema.code_value_type(vq["codebook_size"])))] if vq else []
+    return pa.schema(_COMMON + _DECODED_FIELDS + [pa.field(schema.code_column(s), pa.list_(vt)) for s in scales]
+                     + extra)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -89,10 +97,13 @@ class ShardReader:
 
 class ImageDecoder:
     """Raw rows -> decoded rows: caption and metadata parsed, image decoded to RGB and resized to the TA-Tok
-    input size as uint8 (TA-Tok's preprocessing up to the /255, which runs on the accelerator)."""
+    input size as uint8 (TA-Tok's preprocessing up to the /255, which runs on the accelerator); with
+    `vq_resolution`, also to that size for the pixel VQ, the same way."""
 
-    def __init__(self, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, exif_transpose: bool = False):
+    def __init__(self, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, exif_transpose: bool = False,
+                 vq_resolution: int | None = None):
         self.input_size, self.max_pixels, self.exif_transpose = input_size, max_pixels, exif_transpose
+        self.vq_resolution = vq_resolution
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from PIL import Image
@@ -133,16 +144,20 @@ class ImageDecoder:
         im = decode_rgb(data, max_pixels=self.max_pixels, exif_transpose=self.exif_transpose)
         return {"caption": caption, "meta": meta, "url": url, "sha256": sha256(data).hexdigest(),
                 "width": im.width, "height": im.height,
-                "pixels": resize_uint8(im, self.input_size).tobytes()}
+                "pixels": resize_uint8(im, self.input_size).tobytes(),
+                "vq_pixels": resize_uint8(im, self.vq_resolution).tobytes() if self.vq_resolution else None}
 
 
 class TATokEncoder:
-    """Actor: decoded rows -> rows with TA-Tok codes at every requested scale (one encoder pass)."""
+    """Actor: decoded rows -> rows with TA-Tok codes at every requested scale (one encoder pass), and with
+    `vq` the pixel-VQ codes of the `vq_pixels` images."""
 
-    def __init__(self, checkpoint: str, scales: Sequence[int], dtype: str = "auto", device: str = "auto"):
+    def __init__(self, checkpoint: str, scales: Sequence[int], dtype: str = "auto", device: str = "auto",
+                 vq: str | None = None, vq_resolution: int = 256):
         import torch
 
         from tarflow.models.tatok import TATok
+        from tarflow.models.vqvae import VQVAE
 
         self.torch = torch
         if device == "auto":
@@ -153,9 +168,12 @@ class TATokEncoder:
         self.dtype = getattr(torch, dtype)
         self.model = TATok.from_checkpoint(checkpoint).to(self.device, self.dtype)
         self.scales = [int(s) for s in scales]
-        self.schema = encoded_schema(self.scales, self.model.codebook_size)
+        # The VQ stays in float32 whatever `dtype`: its codes are argmaxes of cosine similarities, which bf16
+        # rounding flips, and they are training targets.
+        self.vq = VQVAE.from_checkpoint(vq).to(self.device) if vq else None
+        self.vq_facts = vq_facts(self.vq, vq_resolution) if vq else None
+        self.schema = encoded_schema(self.scales, self.model.codebook_size, self.vq_facts)
         self.code_type = schema.code_value_type(self.model.codebook_size)
-        self.np_code_type = self.code_type.to_pandas_dtype()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from tarflow.models.tatok import pixels_from_uint8
@@ -170,19 +188,50 @@ class TATokEncoder:
             x = torch.from_numpy(arr)
             if self.device.type == "cuda":
                 x = x.pin_memory().to(self.device, non_blocking=True)
-            codes = {s: c.cpu().numpy().astype(self.np_code_type)
-                     for s, c in self.model.encode_scales(pixels_from_uint8(x), self.scales).items()}
-        out = batch.drop_columns(["pixels"])
+            by_scale = self.model.encode_scales(pixels_from_uint8(x), self.scales)
+            codes = {s: c.cpu().numpy() for s, c in by_scale.items()}
+        out = batch.drop_columns(["pixels", "vq_pixels"])
         for s in self.scales:
-            n = self.model.num_tokens(s)
-            flat = np.zeros((len(batch), n), dtype=self.np_code_type)
+            out = out.append_column(schema.code_column(s), _code_lists(codes.get(s), idx_ok, ok,
+                                                                        self.model.num_tokens(s), self.code_type))
+        if self.vq is not None:
+            f = self.vq_facts
+            vq_codes = None
             if len(idx_ok):
-                flat[idx_ok] = codes[s]
-            arr = pa.ListArray.from_arrays(pa.array(np.arange(0, (len(batch) + 1) * n, n, dtype=np.int32)),
-                                           pa.array(flat.reshape(-1), type=self.code_type),
-                                           mask=pa.array(~ok))
-            out = out.append_column(schema.code_column(s), arr)
+                R = f["resolution"]
+                pix = batch.column("vq_pixels").to_pylist()
+                arr = np.stack([np.frombuffer(pix[i], dtype=np.uint8).reshape(R, R, 3) for i in idx_ok])
+                # in chunks of ~2M pixels: the VQ encoder's full-resolution activations of a 256-image batch at
+                # 256 px would take tens of GB
+                step = max(1, (32 * 256 * 256) // (R * R))
+                vq_codes = np.concatenate([
+                    self.vq.encode(pixels_from_uint8(torch.from_numpy(arr[i:i + step]).to(self.device))).cpu().numpy()
+                    for i in range(0, len(arr), step)])
+            out = out.append_column(f["column"], _code_lists(vq_codes, idx_ok, ok, f["num_tokens"],
+                                                             schema.code_value_type(f["codebook_size"])))
         return out.select(self.schema.names).cast(self.schema)
+
+
+def _code_lists(codes, idx_ok, ok, n: int, value_type: pa.DataType) -> pa.ListArray:
+    """(len(idx_ok), n) codes of the good rows -> one list per row of the batch, null for failed rows."""
+    np_type = value_type.to_pandas_dtype()
+    flat = np.zeros((len(ok), n), dtype=np_type)
+    if len(idx_ok):
+        flat[idx_ok] = codes.astype(np_type)
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, (len(ok) + 1) * n, n, dtype=np.int32)),
+                                    pa.array(flat.reshape(-1), type=value_type), mask=pa.array(~ok))
+
+
+def vq_facts(vq, resolution: int) -> dict:
+    """What a code shard records about its VQ codes (manifest, footer): a rerun with others must not mix."""
+    d = vq.downsample
+    if resolution < d or resolution % d:
+        raise ValueError(f"--vq-resolution {resolution} is not a positive multiple of the VQ's downsample "
+                         f"factor {d} ({vq.path})")
+    return {"checkpoint": vq.path, "sha256": vq.sha256, "codebook_size": vq.codebook_size, "downsample": d,
+            "resolution": int(resolution), "num_tokens": (resolution // d) ** 2,
+            "column": schema.vq_column(resolution, d),
+            "preprocess": "RGB, PIL bicubic resize of the uint8 image to resolution^2 (aspect not kept), /255"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -211,6 +260,8 @@ class TokenizeConfig:
     device: str = "auto"
     max_shards: int | None = None
     progress_every_s: float = 10.0
+    vq: str | None = None  # pixel VQ checkpoint: also store its codes (AR de-tokenizer training data)
+    vq_resolution: int = 256  # the de-tokenizer's resolution: images are resized to this square for the VQ
 
 
 def model_facts(cfg: TokenizeConfig) -> TokenizeFacts:
@@ -220,10 +271,15 @@ def model_facts(cfg: TokenizeConfig) -> TokenizeFacts:
     for s in cfg.scales:
         if not 1 <= s <= model.grid:
             raise ValueError(f"--scales: pool scale {s} is out of range 1..{model.grid} for this TA-Tok")
+    vq = None
+    if cfg.vq:
+        from tarflow.models.vqvae import VQVAE
+
+        vq = vq_facts(VQVAE.from_checkpoint(cfg.vq), cfg.vq_resolution)
     return TokenizeFacts(
         checkpoint=cfg.tatok, checkpoint_sha256=model.sha256, model_args=model.args.raw,
         codebook_size=model.codebook_size, input_size=model.input_size, scales=list(cfg.scales),
-        options={"exif_transpose": cfg.exif_transpose, "max_pixels": cfg.max_pixels},
+        options={"exif_transpose": cfg.exif_transpose, "max_pixels": cfg.max_pixels}, vq=vq,
     )
 
 
@@ -245,14 +301,16 @@ def build_dataset(shards: list[ShardInput], cfg: TokenizeConfig, facts: Tokenize
     # Stages stay separate because their resource requests differ (Ray Data fuses adjacent map stages whose
     # requests match): reading must not decode, and CPU decoding must overlap accelerator inference. The
     # encoder's memory request (room for its model) makes it distinct even when CPU counts coincide.
-    encoder_memory = max(512 << 20, 4 * storage.size(cfg.tatok))
+    encoder_memory = max(512 << 20, 4 * (storage.size(cfg.tatok) + (storage.size(cfg.vq) if cfg.vq else 0)))
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(ShardReader(cfg.read_chunk), batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                         compute=ray.data.TaskPoolStrategy(size=max(1, min(cfg.max_concurrent_shards, len(items)))))
-    ds = ds.map_batches(ImageDecoder(facts.input_size, cfg.max_pixels, cfg.exif_transpose),
+    ds = ds.map_batches(ImageDecoder(facts.input_size, cfg.max_pixels, cfg.exif_transpose,
+                                     facts.vq["resolution"] if facts.vq else None),
                         batch_size=cfg.decode_batch_size, batch_format="pyarrow", num_cpus=decode_cpus)
     ds = ds.map_batches(encoder_cls, fn_constructor_kwargs=dict(checkpoint=cfg.tatok, scales=cfg.scales,
                                                                 dtype=cfg.dtype, device=cfg.device,
+                                                                vq=cfg.vq, vq_resolution=cfg.vq_resolution,
                                                                 **(encoder_kwargs or {})),
                         batch_size=enc_bs, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_enc),
                         num_gpus=gpus_per, num_cpus=cfg.cpus_per_encoder, memory=encoder_memory)
@@ -295,7 +353,7 @@ def run_tokenize(cfg: TokenizeConfig, encoder_cls=TATokEncoder, encoder_kwargs: 
                                 extra={k: v for k, v in end.items() if k not in ("n_samples", "complete", "detail")})
 
         ds = build_dataset(todo, cfg, facts, encoder_cls, encoder_kwargs)
-        drain(ds, ShardAssembler(encoded_schema(facts.scales, facts.codebook_size)), write, summary, len(todo), t0,
-              cfg.progress_every_s)
+        drain(ds, ShardAssembler(encoded_schema(facts.scales, facts.codebook_size, facts.vq)), write, summary,
+              len(todo), t0, cfg.progress_every_s)
     summary.seconds = time.time() - t0
     return summary
