@@ -79,3 +79,12 @@ def plain_loop(shard_folder: str, tatok: str, output: str, scales, batch_size: i
         writer.write(shard.name, {"path": shard.path, "size": shard.size, "format": shard.format}, table)
         n += len(table)
     return n, time.time() - t0
+
+
+def write_results(res: dict, path: str | None, name: str) -> None:
+    """Print the results as JSON and keep them in `path`, or in $OUT/{name} on the device machine."""
+    out = path or (os.path.join(os.environ["OUT"], name) if os.environ.get("OUT") else None)
+    if out:
+        with open(out, "w") as f:
+            json.dump(res, f, indent=2)
+    print(json.dumps(res))

@@ -12,7 +12,6 @@ images/s at batch 128 on an H200.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -20,6 +19,8 @@ import time
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # bench/tokenize.py shadows stdlib
 sys.path.insert(0, os.path.dirname(_HERE))
+
+from bench.common import write_results  # noqa: E402
 
 
 def build(tiny: bool, device: str, dtype):
@@ -81,11 +82,7 @@ def main():
         res[f"{name}_images_per_s"] = B / s
         res[f"{name}_tokens_per_s"] = B * n_tok / s
         print(f"{name:9s}: {B / s:8.2f} images/s, {B * n_tok / s:10.1f} tokens/s (batch {B}, {s:.2f} s per batch)")
-    out = args.json or (os.path.join(os.environ["OUT"], "gpu_detok.json") if os.environ.get("OUT") else None)
-    if out:
-        with open(out, "w") as f:
-            json.dump(res, f, indent=2)
-    print(json.dumps(res))
+    write_results(res, args.json, "gpu_detok.json")
 
 
 if __name__ == "__main__":

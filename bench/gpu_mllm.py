@@ -15,7 +15,6 @@ writes JSON to --json or $OUT/gpu_mllm.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,6 +22,8 @@ import time
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # bench/tokenize.py shadows stdlib
 sys.path.insert(0, os.path.dirname(_HERE))
+
+from bench.common import write_results  # noqa: E402
 
 VOCAB = 217206
 IMAGE_BASE, N_IMAGE = 151670, 65536
@@ -145,11 +146,7 @@ def main():
     if base and best:
         res["speedup_t2i_tokens"] = best / base
         print(f"T2I tokens/s, tarflow / HF generate: {best / base:.1f}x")
-    out = args.json or (os.path.join(os.environ["OUT"], "gpu_mllm.json") if os.environ.get("OUT") else None)
-    if out:
-        with open(out, "w") as f:
-            json.dump(res, f, indent=2)
-    print(json.dumps(res))
+    write_results(res, args.json, "gpu_mllm.json")
 
 
 if __name__ == "__main__":

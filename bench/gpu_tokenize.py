@@ -25,7 +25,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))
 
-from bench.common import photo_like_jpegs, write_shards  # noqa: E402
+from bench.common import photo_like_jpegs, write_results, write_shards  # noqa: E402
 
 
 def build_checkpoint(folder: str, tiny: bool) -> str:
@@ -112,11 +112,7 @@ def main():
         print(f"ratio end-to-end / model-only: {res['end_to_end_over_model_only']:.2f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    out = args.json or (os.path.join(os.environ["OUT"], "gpu_tokenize.json") if os.environ.get("OUT") else None)
-    if out:
-        with open(out, "w") as f:
-            json.dump(res, f, indent=2)
-    print(json.dumps(res))
+    write_results(res, args.json, "gpu_tokenize.json")
 
 
 if __name__ == "__main__":

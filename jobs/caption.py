@@ -9,7 +9,6 @@ model, sampling, token counts), errors/ and _manifest/ per shard. Images are nev
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 
@@ -47,10 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from tarflow.models.checkpoint import CheckpointError
     from tarflow.pipelines.caption import CaptionConfig, run_caption
-    from tarflow.pipelines.runtime import init_ray, setup_logging
-    from tarflow.pipelines.sharded import OutputConflict
+    from tarflow.pipelines.runtime import init_ray, run_job, setup_logging
 
     setup_logging()
     cfg = CaptionConfig(
@@ -60,17 +57,7 @@ def main(argv=None) -> int:
         num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker, dtype=args.dtype, compile=args.compile,
         max_shards=args.max_shards)
     init_ray(args.address, progress_bars=not args.no_progress)
-    try:
-        summary = run_caption(cfg)
-    except (FileNotFoundError, CheckpointError, OutputConflict, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(summary.render())
-    if args.summary_json:
-        from tarflow.data import storage
-
-        storage.write_bytes_atomic(args.summary_json, json.dumps(summary.as_dict(), indent=2).encode())
-    return 1 if summary.shards_failed else 0
+    return run_job(run_caption, cfg, args.summary_json)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ seed; rerunning skips finished shards.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 
@@ -60,10 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from tarflow.models.checkpoint import CheckpointError
     from tarflow.pipelines.generate import GenerateConfig, PromptTableError, run_generate
-    from tarflow.pipelines.runtime import init_ray, setup_logging
-    from tarflow.pipelines.sharded import OutputConflict
+    from tarflow.pipelines.runtime import init_ray, run_job, setup_logging
 
     setup_logging()
     cfg = GenerateConfig(
@@ -75,17 +72,7 @@ def main(argv=None) -> int:
         batch_size=args.batch_size, num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
         dtype=args.dtype, compile=args.compile)
     init_ray(args.address, progress_bars=not args.no_progress)
-    try:
-        summary = run_generate(cfg)
-    except (PromptTableError, CheckpointError, OutputConflict, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(summary.render())
-    if args.summary_json:
-        from tarflow.data import storage
-
-        storage.write_bytes_atomic(args.summary_json, json.dumps(summary.as_dict(), indent=2).encode())
-    return 1 if summary.shards_failed else 0
+    return run_job(run_generate, cfg, args.summary_json, (PromptTableError,))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ its codes are meaningless), on a private local Ray.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
@@ -77,9 +76,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from tarflow.data.img2dataset import InputError
     from tarflow.data.sample import ensure_random_tatok, ensure_sample_shards
-    from tarflow.models.checkpoint import CheckpointError
-    from tarflow.pipelines.runtime import init_ray, setup_logging
-    from tarflow.pipelines.tokenize import OutputConflict, TokenizeConfig, run_tokenize
+    from tarflow.pipelines.runtime import init_ray, run_job, setup_logging
+    from tarflow.pipelines.tokenize import TokenizeConfig, run_tokenize
 
     setup_logging()
     log = logging.getLogger("tarflow.tokenize")
@@ -97,17 +95,7 @@ def main(argv=None) -> int:
         gpus_per_encoder=args.gpus_per_encoder, dtype=args.dtype, device=args.device, max_shards=args.max_shards,
         vq=args.vq, vq_resolution=args.vq_resolution)
     init_ray(args.address, progress_bars=not args.no_progress)
-    try:
-        summary = run_tokenize(cfg)
-    except (InputError, CheckpointError, OutputConflict, ValueError) as e:
-        log.error("%s", e)
-        return 2
-    print(summary.render())
-    if args.summary_json:
-        from tarflow.data import storage
-
-        storage.write_bytes_atomic(args.summary_json, json.dumps(summary.as_dict(), indent=2).encode())
-    return 1 if summary.shards_failed else 0
+    return run_job(run_tokenize, cfg, args.summary_json, (InputError,))
 
 
 if __name__ == "__main__":

@@ -37,3 +37,25 @@ def _local_object_store_bytes() -> int | None:
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def run_job(run, cfg, summary_json: str | None, user_errors: tuple = ()) -> int:
+    """Run a sharded job, print its summary (and keep it as JSON); exit status 2 for bad input or settings
+    (the message says what and how to fix it), 1 when shards failed, 0 otherwise."""
+    import json
+    import sys
+
+    from tarflow.data import storage
+    from tarflow.models.checkpoint import CheckpointError
+    from tarflow.pipelines.sharded import OutputConflict
+
+    try:
+        summary = run(cfg)
+    except (CheckpointError, OutputConflict, FileNotFoundError, ValueError, *user_errors) as e:
+        logging.getLogger("tarflow").error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary.render())
+    if summary_json:
+        storage.write_bytes_atomic(summary_json, json.dumps(summary.as_dict(), indent=2).encode())
+    return 1 if summary.shards_failed else 0
