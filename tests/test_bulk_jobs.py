@@ -210,3 +210,21 @@ def test_prompt_table_errors_are_clear(tmp_path, tar_folder):
     rows = read_prompt_table(str(tmp_path / "ok.csv"))
     assert rows[0]["seed"] == 5 and rows[1]["seed"] is None
 
+
+
+def test_generate_with_the_diffusion_detokenizer(ray_local, prompt_table, tar_folder, tmp_path):
+    pytest.importorskip("diffusers")
+    from test_diffusion_detok import _save_tiny_sana  # a tiny random SANA reading 36-wide rec features
+
+    from tarflow.pipelines.generate import run_generate
+
+    sana = _save_tiny_sana(tmp_path / "sana")
+    out = tmp_path / "gen"
+    summary = run_generate(_gen_cfg(prompt_table, tar_folder, out, batch_size=4, detok="diffusion",
+                                    diffusion_detok=str(sana), num_inference_steps=2))
+    assert (summary.samples_ok, summary.samples_failed) == (4, 2)
+    images = _images(out / "00000.tar")
+    assert len(images) == 2 and all(a.shape == (64, 64, 3) for a in images.values())
+    manifest = json.loads((out / "_manifest" / "00000.json").read_text())
+    assert manifest["detokenizer"]["kind"] == "diffusion" and manifest["detok_sampling"]["num_inference_steps"] == 2
+

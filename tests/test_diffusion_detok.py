@@ -24,7 +24,7 @@ from tarflow.models.diffusion_detok import (  # noqa: E402
 
 C = 36       # rec feature width of the tiny model (Tar: 1152)
 N = 5        # condition tokens per row (Tar: 729 / 169 / 81)
-SIZE = 32    # image side: sample_size 16 x VAE downsampling 2
+SIZE = 64    # image side: sample_size 32 x VAE downsampling 2
 STEPS = 4    # few steps keep the suite fast; the default (20) is exercised once
 
 

@@ -37,6 +37,7 @@ log = logging.getLogger("tarflow.train.mllm")
 IGNORE = -100
 TASK_IDS = {"i2t": 0, "t2i": 1, "text": 2}
 DEFAULT_QUESTIONS = ("Describe the image shortly.", "What is in this image?", "Write a short caption for the image.")
+SKIP_REASONS = ("missing_codes", "wrong_code_length", "codes_out_of_range", "empty_caption", "too_long")
 SAMPLE_SCHEMA = pa.schema([pa.field("input_ids", pa.list_(pa.int32())), pa.field("labels", pa.list_(pa.int32())),
                            pa.field("task", pa.int8()), pa.field("skip", pa.string())])
 
@@ -288,7 +289,8 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     from tarflow.models.mllm import load_tar
-    from tarflow.train.common import OptimConfig, TrainState, autocast, load_trainer_state, make_optimizer, report
+    from tarflow.train.common import OptimConfig, TrainState, autocast, gather_ints, load_trainer_state
+    from tarflow.train.common import make_optimizer, report
     from tarflow.train.common import unwrap
 
     cfg = config["cfg"]
@@ -384,7 +386,11 @@ def train_loop_per_worker(config: dict) -> None:
                    "lr": sched.get_last_lr()[0], "epoch": state.epoch,
                    **{f"loss_{k}": task_sum[k] / task_n[k] for k in task_n if task_n[k]},
                    "tokens_per_s": tok_count / max(time.time() - t_last, 1e-9),
-                   "padding_fraction": pad_acc / max(pad_n, 1), **{f"skipped_{k}": v for k, v in skipped.items()}}
+                   "padding_fraction": pad_acc / max(pad_n, 1)}
+        for reason in SKIP_REASONS:  # every worker's count (a collective: all workers report every step)
+            total = sum(gather_ints(skipped[reason]))
+            if total:
+                metrics[f"skipped_{reason}"] = total
         task_sum.clear()
         task_n.clear()
         t_last, tok_count, pad_acc, pad_n = time.time(), 0, 0.0, 0
