@@ -178,3 +178,29 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(ray_local, code
         assert wa.keys() == wb.keys()
         for k in wa:
             torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def loop_that_dies_once(config):
+    """The library's loop, but this worker process exits right after reporting step 3, once (marker file)."""
+    import tarflow.train.common as common
+    from tarflow.train.mllm import train_loop_per_worker
+
+    real = common.report
+
+    def report(metrics, *a, **kw):
+        real(metrics, *a, **kw)
+        if metrics["step"] == 3 and not os.path.exists(config["marker"]):
+            open(config["marker"], "w").close()
+            os._exit(1)
+
+    common.report = report
+    train_loop_per_worker(config)
+
+
+def test_a_worker_killed_mid_run_does_not_end_the_job(ray_local, code_shards, base_folder, tmp_path):
+    marker = str(tmp_path / "died")
+    cfg = _cfg(tmp_path, code_shards, base_folder, name="killed")
+    cfg.checkpoint_every = 2
+    result = run_train_mllm(cfg, train_loop=loop_that_dies_once, loop_extra={"marker": marker})
+    assert os.path.exists(marker)  # the worker did die
+    assert result.error is None and result.metrics["step"] == 6  # restarted from step 2 and finished

@@ -538,8 +538,10 @@ def prepare_initial_model(cfg: MLLMTrainConfig, folder: str) -> str:
     return folder
 
 
-def run_train_mllm(cfg: MLLMTrainConfig):
-    """Train with Ray Train; returns the ray.train.Result (its checkpoint is a Hugging Face Tar folder)."""
+def run_train_mllm(cfg: MLLMTrainConfig, train_loop=None, loop_extra: dict | None = None):
+    """Train with Ray Train; returns the ray.train.Result (its checkpoint is a Hugging Face Tar folder).
+    `train_loop` replaces the per-worker loop (e.g. one wrapping `train_loop_per_worker`), with `loop_extra`
+    added to its config."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -557,9 +559,9 @@ def run_train_mllm(cfg: MLLMTrainConfig):
     init_model = prepare_initial_model(cfg, init_dir) if cfg.resume_from else init_dir
     ds = ray.data.read_parquet(files, shuffle=None)
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        train_loop or train_loop_per_worker,
         train_loop_config={"cfg": cfg.as_dict(), "init_model": init_model, "tokens_per_scale": tokens_per_scale,
-                           "codebook_size": codebook_size},
+                           "codebook_size": codebook_size, **(loop_extra or {})},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=cfg.name, storage_path=cfg.storage_path,
