@@ -90,10 +90,28 @@ def read_manifest(path: str) -> dict | None:
     return dict(schema.check_manifest(manifest, path))
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
+def parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()
+
+
+def split_failed(rows: pa.Table, shard: str) -> tuple[pa.Table, pa.Table, dict]:
+    """A shard's rows -> (the ok rows, the errors/ table of the failed ones, failed count by reason).
+
+    Every job's rows carry `ok`, `key`, `error_stage`, `error_reason`, `error_detail`; all jobs write the same
+    errors format."""
+    ok_mask = rows.column("ok")
+    failed = rows.filter(pc.invert(ok_mask))
+    errors = pa.table({
+        "key": failed.column("key"),
+        "shard": pa.array([shard] * len(failed), pa.string()),
+        "stage": failed.column("error_stage"),
+        "reason": failed.column("error_reason"),
+        "detail": failed.column("error_detail"),
+    }).cast(schema.with_metadata(schema.ERRORS_SCHEMA, schema.ERRORS_FORMAT, schema.ERRORS_VERSION,
+                                 {"tarflow_version": tarflow.__version__}))
+    return rows.filter(ok_mask), errors, dict(Counter(failed.column("error_reason").to_pylist()))
 
 
 class CodeShardWriter:
@@ -102,8 +120,6 @@ class CodeShardWriter:
         meta = {**facts.as_dict(), "tarflow_version": tarflow.__version__}
         self.codes_schema = schema.with_metadata(schema.code_shard_schema(facts.scales, facts.codebook_size, facts.vq),
                                                  schema.CODE_SHARD_FORMAT, schema.CODE_SHARD_VERSION, meta)
-        self.errors_schema = schema.with_metadata(schema.ERRORS_SCHEMA, schema.ERRORS_FORMAT,
-                                                  schema.ERRORS_VERSION, {"tarflow_version": tarflow.__version__})
 
     def write(self, shard_name: str, shard_input: Mapping[str, Any], rows: pa.Table, complete: bool = True,
               incomplete_reason: str = "", extra: Mapping[str, Any] | None = None) -> dict:
@@ -112,19 +128,9 @@ class CodeShardWriter:
         `rows` has the columns of a code shard plus `ok`, `error_stage`, `error_reason`, `error_detail`.
         """
         paths = output_paths(self.output, shard_name)
-        ok_mask = rows.column("ok")
-        ok = rows.filter(ok_mask)
-        failed = rows.filter(pc.invert(ok_mask))
+        ok, errors, reasons = split_failed(rows, shard_name)
         codes = ok.select(self.codes_schema.names).cast(self.codes_schema)
-        errors = pa.table({
-            "key": failed.column("key"),
-            "shard": pa.array([shard_name] * len(failed), pa.string()),
-            "stage": failed.column("error_stage"),
-            "reason": failed.column("error_reason"),
-            "detail": failed.column("error_detail"),
-        }).cast(self.errors_schema)
-        reasons = Counter(failed.column("error_reason").to_pylist())
-        codes_bytes, errors_bytes = _parquet_bytes(codes), _parquet_bytes(errors)
+        codes_bytes, errors_bytes = parquet_bytes(codes), parquet_bytes(errors)
         storage.write_bytes_atomic(paths["codes"], codes_bytes)
         storage.write_bytes_atomic(paths["errors"], errors_bytes)
         manifest = {
@@ -134,14 +140,14 @@ class CodeShardWriter:
             "input": dict(shard_input),
             "complete": bool(complete),
             "incomplete_reason": (incomplete_reason or None) if not complete else None,
-            "counts": {"samples_in": len(rows), "ok": len(ok), "failed": len(failed),
-                       "failed_by_reason": dict(reasons)},
+            "counts": {"samples_in": len(rows), "ok": len(ok), "failed": len(errors),
+                       "failed_by_reason": reasons},
             **self.facts.as_dict(),
             "schema": {"code_shard": schema.CODE_SHARD_VERSION, "errors": schema.ERRORS_VERSION},
             "tarflow_version": tarflow.__version__,
             "outputs": {
                 "codes": {"path": paths["codes"], "rows": len(ok), "bytes": len(codes_bytes)},
-                "errors": {"path": paths["errors"], "rows": len(failed), "bytes": len(errors_bytes)},
+                "errors": {"path": paths["errors"], "rows": len(errors), "bytes": len(errors_bytes)},
             },
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **({"extra": dict(extra)} if extra else {}),

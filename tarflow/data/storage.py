@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
-from typing import Iterable
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -128,13 +127,6 @@ def expand_braces(pattern: str) -> list[str]:
     return list(braceexpand.braceexpand(pattern))
 
 
-def ensure_dir(path: str) -> None:
-    if not is_remote(path):
-        os.makedirs(path, exist_ok=True)
-
-
-def all_exist(paths: Iterable[str]) -> bool:
-    return all(exists(p) for p in paths)
 
 
 def cached_folder_copy(url: str, cache_dir, keep=lambda rel: True, maxdepth: int | None = None):

@@ -230,18 +230,15 @@ class CaptionShardWriter:
         self.captions_schema = schema.with_metadata(schema.CAPTIONS_SCHEMA, schema.CAPTIONS_FORMAT,
                                                     schema.CAPTIONS_VERSION,
                                                     {**self.facts, "tarflow_version": tarflow.__version__})
-        self.errors_schema = schema.with_metadata(schema.ERRORS_SCHEMA, schema.ERRORS_FORMAT, schema.ERRORS_VERSION,
-                                                  {"tarflow_version": tarflow.__version__})
         self.version = tarflow.__version__
 
     def write(self, shard: CodeShard, rows: pa.Table) -> dict:
         import pyarrow.compute as pc
 
-        from tarflow.data.codeshard import _parquet_bytes
+        from tarflow.data.codeshard import parquet_bytes, split_failed
 
         paths = output_paths(self.output, shard.name)
-        ok = rows.filter(rows.column("ok"))
-        failed = rows.filter(pc.invert(rows.column("ok")))
+        ok, errors, reasons = split_failed(rows, shard.name)
         n = len(ok)
         captions = pa.table({
             "key": ok.column("key"), "prompt": ok.column("prompt"), "caption": ok.column("caption"),
@@ -250,25 +247,21 @@ class CaptionShardWriter:
             "prompt_tokens": ok.column("prompt_tokens"), "caption_tokens": ok.column("caption_tokens"),
             "finished": ok.column("finished"),
         }).cast(self.captions_schema)
-        errors = pa.table({"key": failed.column("key"), "shard": pa.array([shard.name] * len(failed), pa.string()),
-                           "stage": failed.column("error_stage"), "reason": failed.column("error_reason"),
-                           "detail": failed.column("error_detail")}).cast(self.errors_schema)
-        cap_bytes, err_bytes = _parquet_bytes(captions), _parquet_bytes(errors)
+        cap_bytes, err_bytes = parquet_bytes(captions), parquet_bytes(errors)
         storage.write_bytes_atomic(paths["captions"], cap_bytes)
         storage.write_bytes_atomic(paths["errors"], err_bytes)
         generated = int(pc.sum(ok.column("caption_tokens")).as_py() or 0)
         unfinished = int(pc.sum(pc.invert(ok.column("finished")).cast(pa.int64())).as_py() or 0)
-        reasons = {d["values"]: d["counts"] for d in pc.value_counts(failed.column("error_reason")).to_pylist()}
         manifest = {
             "format": schema.CAPTION_MANIFEST_FORMAT, "version": schema.CAPTION_MANIFEST_VERSION,
             "shard": shard.name, "input": {"path": shard.path, "size": shard.size}, "complete": True,
-            "counts": {"samples_in": len(rows), "ok": n, "failed": len(failed),
+            "counts": {"samples_in": len(rows), "ok": n, "failed": len(errors),
                        "failed_by_reason": reasons},
             "totals": {"caption_tokens": generated, "cut_at_max_new_tokens": unfinished},
             **self.facts, "schema": {"captions": schema.CAPTIONS_VERSION, "errors": schema.ERRORS_VERSION},
             "tarflow_version": self.version,
             "outputs": {"captions": {"path": paths["captions"], "rows": n, "bytes": len(cap_bytes)},
-                        "errors": {"path": paths["errors"], "rows": len(failed), "bytes": len(err_bytes)}},
+                        "errors": {"path": paths["errors"], "rows": len(errors), "bytes": len(err_bytes)}},
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         storage.write_bytes_atomic(paths["manifest"], json.dumps(manifest, indent=2).encode())

@@ -332,7 +332,7 @@ class GeneratedShardWriter:
                 "error_message": r["error_detail"]}
 
     def write(self, name: str, rows: pa.Table) -> dict:
-        from tarflow.data.codeshard import _parquet_bytes
+        from tarflow.data.codeshard import parquet_bytes, split_failed
 
         paths = output_paths(self.cfg.output, name)
         ext = "png" if self.cfg.image_format == "png" else "jpg"
@@ -350,32 +350,27 @@ class GeneratedShardWriter:
                     info = tarfile.TarInfo(f"{r['key']}.{suffix}")
                     info.size, info.mtime, info.mode = len(members[suffix]), 0, 0o444
                     tar.addfile(info, io.BytesIO(members[suffix]))
-        ok = rows.filter(rows.column("ok"))
-        failed = rows.filter(pc.invert(rows.column("ok")))
-        errors = pa.table({"key": failed.column("key"), "shard": pa.array([name] * len(failed), pa.string()),
-                           "stage": failed.column("error_stage"), "reason": failed.column("error_reason"),
-                           "detail": failed.column("error_detail")}).cast(schema.ERRORS_SCHEMA)
+        ok, errors, reasons = split_failed(rows, name)
         tar_bytes = buf.getvalue()
-        meta_bytes = _parquet_bytes(pa.Table.from_pylist(meta_rows)) if meta_rows else b""
-        err_bytes = _parquet_bytes(errors)
-        reasons = {d["values"]: d["counts"] for d in pc.value_counts(failed.column("error_reason")).to_pylist()}
+        meta_bytes = parquet_bytes(pa.Table.from_pylist(meta_rows)) if meta_rows else b""
+        err_bytes = parquet_bytes(errors)
         fixes = {d["values"]: d["counts"] for d in pc.value_counts(ok.column("codes_fix")).to_pylist()}
         storage.write_bytes_atomic(paths["tar"], tar_bytes)
         if meta_bytes:
             storage.write_bytes_atomic(paths["parquet"], meta_bytes)
-        stats = {"count": len(rows), "successes": len(ok), "failed_to_generate": len(failed),
+        stats = {"count": len(rows), "successes": len(ok), "failed_to_generate": len(errors),
                  "status_dict": {"success": len(ok), **reasons}, "tarflow_version": self.version}
         storage.write_bytes_atomic(paths["stats"], json.dumps(stats, indent=4).encode())
         storage.write_bytes_atomic(paths["errors"], err_bytes)
         manifest = {
             "format": schema.GENERATE_MANIFEST_FORMAT, "version": schema.GENERATE_MANIFEST_VERSION, "shard": name,
             "input": {"prompts": self.cfg.prompts, "sha256": self.table_sha256}, "complete": True,
-            "counts": {"samples_in": len(rows), "ok": len(ok), "failed": len(failed), "failed_by_reason": reasons},
+            "counts": {"samples_in": len(rows), "ok": len(ok), "failed": len(errors), "failed_by_reason": reasons},
             "totals": {f"codes_{k}": v for k, v in fixes.items() if k != "ok"},
             **self.cfg.facts(), "tarflow_version": self.version,
             "outputs": {"tar": {"path": paths["tar"], "bytes": len(tar_bytes)},
                         "parquet": {"path": paths["parquet"], "bytes": len(meta_bytes)},
-                        "errors": {"path": paths["errors"], "rows": len(failed), "bytes": len(err_bytes)}},
+                        "errors": {"path": paths["errors"], "rows": len(errors), "bytes": len(err_bytes)}},
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         storage.write_bytes_atomic(paths["manifest"], json.dumps(manifest, indent=2).encode())
