@@ -27,6 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     start.add_argument("--base", help="base Qwen2 folder: Tar's vocabulary is added")
     start.add_argument("--resume-from", help="a Tar checkpoint folder to continue training")
     p.add_argument("--tatok", default=None, help="TA-Tok checkpoint: image-token rows start from its codebook")
+    p.add_argument("--num-image-tokens", type=int, default=65536,
+                   help="image tokens added to --base: the TA-Tok codebook size [%(default)s, Tar's]")
     p.add_argument("--task-mix", default="i2t=2,t2i=4,text=1", help="task weights [%(default)s]")
     p.add_argument("--scales", default="1,1,2,3", help="pool scales drawn per sample [%(default)s]")
     p.add_argument("--max-length", type=int, default=2048, help="packed row length in tokens [2048]")
@@ -44,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--use-gpu", action="store_true")
     r.add_argument("--cpus-per-worker", type=float, default=1.0, help="fractions work on small machines [1]")
     r.add_argument("--checkpoint-every", type=int, default=100)
+    r.add_argument("--log-every", type=int, default=10, help="steps per metrics report, averaged over them [10]")
     r.add_argument("--stop-after-steps", type=int, default=None, help="end this run after N steps (resume later)")
     r.add_argument("--max-failures", type=int, default=1, help="worker failures to recover from [1]")
     r.add_argument("--seed", type=int, default=0)
@@ -67,13 +70,15 @@ def main(argv=None) -> int:
     setup_logging()
     cfg = MLLMTrainConfig(
         data=args.data, storage_path=args.storage_path, name=args.name, base=args.base,
-        resume_from=args.resume_from, tatok=args.tatok, task_mix=args.task_mix, scales=args.scales,
+        resume_from=args.resume_from, tatok=args.tatok,
+        num_image_tokens=args.num_image_tokens, task_mix=args.task_mix, scales=args.scales,
         max_length=args.max_length, rows_per_step=args.rows_per_step,
         optim=OptimConfig(lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                           total_steps=args.steps, grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
                           bf16=not args.no_bf16),
         num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
-        seed=args.seed, checkpoint_every=args.checkpoint_every, stop_after_steps=args.stop_after_steps,
+        seed=args.seed, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+        stop_after_steps=args.stop_after_steps,
         max_failures=args.max_failures)
     init_ray(args.address)
     result = run_train_mllm(cfg)

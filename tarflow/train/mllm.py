@@ -50,6 +50,7 @@ class MLLMTrainConfig:
     base: str | None = None  # base Qwen2 folder: Tar's vocabulary is added
     resume_from: str | None = None  # or a Tar checkpoint folder to continue from
     tatok: str | None = None  # TA-Tok checkpoint: image-token rows start from its codebook when widths match
+    num_image_tokens: int = 65536  # <I{k}> tokens added to a base (Tar: 65536, TA-Tok's codebook size)
     task_mix: dict = field(default_factory=lambda: {"i2t": 2, "t2i": 4, "text": 1})
     scales: list[int] = field(default_factory=lambda: [1, 1, 2, 3])
     questions: tuple = DEFAULT_QUESTIONS
@@ -65,7 +66,7 @@ class MLLMTrainConfig:
     stop_after_steps: int | None = None  # end this run (with a checkpoint) after so many steps; rerun resumes
     max_failures: int = 1
     shuffle_buffer: int = 256
-    log_every: int = 10
+    log_every: int = 10  # steps per metrics report (averaged over them)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -381,22 +382,28 @@ def train_loop_per_worker(config: dict) -> None:
         opt.step()
         sched.step()
         state.step += 1
+        last = state.step >= optim.total_steps or (cfg["stop_after_steps"] is not None
+                                                   and state.step - first_step >= cfg["stop_after_steps"])
+        save = last or state.step % cfg["checkpoint_every"] == 0
+        # Ray Train takes one report per worker per poll of its controller (every 2 s by default) and blocks the
+        # next until then: reporting every step would cap training at a step per poll. So metrics are averaged
+        # over the steps since the last report, made every log_every steps and at checkpoints.
+        if not (save or state.step % max(1, cfg["log_every"]) == 0):
+            continue
         n_learned = sum(task_n.values())
         metrics = {"step": state.step, "loss": sum(task_sum.values()) / n_learned if n_learned else float("nan"),
                    "lr": sched.get_last_lr()[0], "epoch": state.epoch,
                    **{f"loss_{k}": task_sum[k] / task_n[k] for k in task_n if task_n[k]},
                    "tokens_per_s": tok_count / max(time.time() - t_last, 1e-9),
                    "padding_fraction": pad_acc / max(pad_n, 1)}
-        for reason in SKIP_REASONS:  # every worker's count (a collective: all workers report every step)
+        for reason in SKIP_REASONS:  # every worker's count (a collective: all workers report at the same steps)
             total = sum(gather_ints(skipped[reason]))
             if total:
                 metrics[f"skipped_{reason}"] = total
         task_sum.clear()
         task_n.clear()
         t_last, tok_count, pad_acc, pad_n = time.time(), 0, 0.0, 0
-        last = state.step >= optim.total_steps or (cfg["stop_after_steps"] is not None
-                                                   and state.step - first_step >= cfg["stop_after_steps"])
-        report(metrics, save_model, opt, sched, state, checkpoint=last or state.step % cfg["checkpoint_every"] == 0)
+        report(metrics, save_model, opt, sched, state, checkpoint=save)
         if last:
             return
 
@@ -520,7 +527,7 @@ def prepare_initial_model(cfg: MLLMTrainConfig, folder: str) -> str:
     from tarflow.models.mllm import add_tar_tokens, new_tar_model
 
     tok = AutoTokenizer.from_pretrained(cfg.base, local_files_only=True, fix_mistral_regex=False)
-    add_tar_tokens(tok)
+    add_tar_tokens(tok, num_image_tokens=cfg.num_image_tokens)
     model = Qwen2ForCausalLM.from_pretrained(cfg.base, local_files_only=True)
     codebook = None
     if cfg.tatok:
@@ -548,6 +555,10 @@ def run_train_mllm(cfg: MLLMTrainConfig, train_loop=None, loop_extra: dict | Non
 
     files = code_inputs(cfg.data)
     tokens_per_scale, codebook_size = data_facts(files)
+    if not cfg.resume_from and codebook_size > cfg.num_image_tokens:
+        raise ValueError(f"the code shards' TA-Tok has {codebook_size} codes but only {cfg.num_image_tokens} image "
+                         f"tokens would be added to the base; set num_image_tokens (--num-image-tokens) to at least "
+                         f"{codebook_size}")
     init_dir = storage.join(cfg.storage_path, cfg.name, "init_model")
     if not cfg.resume_from and not storage.exists(storage.join(init_dir, "config.json")):
         local = init_dir if not storage.is_remote(init_dir) else os.path.join(
