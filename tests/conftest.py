@@ -43,6 +43,9 @@ os.environ.update({
     "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
     "TARFLOW_HOME": os.path.join(tempfile.mkdtemp(prefix="tarflow-home-"), "home"),
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    # Ray Train's controller polls workers every 2 s and a worker's report waits for the poll: the tiny
+    # training runs here are made of such waits
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
 })
 for p in (str(TESTS), str(_GUARD_DIR)):
     if p not in sys.path:

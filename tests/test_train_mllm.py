@@ -200,7 +200,40 @@ def loop_that_dies_once(config):
 def test_a_worker_killed_mid_run_does_not_end_the_job(ray_local, code_shards, base_folder, tmp_path):
     marker = str(tmp_path / "died")
     cfg = _cfg(tmp_path, code_shards, base_folder, name="killed")
-    cfg.checkpoint_every = 2
+    cfg.checkpoint_every, cfg.log_every = 2, 1  # step 3 is reported, without a checkpoint
     result = run_train_mllm(cfg, train_loop=loop_that_dies_once, loop_extra={"marker": marker})
     assert os.path.exists(marker)  # the worker did die
     assert result.error is None and result.metrics["step"] == 6  # restarted from step 2 and finished
+
+
+def test_learning_is_real_captions_from_codes_and_codes_from_captions(ray_local, code_shards, base_folder, tmp_path):
+    """A tiny Tar trained on the 8 sample rows reproduces, greedily, each row's caption from its codes (I2T)
+    and its codes from its caption (T2I), with the inference prompts the bulk jobs use."""
+    from tarflow.models.generation import BatchedDecoder, Sampling
+    from tarflow.models.mllm import i2t_prompt_ids, load_tar, parse_image_codes, t2i_prompt_ids
+
+    shards = sorted((code_shards / "codes").glob("*.parquet"))
+    rows = [r for shard in shards for r in read_code_shard(str(shard)).to_pylist()]
+    assert len(rows) == 8 and len({tuple(r["tatok_s3"]) for r in rows}) == 8
+    # the rows 25 times over under distinct keys (each copy draws its own task): Ray Data starts every epoch
+    # anew, which costs seconds, so few long epochs instead of 150 one-step ones
+    copies = [{**r, "key": f"{r['key']}/{k}"} for k in range(25) for r in rows]
+    pq.write_table(pa.Table.from_pylist(copies, schema=read_code_shard(str(shards[0])).schema), tmp_path / "x25.parquet")
+    # 512 image tokens (the fixture TA-Tok's codebook, width 32 = the base's hidden size): image rows start from
+    # the codebook, as Tar's do from its 65,536 x D one
+    cfg = _cfg(tmp_path, code_shards, base_folder, num_workers=2, name="learn", num_image_tokens=512,
+               optim=OptimConfig(lr=2e-2, total_steps=150, warmup_ratio=0.05))
+    cfg.data = [str(tmp_path / "x25.parquet")]
+    result = run_train_mllm(cfg)
+    assert result.error is None and result.metrics["step"] == 150
+    with result.checkpoint.as_directory() as d:
+        model, tok, vocab = load_tar(d)
+    assert vocab.num_image_tokens == 512
+    question = cfg.questions[0]
+    dec = BatchedDecoder(model, vocab.pad_id)
+    captions = dec.generate([i2t_prompt_ids(tok, vocab, r["tatok_s3"], question) for r in rows], 40,
+                            Sampling(greedy=True), stop_ids=(vocab.eos_id,))
+    assert [tok.decode(c, skip_special_tokens=True).strip() for c in captions.tokens] == [r["caption"] for r in rows]
+    images = dec.generate([t2i_prompt_ids(tok, vocab, r["caption"], 3) for r in rows], 9, Sampling(greedy=True),
+                          allowed_range=vocab.image_id_range)
+    assert [parse_image_codes(g, vocab, 9)[0] for g in images.tokens] == [list(r["tatok_s3"]) for r in rows]
