@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     r = p.add_argument_group("cluster")
     r.add_argument("--num-workers", type=int, default=1)
     r.add_argument("--use-gpu", action="store_true")
+    r.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
+                   help="ddp: a model copy per worker; fsdp: weights, gradients and optimiser state sharded "
+                        "over the workers (models too big for one GPU with AdamW) [%(default)s]")
     r.add_argument("--cpus-per-worker", type=float, default=1.0, help="fractions work on small machines [1]")
     r.add_argument("--checkpoint-every", type=int, default=100)
     r.add_argument("--log-every", type=int, default=10, help="steps per metrics report, averaged over them [10]")
@@ -76,7 +79,8 @@ def main(argv=None) -> int:
         optim=OptimConfig(lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                           total_steps=args.steps, grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
                           bf16=not args.no_bf16),
-        num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
+        num_workers=args.num_workers, use_gpu=args.use_gpu, strategy=args.strategy,
+        cpus_per_worker=args.cpus_per_worker,
         seed=args.seed, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
         stop_after_steps=args.stop_after_steps,
         max_failures=args.max_failures)

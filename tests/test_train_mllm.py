@@ -165,19 +165,50 @@ def test_two_workers_loss_falls_bad_rows_are_counted_and_checkpoint_loads(ray_lo
         Qwen2ForCausalLM.from_pretrained(d, local_files_only=True)  # plain transformers loads it too
 
 
-def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(ray_local, code_shards, base_folder, tmp_path):
+@pytest.fixture(scope="module")
+def straight_run(ray_local, code_shards, base_folder, tmp_path_factory):
+    """6 steps on 2 DDP workers in one go: what interrupted and sharded runs are compared with."""
+    return run_train_mllm(_cfg(tmp_path_factory.mktemp("straight"), code_shards, base_folder, name="straight",
+                               num_workers=2))
+
+
+def _assert_same_weights(a, b):
     from safetensors.torch import load_file
 
-    whole = run_train_mllm(_cfg(tmp_path, code_shards, base_folder, name="whole"))
-    first = run_train_mllm(_cfg(tmp_path, code_shards, base_folder, name="split", stop_after_steps=3))
+    with a.checkpoint.as_directory() as da, b.checkpoint.as_directory() as db:
+        wa, wb = load_file(os.path.join(da, "model.safetensors")), load_file(os.path.join(db, "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(straight_run, code_shards, base_folder, tmp_path):
+    first = run_train_mllm(_cfg(tmp_path, code_shards, base_folder, name="split", num_workers=2, stop_after_steps=3))
     assert first.metrics["step"] == 3
-    second = run_train_mllm(_cfg(tmp_path, code_shards, base_folder, name="split"))
+    second = run_train_mllm(_cfg(tmp_path, code_shards, base_folder, name="split", num_workers=2))
     assert second.metrics["step"] == 6
-    with whole.checkpoint.as_directory() as a, second.checkpoint.as_directory() as b:
-        wa, wb = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
-        assert wa.keys() == wb.keys()
-        for k in wa:
-            torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+    _assert_same_weights(straight_run, second)
+
+
+def test_fsdp_trains_like_ddp_and_resumes_from_its_gathered_checkpoints(straight_run, code_shards, base_folder,
+                                                                         tmp_path):
+    """FSDP over the same 2 workers does DDP's arithmetic on shards: stopped at step 3 (weights and optimiser
+    state gathered into an ordinary checkpoint) and resumed, it ends at the straight DDP run's weights."""
+    from tarflow.models.mllm import load_tar
+
+    cfg = _cfg(tmp_path, code_shards, base_folder, name="fsdp", num_workers=2, strategy="fsdp", stop_after_steps=3)
+    assert run_train_mllm(cfg).metrics["step"] == 3
+    cfg.stop_after_steps = None
+    second = run_train_mllm(cfg)
+    assert second.error is None and second.metrics["step"] == 6
+    _assert_same_weights(straight_run, second)
+    with second.checkpoint.as_directory() as d:
+        load_tar(d)  # the bulk jobs' loader takes it as it is
+
+
+def test_unknown_strategy_is_refused_before_any_worker_starts(code_shards, base_folder, tmp_path):
+    with pytest.raises(ValueError, match="unknown parallel strategy 'zero3'"):
+        run_train_mllm(_cfg(tmp_path, code_shards, base_folder, strategy="zero3"))
 
 
 def loop_that_dies_once(config):

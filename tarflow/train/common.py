@@ -62,15 +62,16 @@ class TrainState:
     epoch: int = 0
 
 
-def save_trainer_state(folder: str, opt, sched, state: TrainState, per_rank_samples: list[int]) -> None:
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": state.step,
+def save_trainer_state(folder: str, optimizer_state: dict, sched, state: TrainState,
+                       per_rank_samples: list[int]) -> None:
+    torch.save({"optimizer": optimizer_state, "scheduler": sched.state_dict(), "step": state.step,
                 "epoch": state.epoch, "samples_seen": per_rank_samples,
                 "torch_rng": torch.get_rng_state()}, os.path.join(folder, TRAINER_STATE))
 
 
-def load_trainer_state(folder: str, opt, sched, rank: int) -> TrainState:
+def load_trainer_state(folder: str, opt, sched, rank: int, parallel: ModelParallel | None = None) -> TrainState:
     blob = torch.load(os.path.join(folder, TRAINER_STATE), map_location="cpu", weights_only=True)
-    opt.load_state_dict(blob["optimizer"])
+    (parallel or ModelParallel()).load_optimizer(opt, blob["optimizer"])
     sched.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
     seen = blob["samples_seen"]
@@ -90,9 +91,13 @@ def gather_ints(value: int) -> list[int]:
     return [int(t) for t in out]
 
 
-def report(metrics: dict, save_model, opt, sched, state: TrainState, checkpoint: bool) -> None:
+def report(metrics: dict, save_model, opt, sched, state: TrainState, checkpoint: bool,
+           parallel: ModelParallel | None = None) -> None:
     """ray.train.report from every worker; with `checkpoint`, rank 0 writes model + trainer state and attaches
-    them (the samples each worker consumed are gathered first, so the data position resumes per worker)."""
+    them (the samples each worker consumed are gathered first, so the data position resumes per worker).
+
+    `save_model(folder)` writes the model; under FSDP it is `save_model(folder, full_state_dict)`, the shards
+    having been gathered by every worker first."""
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
@@ -100,14 +105,79 @@ def report(metrics: dict, save_model, opt, sched, state: TrainState, checkpoint:
         ray.train.report(metrics)
         return
     seen = gather_ints(state.samples_seen)
+    parallel = parallel or ModelParallel()
+    model_state, optimizer_state = parallel.full_state(opt)  # a collective under FSDP: every worker calls it
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if rank == 0:
-            save_model(tmp)
-            save_trainer_state(tmp, opt, sched, state, seen)
+            save_model(tmp) if model_state is None else save_model(tmp, model_state)
+            save_trainer_state(tmp, optimizer_state, sched, state, seen)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
+
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+class ModelParallel:
+    """How the workers share a model: "ddp" (a whole copy on each; gradients all-reduced, via Ray Train's
+    prepare_model) or "fsdp" (FSDP2: each of `layers` and then the whole model is sharded over the workers, so
+    parameters, gradients and optimiser state take 1/N of the memory each; gathered to whole tensors only
+    for checkpoints, which are therefore the same files as DDP's)."""
+
+    def __init__(self, strategy: str = "ddp"):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown parallel strategy {strategy!r}; choose one of {STRATEGIES}")
+        self.strategy, self.model = strategy, None
+
+    def wrap(self, model: torch.nn.Module, layers=()) -> torch.nn.Module:
+        import ray.train.torch
+        import torch.distributed as dist
+
+        if self.strategy == "ddp" or not (dist.is_available() and dist.is_initialized()):
+            self.strategy = "ddp"  # a single process without a process group: nothing to shard over
+            self.model = ray.train.torch.prepare_model(model)
+            return self.model
+        from torch.distributed.fsdp import fully_shard
+
+        model.to(ray.train.torch.get_device())
+        for layer in layers:  # one all-gather per layer in forward and backward, not one for the whole model
+            fully_shard(layer)
+        self.model = fully_shard(model)
+        return self.model
+
+    def micro_batch(self, sync: bool):
+        """Context for a micro-batch's forward and backward: gradients are reduced across the workers only
+        when `sync` (the last micro-batch of a step); the others accumulate locally."""
+        import contextlib
+
+        if self.strategy == "fsdp":
+            self.model.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
+        if not sync and hasattr(self.model, "no_sync"):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def full_state(self, opt) -> tuple[dict | None, dict]:
+        """(model state or None, optimiser state) with whole tensors. None: the model saves its own weights
+        (DDP, every rank has them). Under FSDP, a collective; rank 0 gets the tensors (in CPU memory)."""
+        if self.strategy != "fsdp":
+            return None, opt.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(self.model, options=options),
+                get_optimizer_state_dict(self.model, opt, options=options))
+
+    def load_optimizer(self, opt, optimizer_state: dict) -> None:
+        if self.strategy != "fsdp":
+            opt.load_state_dict(optimizer_state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, opt, optimizer_state, options=StateDictOptions(full_state_dict=True))

@@ -14,6 +14,7 @@ sample).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -57,6 +58,7 @@ class MLLMTrainConfig:
     system: str = "You are a helpful assistant."
     max_length: int = 2048
     rows_per_step: int = 1  # packed rows per micro-batch per worker
+    strategy: str = "ddp"  # or "fsdp": parameters, gradients and optimiser state sharded over the workers
     optim: OptimConfig = field(default_factory=OptimConfig)
     num_workers: int = 1
     use_gpu: bool = False
@@ -290,32 +292,30 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     from tarflow.models.mllm import load_tar
-    from tarflow.train.common import OptimConfig, TrainState, autocast, gather_ints, load_trainer_state
-    from tarflow.train.common import make_optimizer, report
-    from tarflow.train.common import unwrap
+    from tarflow.train.common import ModelParallel, OptimConfig, TrainState, autocast, gather_ints
+    from tarflow.train.common import load_trainer_state, make_optimizer, report, unwrap
 
     cfg = config["cfg"]
     optim = OptimConfig(**cfg["optim"])
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(cfg["seed"] + rank)
     device = ray.train.torch.get_device()
+    parallel = ModelParallel(cfg["strategy"])
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            model, tokenizer, vocab = load_tar(d, device=str(device))
-            model.train()
-            model = ray.train.torch.prepare_model(model)
-            opt, sched = make_optimizer(model, optim)
-            state = load_trainer_state(d, opt, sched, rank)
-    else:
-        model, tokenizer, vocab = load_tar(config["init_model"], device=str(device))
+    with ckpt.as_directory() if ckpt is not None else contextlib.nullcontext(config["init_model"]) as d:
+        # every worker loads the whole model; FSDP then keeps only its shard
+        model, tokenizer, vocab = load_tar(d, device=str(device))
         model.train()
-        model = ray.train.torch.prepare_model(model)
+        model = parallel.wrap(model, layers=model.model.layers)
         opt, sched = make_optimizer(model, optim)
-        state = TrainState()
+        state = load_trainer_state(d, opt, sched, rank, parallel) if ckpt is not None else TrainState()
 
-    def save_model(folder):
-        unwrap(model).save_pretrained(folder, safe_serialization=True)
+    def save_model(folder, state_dict=None):
+        m = unwrap(model)
+        if state_dict is not None and m.config.tie_word_embeddings:
+            # gathered shards are separate copies; a tied head is the embedding, saved once as DDP saves it
+            state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
+        m.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(folder)
 
     builder = SampleBuilder(config["init_model"], cfg["task_mix"], cfg["scales"], config["tokens_per_scale"],
@@ -362,14 +362,15 @@ def train_loop_per_worker(config: dict) -> None:
     t_last, tok_count, pad_acc, pad_n = time.time(), 0, 0.0, 0
     while state.step < optim.total_steps:
         opt.zero_grad(set_to_none=True)
-        for _ in range(optim.grad_accum):
+        for micro in range(optim.grad_accum):
             batch = batches.next()
-            with autocast(device, optim.bf16):
-                if batch is None:  # out of data while others are not: a no-op step keeps DDP in lockstep
-                    loss, per_task = zero_loss(model, device), {}
-                else:
-                    loss, per_task = packed_loss(model, batch, device)
-            (loss / optim.grad_accum).backward()
+            with parallel.micro_batch(sync=micro == optim.grad_accum - 1):
+                with autocast(device, optim.bf16):
+                    if batch is None:  # out of data while others are not: a no-op step keeps DDP in lockstep
+                        loss, per_task = zero_loss(model, device), {}
+                    else:
+                        loss, per_task = packed_loss(model, batch, device)
+                (loss / optim.grad_accum).backward()
             if batch is None:
                 continue
             for k, (s_, n_) in per_task.items():
@@ -403,7 +404,7 @@ def train_loop_per_worker(config: dict) -> None:
         task_sum.clear()
         task_n.clear()
         t_last, tok_count, pad_acc, pad_n = time.time(), 0, 0.0, 0
-        report(metrics, save_model, opt, sched, state, checkpoint=save)
+        report(metrics, save_model, opt, sched, state, checkpoint=save, parallel=parallel)
         if last:
             return
 
@@ -553,6 +554,9 @@ def run_train_mllm(cfg: MLLMTrainConfig, train_loop=None, loop_extra: dict | Non
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from tarflow.train.common import ModelParallel
+
+    ModelParallel(cfg.strategy)  # an unknown strategy fails here, not in every worker
     files = code_inputs(cfg.data)
     tokens_per_scale, codebook_size = data_facts(files)
     if not cfg.resume_from and codebook_size > cfg.num_image_tokens:
