@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -362,6 +363,7 @@ def train_loop_per_worker(config: dict) -> None:
     t_last, tok_count, pad_acc, pad_n = time.time(), 0, 0.0, 0
     while state.step < optim.total_steps:
         opt.zero_grad(set_to_none=True)
+        step_sum, step_n, t_step = 0.0, 0, time.time()
         for micro in range(optim.grad_accum):
             batch = batches.next()
             with parallel.micro_batch(sync=micro == optim.grad_accum - 1):
@@ -376,6 +378,7 @@ def train_loop_per_worker(config: dict) -> None:
             for k, (s_, n_) in per_task.items():
                 task_sum[k] += s_
                 task_n[k] += n_
+                step_sum, step_n = step_sum + s_, step_n + n_
             tok_count += int((batch["segments"] >= 0).sum())
             pad_acc += batch["padding"]
             pad_n += 1
@@ -386,6 +389,10 @@ def train_loop_per_worker(config: dict) -> None:
         last = state.step >= optim.total_steps or (cfg["stop_after_steps"] is not None
                                                    and state.step - first_step >= cfg["stop_after_steps"])
         save = last or state.step % cfg["checkpoint_every"] == 0
+        if rank == 0:  # every step in the job's log (this worker's share of the batch)
+            sys.stdout.write(f"step {state.step}/{optim.total_steps} loss {step_sum / max(step_n, 1):.4f} "
+                             f"lr {sched.get_last_lr()[0]:.3g} {time.time() - t_step:.2f}s\n")
+            sys.stdout.flush()
         # Ray Train takes one report per worker per poll of its controller (every 2 s by default) and blocks the
         # next until then: reporting every step would cap training at a step per poll. So metrics are averaged
         # over the steps since the last report, made every log_every steps and at checkpoints.
@@ -504,16 +511,28 @@ def code_inputs(data: list[str]) -> list[str]:
     return files
 
 
+TAR_TATOK_FACTS = ({1: 729, 2: 169, 3: 81}, 65536)  # Tar's TA-Tok: 27 x 27 codes at scale 1, 65,536 codes
+
+
 def data_facts(files: list[str]) -> tuple[dict, int]:
-    """Tokens per pool scale and the TA-Tok codebook size, from the code shards' metadata."""
+    """Tokens per pool scale and the TA-Tok codebook size, from the first file with a code shard's metadata;
+    Parquet without it (conversation tables made elsewhere) is taken to hold Tar's TA-Tok codes (rows whose
+    codes do not fit are skipped and counted, never trained on)."""
     import pyarrow.parquet as pq
 
-    fs, p = storage.filesystem(files[0])
-    with fs.open(p, "rb") as f:
-        meta = schema.read_metadata(pq.ParquetFile(f).schema_arrow, files[0])
-    n1 = int(meta["model"]["args"]["bottleneck_token_num"])
-    g = math.isqrt(n1)
-    return {s: (g // s) ** 2 for s in (1, 2, 3)}, int(meta["model"]["codebook_size"])
+    for path in files:
+        fs, p = storage.filesystem(path)
+        with fs.open(p, "rb") as f:
+            arrow_schema = pq.ParquetFile(f).schema_arrow
+        if (arrow_schema.metadata or {}).get(schema.PARQUET_META_KEY) is None:
+            continue
+        meta = schema.read_metadata(arrow_schema, path)
+        n1 = int(meta["model"]["args"]["bottleneck_token_num"])
+        g = math.isqrt(n1)
+        return {s: (g // s) ** 2 for s in (1, 2, 3)}, int(meta["model"]["codebook_size"])
+    log.info("no file in the data has a code shard's metadata: image codes are taken as Tar's TA-Tok's "
+             "(%s tokens per pool scale, %d codes)", TAR_TATOK_FACTS[0], TAR_TATOK_FACTS[1])
+    return TAR_TATOK_FACTS
 
 
 def prepare_initial_model(cfg: MLLMTrainConfig, folder: str) -> str:
