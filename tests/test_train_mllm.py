@@ -95,6 +95,33 @@ def test_bad_rows_are_skipped_with_a_reason(builder, code_shards):
     assert long.build(row, 0)[3] == "too_long"
 
 
+def test_conversation_rows_put_the_codes_at_image_and_text_only_rows_are_the_text_task(builder, code_shards):
+    t, v = builder.tokenizer, builder.vocab
+    codes = _row(code_shards)["tatok_s3"]
+    chat = {"id": "c1", "tatok_s3": codes, "conversations": [
+        {"from": "human", "value": "Look: <image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]}
+    ids, labels, task, skip = builder.build(chat, 0)
+    assert (task, skip) == ("i2t", "")
+    text = t.decode(ids)
+    assert "<|im_start|>user\nLook: " + "".join(f"<I{c}>" for c in codes) + "\nWhat is it?<|im_end|>" in text
+    assert t.decode([i for i, lab in zip(ids, labels) if lab != IGNORE]).count("A cat.") == 1
+    assert all(lab == IGNORE for i, lab in zip(ids, labels) if v.is_image_id(i))  # the image is never a target
+    text_only = {"id": "c2", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi!"}]}
+    ids, labels, task, skip = builder.build(text_only, 0)
+    assert (task, skip) == ("text", "") and not any(v.is_image_id(i) for i in ids)
+    assert builder.build({**chat, "tatok_s3": None}, 0)[3] == "missing_codes"
+
+
+def test_data_without_code_shard_metadata_is_taken_as_tar_codes(code_shards, tmp_path):
+    from tarflow.train.mllm import TAR_TATOK_FACTS, data_facts
+
+    pq.write_table(pa.table({"id": ["a"], "conversations": [[{"from": "human", "value": "hi"}]]}),
+                   tmp_path / "chat.parquet")
+    assert data_facts([str(tmp_path / "chat.parquet")]) == TAR_TATOK_FACTS
+    shard = str(code_shards / "codes" / "00000.parquet")
+    assert data_facts([str(tmp_path / "chat.parquet"), shard]) == ({1: 81, 2: 16, 3: 9}, 512)
+
+
 def test_packing_isolates_samples():
     """A packed row gives every sample the loss it has alone: positions restart, no attention across."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -125,14 +152,16 @@ def test_packing_isolates_samples():
 
 def _cfg(tmp_path, code_shards, base_folder, **kw):
     kw.setdefault("optim", OptimConfig(lr=3e-3, total_steps=6, warmup_ratio=0.0))
-    return MLLMTrainConfig(data=[str(code_shards)], storage_path=str(tmp_path / "runs"), base=base_folder,
-                           tatok=str(reference_fixture("ta_tok") / "ta_tok.pth"), scales=[3], max_length=256,
+    kw.setdefault("max_length", 256)
+    kw.setdefault("storage_path", str(tmp_path / "runs"))
+    return MLLMTrainConfig(data=[str(code_shards)], base=base_folder,
+                           tatok=str(reference_fixture("ta_tok") / "ta_tok.pth"), scales=[3],
                            task_mix={"i2t": 1, "t2i": 1}, questions=("Describe the image shortly.",),
                            cpus_per_worker=0.5, checkpoint_every=1000, shuffle_buffer=0, **kw)
 
 
 def test_two_workers_loss_falls_bad_rows_are_counted_and_checkpoint_loads(ray_local, code_shards, base_folder,
-                                                                           tmp_path):
+                                                                           tmp_path, s3_bucket):
     from tarflow.models.mllm import load_tar
 
     # one more shard whose rows are all broken: wrong code length, codes out of the codebook, no caption
@@ -143,7 +172,7 @@ def test_two_workers_loss_falls_bad_rows_are_counted_and_checkpoint_loads(ray_lo
     rows[2]["caption"] = ""
     rows[3]["tatok_s3"] = rows[3]["tatok_s3"] + [1]
     pq.write_table(pa.Table.from_pylist(rows, schema=src.schema), tmp_path / "bad.parquet")
-    cfg = _cfg(tmp_path, code_shards, base_folder, num_workers=2, name="two",
+    cfg = _cfg(tmp_path, code_shards, base_folder, num_workers=2, name="two", storage_path=f"{s3_bucket}/runs",
                optim=OptimConfig(lr=3e-3, total_steps=8, warmup_ratio=0.0))
     cfg.data.append(str(tmp_path / "bad.parquet"))
     cfg.checkpoint_every = 2  # each checkpoint keeps its step's metrics
@@ -157,6 +186,7 @@ def test_two_workers_loss_falls_bad_rows_are_counted_and_checkpoint_loads(ray_lo
     skipped = {k: v for k, v in result.metrics.items() if k.startswith("skipped_")}
     assert set(skipped) == {"skipped_wrong_code_length", "skipped_codes_out_of_range", "skipped_empty_caption"}
     assert min(skipped.values()) >= 1
+    assert result.checkpoint.path.startswith(s3_bucket.removeprefix("s3://") + "/runs/two/")  # on S3
     with result.checkpoint.as_directory() as d:
         model, tok, vocab = load_tar(d)
         assert len(tok) == 217206 and model.config.vocab_size >= 217206
@@ -168,8 +198,13 @@ def test_two_workers_loss_falls_bad_rows_are_counted_and_checkpoint_loads(ray_lo
 @pytest.fixture(scope="module")
 def straight_run(ray_local, code_shards, base_folder, tmp_path_factory):
     """6 steps on 2 DDP workers in one go: what interrupted and sharded runs are compared with."""
-    return run_train_mllm(_cfg(tmp_path_factory.mktemp("straight"), code_shards, base_folder, name="straight",
-                               num_workers=2))
+    return run_train_mllm(_accum_cfg(tmp_path_factory.mktemp("straight"), code_shards, base_folder, name="straight"))
+
+
+def _accum_cfg(tmp_path, code_shards, base_folder, **kw):
+    """2 workers, each step 2 micro-batches of one row of 2 samples (the accumulating ones are not reduced)."""
+    return _cfg(tmp_path, code_shards, base_folder, num_workers=2, max_length=128,
+                optim=OptimConfig(lr=3e-3, total_steps=6, warmup_ratio=0.0, grad_accum=2), **kw)
 
 
 def _assert_same_weights(a, b):
@@ -183,9 +218,9 @@ def _assert_same_weights(a, b):
 
 
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(straight_run, code_shards, base_folder, tmp_path):
-    first = run_train_mllm(_cfg(tmp_path, code_shards, base_folder, name="split", num_workers=2, stop_after_steps=3))
+    first = run_train_mllm(_accum_cfg(tmp_path, code_shards, base_folder, name="split", stop_after_steps=3))
     assert first.metrics["step"] == 3
-    second = run_train_mllm(_cfg(tmp_path, code_shards, base_folder, name="split", num_workers=2))
+    second = run_train_mllm(_accum_cfg(tmp_path, code_shards, base_folder, name="split"))
     assert second.metrics["step"] == 6
     _assert_same_weights(straight_run, second)
 
@@ -196,7 +231,7 @@ def test_fsdp_trains_like_ddp_and_resumes_from_its_gathered_checkpoints(straight
     state gathered into an ordinary checkpoint) and resumed, it ends at the straight DDP run's weights."""
     from tarflow.models.mllm import load_tar
 
-    cfg = _cfg(tmp_path, code_shards, base_folder, name="fsdp", num_workers=2, strategy="fsdp", stop_after_steps=3)
+    cfg = _accum_cfg(tmp_path, code_shards, base_folder, name="fsdp", strategy="fsdp", stop_after_steps=3)
     assert run_train_mllm(cfg).metrics["step"] == 3
     cfg.stop_after_steps = None
     second = run_train_mllm(cfg)
