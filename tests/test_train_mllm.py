@@ -53,6 +53,16 @@ def builder(code_shards, tmp_path_factory):
                          ["Describe the image shortly."], "You are a helpful assistant.", 512, 0, 512)
 
 
+def _repeated(code_shards, times: int, path) -> str:
+    """The sample rows `times` over under distinct keys (each copy draws its own task and scale), as one code
+    shard: Ray Data starts every epoch anew, which costs seconds, so tests make few long epochs."""
+    shards = sorted((code_shards / "codes").glob("*.parquet"))
+    rows = [r for shard in shards for r in read_code_shard(str(shard)).to_pylist()]
+    copies = [{**r, "key": f"{r['key']}/{k}"} for k in range(times) for r in rows]
+    pq.write_table(pa.Table.from_pylist(copies, schema=read_code_shard(str(shards[0])).schema), path)
+    return str(path)
+
+
 def _row(code_shards, i=0):
     return read_code_shard(str(code_shards / "codes" / "00000.parquet")).to_pylist()[i]
 
@@ -202,9 +212,12 @@ def straight_run(ray_local, code_shards, base_folder, tmp_path_factory):
 
 
 def _accum_cfg(tmp_path, code_shards, base_folder, **kw):
-    """2 workers, each step 2 micro-batches of one row of 2 samples (the accumulating ones are not reduced)."""
-    return _cfg(tmp_path, code_shards, base_folder, num_workers=2, max_length=128,
-                optim=OptimConfig(lr=3e-3, total_steps=6, warmup_ratio=0.0, grad_accum=2), **kw)
+    """2 workers, each step 2 micro-batches of one row of 2 samples (the accumulating ones are not reduced);
+    the rows 3 times over: 3 steps per epoch."""
+    cfg = _cfg(tmp_path, code_shards, base_folder, num_workers=2, max_length=128,
+               optim=OptimConfig(lr=3e-3, total_steps=6, warmup_ratio=0.0, grad_accum=2), **kw)
+    cfg.data = [_repeated(code_shards, 3, tmp_path / "x3.parquet")]
+    return cfg
 
 
 def _assert_same_weights(a, b):
@@ -217,23 +230,18 @@ def _assert_same_weights(a, b):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
 
 
-def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(straight_run, code_shards, base_folder, tmp_path):
-    first = run_train_mllm(_accum_cfg(tmp_path, code_shards, base_folder, name="split", stop_after_steps=3))
-    assert first.metrics["step"] == 3
-    second = run_train_mllm(_accum_cfg(tmp_path, code_shards, base_folder, name="split"))
-    assert second.metrics["step"] == 6
-    _assert_same_weights(straight_run, second)
-
-
-def test_fsdp_trains_like_ddp_and_resumes_from_its_gathered_checkpoints(straight_run, code_shards, base_folder,
-                                                                         tmp_path):
-    """FSDP over the same 2 workers does DDP's arithmetic on shards: stopped at step 3 (weights and optimiser
-    state gathered into an ordinary checkpoint) and resumed, it ends at the straight DDP run's weights."""
+@pytest.mark.parametrize("first,then", [("ddp", "fsdp"), ("fsdp", "ddp")])
+def test_a_stopped_run_resumed_under_either_strategy_reaches_the_straight_runs_weights(straight_run, code_shards,
+                                                                                      base_folder, tmp_path, first,
+                                                                                      then):
+    """3 steps, a checkpoint (FSDP gathers weights and optimiser state into the same files DDP writes), then 3
+    more under the other strategy: the weights of 6 straight DDP steps. FSDP does DDP's arithmetic on shards,
+    and the optimiser state, schedule and each worker's data position all resume."""
     from tarflow.models.mllm import load_tar
 
-    cfg = _accum_cfg(tmp_path, code_shards, base_folder, name="fsdp", strategy="fsdp", stop_after_steps=3)
+    cfg = _accum_cfg(tmp_path, code_shards, base_folder, name="split", strategy=first, stop_after_steps=3)
     assert run_train_mllm(cfg).metrics["step"] == 3
-    cfg.stop_after_steps = None
+    cfg.stop_after_steps, cfg.strategy = None, then
     second = run_train_mllm(cfg)
     assert second.error is None and second.metrics["step"] == 6
     _assert_same_weights(straight_run, second)
@@ -278,18 +286,14 @@ def test_learning_is_real_captions_from_codes_and_codes_from_captions(ray_local,
     from tarflow.models.generation import BatchedDecoder, Sampling
     from tarflow.models.mllm import i2t_prompt_ids, load_tar, parse_image_codes, t2i_prompt_ids
 
-    shards = sorted((code_shards / "codes").glob("*.parquet"))
-    rows = [r for shard in shards for r in read_code_shard(str(shard)).to_pylist()]
+    rows = [r for shard in sorted((code_shards / "codes").glob("*.parquet"))
+            for r in read_code_shard(str(shard)).to_pylist()]
     assert len(rows) == 8 and len({tuple(r["tatok_s3"]) for r in rows}) == 8
-    # the rows 25 times over under distinct keys (each copy draws its own task): Ray Data starts every epoch
-    # anew, which costs seconds, so few long epochs instead of 150 one-step ones
-    copies = [{**r, "key": f"{r['key']}/{k}"} for k in range(25) for r in rows]
-    pq.write_table(pa.Table.from_pylist(copies, schema=read_code_shard(str(shards[0])).schema), tmp_path / "x25.parquet")
     # 512 image tokens (the fixture TA-Tok's codebook, width 32 = the base's hidden size): image rows start from
     # the codebook, as Tar's do from its 65,536 x D one
     cfg = _cfg(tmp_path, code_shards, base_folder, num_workers=2, name="learn", num_image_tokens=512,
                optim=OptimConfig(lr=2e-2, total_steps=150, warmup_ratio=0.05))
-    cfg.data = [str(tmp_path / "x25.parquet")]
+    cfg.data = [_repeated(code_shards, 25, tmp_path / "x25.parquet")]  # 6 epochs of 25 steps
     result = run_train_mllm(cfg)
     assert result.error is None and result.metrics["step"] == 150
     with result.checkpoint.as_directory() as d:

@@ -164,19 +164,20 @@ class ModelParallel:
 
     def full_state(self, opt) -> tuple[dict | None, dict]:
         """(model state or None, optimiser state) with whole tensors. None: the model saves its own weights
-        (DDP, every rank has them). Under FSDP, a collective; rank 0 gets the tensors (in CPU memory)."""
-        if self.strategy != "fsdp":
+        (DDP: every rank has them). The optimiser state is keyed by parameter name whichever the strategy, so a
+        checkpoint resumes under either. Under FSDP a collective; rank 0 gets the tensors, in CPU memory."""
+        if self.model is None:  # a model not wrapped here keeps the optimiser's own format
             return None, opt.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return (get_model_state_dict(self.model, options=options),
-                get_optimizer_state_dict(self.model, opt, options=options))
+        model_state = get_model_state_dict(self.model, options=options) if self.strategy == "fsdp" else None
+        return model_state, get_optimizer_state_dict(self.model, opt, options=options)
 
     def load_optimizer(self, opt, optimizer_state: dict) -> None:
-        if self.strategy != "fsdp":
-            opt.load_state_dict(optimizer_state)
+        if self.model is None or not any(isinstance(k, str) for k in optimizer_state.get("state", {})):
+            opt.load_state_dict(optimizer_state)  # keyed by position: saved by a model not wrapped here
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
