@@ -194,3 +194,36 @@ def test_exported_checkpoint_loads_and_generates(family, data, straight):
     tokens = ar.generate(cond, cfg_scale=4.0, top_k=1)
     assert tokens.shape == (2, 16) and 0 <= int(tokens.min()) and int(tokens.max()) < 64
     assert not torch.equal(ar.output.weight, ARDetokenizer.from_checkpoint(family["ar"]).output.weight)  # trained
+
+
+def loop_that_dies_after_step_3(config):
+    """The library's loop, but this worker process exits after reporting step 3 (with a checkpoint), once."""
+    import time
+
+    import tarflow.train.common as common
+    from tarflow.train.ar_detok import train_loop
+
+    real = common.report
+
+    def report(metrics, *a, **kw):
+        real(metrics, *a, **kw)
+        if metrics["step"] == 3 and not os.path.exists(config["marker"]):
+            open(config["marker"], "w").close()
+            # a report waits in the worker until the controller polls (every 0.2 s here): dying at once could
+            # lose it, and Ray Train would restart from the checkpoint before
+            time.sleep(3)
+            os._exit(1)
+
+    common.report = report
+    train_loop(config)
+
+
+def test_a_worker_killed_mid_run_is_restarted_and_reaches_the_straight_runs_weights(family, data, straight,
+                                                                                    tmp_path):
+    marker = str(tmp_path / "died")
+    summary = run_train(_cfg(family, data, str(tmp_path / "runs"), name="killed", output=str(tmp_path / "6.pth")),
+                        loop=loop_that_dies_after_step_3, loop_extra={"marker": marker})
+    assert os.path.exists(marker)  # the worker did die, after the step-3 checkpoint
+    assert summary.steps == 6 and summary.starts == [0, 3]  # Ray Train restarted the workers from it
+    torch.testing.assert_close(ARDetokenizer.from_checkpoint(str(tmp_path / "6.pth")).state_dict(),
+                               ARDetokenizer.from_checkpoint(str(straight["out"] / "ar.pth")).state_dict())

@@ -448,7 +448,9 @@ def _abs(path: str) -> str:
     return path if storage.is_remote(path) else os.path.abspath(path)
 
 
-def run_train(cfg: ARTrainConfig) -> TrainSummary:
+def run_train(cfg: ARTrainConfig, loop=None, loop_extra: dict | None = None) -> TrainSummary:
+    """Train with Ray Train. `loop` replaces the per-worker loop (e.g. one wrapping `train_loop`), with
+    `loop_extra` added to its config."""
     import ray.data
     from ray.data import ExecutionOptions
     from ray.train import (
@@ -479,8 +481,8 @@ def run_train(cfg: ARTrainConfig) -> TrainSummary:
     # to the worker with the fewest rows so far), so every run hands each worker the same rows.
     ds = ray.data.read_parquet(plan.files).select_columns([plan.cond_column, plan.vq_column])  # pushed into the read
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "plan": asdict(plan), "model": spec},
+        loop or train_loop,
+        train_loop_config={"cfg": cfg.to_dict(), "plan": asdict(plan), "model": spec, **(loop_extra or {})},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker,
                                                            **({"GPU": 1} if cfg.use_gpu else {})}),
