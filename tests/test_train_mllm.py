@@ -213,9 +213,10 @@ def straight_run(ray_local, code_shards, base_folder, tmp_path_factory):
 
 def _accum_cfg(tmp_path, code_shards, base_folder, **kw):
     """2 workers, each step 2 micro-batches of one row of 2 samples (the accumulating ones are not reduced);
-    the rows 3 times over: 3 steps per epoch."""
+    the rows 3 times over: 3 steps per epoch; each worker's rows shuffled (seeded) in a buffer of 8."""
     cfg = _cfg(tmp_path, code_shards, base_folder, num_workers=2, max_length=128,
                optim=OptimConfig(lr=3e-3, total_steps=6, warmup_ratio=0.0, grad_accum=2), **kw)
+    cfg.shuffle_buffer = 8
     cfg.data = [_repeated(code_shards, 3, tmp_path / "x3.parquet")]
     return cfg
 
@@ -249,6 +250,15 @@ def test_a_stopped_run_resumed_under_either_strategy_reaches_the_straight_runs_w
         load_tar(d)  # the bulk jobs' loader takes it as it is
 
 
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_zero():
+    from tarflow.train.common import cosine_with_warmup
+
+    f = cosine_with_warmup(total_steps=110, warmup_steps=10)
+    assert [f(s) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)
+    assert all(f(s) > f(s + 1) for s in range(10, 110))
+
+
 def test_unknown_strategy_is_refused_before_any_worker_starts(code_shards, base_folder, tmp_path):
     with pytest.raises(ValueError, match="unknown parallel strategy 'zero3'"):
         run_train_mllm(_cfg(tmp_path, code_shards, base_folder, strategy="zero3"))
@@ -271,13 +281,28 @@ def loop_that_dies_once(config):
     train_loop_per_worker(config)
 
 
-def test_a_worker_killed_mid_run_does_not_end_the_job(ray_local, code_shards, base_folder, tmp_path):
+def test_a_run_from_a_tar_checkpoint_survives_a_worker_killed_mid_run(ray_local, code_shards, tmp_path):
+    """--resume-from a Tar folder (no vocabulary change), and a worker process dying at step 3."""
+    import tiny_tar
+    from safetensors.torch import load_file
+
+    from tarflow.models.mllm import load_tar
+
+    tar = tiny_tar.save_tiny_tar(tmp_path / "tar", hidden=32, seed=3)
     marker = str(tmp_path / "died")
-    cfg = _cfg(tmp_path, code_shards, base_folder, name="killed")
+    cfg = _cfg(tmp_path, code_shards, None, name="killed", resume_from=tar)
     cfg.checkpoint_every, cfg.log_every = 2, 1  # step 3 is reported, without a checkpoint
     result = run_train_mllm(cfg, train_loop=loop_that_dies_once, loop_extra={"marker": marker})
     assert os.path.exists(marker)  # the worker did die
     assert result.error is None and result.metrics["step"] == 6  # restarted from step 2 and finished
+    start = load_file(os.path.join(tar, "model.safetensors"))
+    with result.checkpoint.as_directory() as d:
+        trained = load_file(os.path.join(d, "model.safetensors"))
+        assert len(load_tar(d)[1]) == len(tiny_tar.tar_tokenizer())
+    assert trained.keys() == start.keys()
+    # trained from the given weights: close to them after 6 small steps, and moved
+    w0, w1 = start["model.layers.0.mlp.up_proj.weight"], trained["model.layers.0.mlp.up_proj.weight"]
+    assert 0 < (w1 - w0).abs().max() < 0.1
 
 
 def test_learning_is_real_captions_from_codes_and_codes_from_captions(ray_local, code_shards, base_folder, tmp_path):
