@@ -231,22 +231,21 @@ def _assert_same_weights(a, b):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("first,then", [("ddp", "fsdp"), ("fsdp", "ddp")])
-def test_a_stopped_run_resumed_under_either_strategy_reaches_the_straight_runs_weights(straight_run, code_shards,
-                                                                                      base_folder, tmp_path, first,
-                                                                                      then):
-    """3 steps, a checkpoint (FSDP gathers weights and optimiser state into the same files DDP writes), then 3
-    more under the other strategy: the weights of 6 straight DDP steps. FSDP does DDP's arithmetic on shards,
-    and the optimiser state, schedule and each worker's data position all resume."""
+def test_a_run_stopped_and_resumed_under_alternating_strategies_reaches_the_straight_runs_weights(
+        straight_run, code_shards, base_folder, tmp_path):
+    """2 steps under FSDP, 2 under DDP, 2 under FSDP, a checkpoint between each (FSDP gathers weights and
+    optimiser state into the same files DDP writes): the weights of 6 straight DDP steps. So FSDP does DDP's
+    arithmetic on shards, each strategy resumes the other's checkpoint, and the optimiser state, schedule and
+    each worker's (shuffled) data position all resume."""
     from tarflow.models.mllm import load_tar
 
-    cfg = _accum_cfg(tmp_path, code_shards, base_folder, name="split", strategy=first, stop_after_steps=3)
-    assert run_train_mllm(cfg).metrics["step"] == 3
-    cfg.stop_after_steps, cfg.strategy = None, then
-    second = run_train_mllm(cfg)
-    assert second.error is None and second.metrics["step"] == 6
-    _assert_same_weights(straight_run, second)
-    with second.checkpoint.as_directory() as d:
+    cfg = _accum_cfg(tmp_path, code_shards, base_folder, name="split")
+    for strategy, step in (("fsdp", 2), ("ddp", 4), ("fsdp", 6)):
+        cfg.strategy, cfg.stop_after_steps = strategy, 2
+        result = run_train_mllm(cfg)
+        assert result.error is None and result.metrics["step"] == step
+    _assert_same_weights(straight_run, result)
+    with result.checkpoint.as_directory() as d:
         load_tar(d)  # the bulk jobs' loader takes it as it is
 
 
