@@ -196,33 +196,19 @@ def test_exported_checkpoint_loads_and_generates(family, data, straight):
     assert not torch.equal(ar.output.weight, ARDetokenizer.from_checkpoint(family["ar"]).output.weight)  # trained
 
 
-def loop_that_dies_after_step_3(config):
-    """The library's loop, but this worker process exits after reporting step 3 (with a checkpoint), once."""
-    import time
-
-    import tarflow.train.common as common
-    from tarflow.train.ar_detok import train_loop
-
-    real = common.report
-
-    def report(metrics, *a, **kw):
-        real(metrics, *a, **kw)
-        if metrics["step"] == 3 and not os.path.exists(config["marker"]):
-            open(config["marker"], "w").close()
-            # a report waits in the worker until the controller polls (every 0.2 s here): dying at once could
-            # lose it, and Ray Train would restart from the checkpoint before
-            time.sleep(3)
-            os._exit(1)
-
-    common.report = report
-    train_loop(config)
-
-
 def test_a_worker_killed_mid_run_is_restarted_and_reaches_the_straight_runs_weights(family, data, straight,
                                                                                     tmp_path):
+    import functools
+
+    from faults import die_once_after_report
+
+    from tarflow.train.ar_detok import train_loop
+
     marker = str(tmp_path / "died")
+    # the wait: the step-3 report (and checkpoint) reaches the controller before the worker dies
     summary = run_train(_cfg(family, data, str(tmp_path / "runs"), name="killed", output=str(tmp_path / "6.pth")),
-                        loop=loop_that_dies_after_step_3, loop_extra={"marker": marker})
+                        loop=functools.partial(die_once_after_report, train_loop),
+                        loop_extra={"marker": marker, "die_after_step": 3, "die_wait_s": 3})
     assert os.path.exists(marker)  # the worker did die, after the step-3 checkpoint
     assert summary.steps == 6 and summary.starts == [0, 3]  # Ray Train restarted the workers from it
     torch.testing.assert_close(ARDetokenizer.from_checkpoint(str(tmp_path / "6.pth")).state_dict(),

@@ -263,35 +263,23 @@ def test_unknown_strategy_is_refused_before_any_worker_starts(code_shards, base_
         run_train_mllm(_cfg(tmp_path, code_shards, base_folder, strategy="zero3"))
 
 
-def loop_that_dies_once(config):
-    """The library's loop, but this worker process exits right after reporting step 3, once (marker file)."""
-    import tarflow.train.common as common
-    from tarflow.train.mllm import train_loop_per_worker
-
-    real = common.report
-
-    def report(metrics, *a, **kw):
-        real(metrics, *a, **kw)
-        if metrics["step"] == 3 and not os.path.exists(config["marker"]):
-            open(config["marker"], "w").close()
-            os._exit(1)
-
-    common.report = report
-    train_loop_per_worker(config)
-
-
 def test_a_run_from_a_tar_checkpoint_survives_a_worker_killed_mid_run(ray_local, code_shards, tmp_path):
     """--resume-from a Tar folder (no vocabulary change), and a worker process dying at step 3."""
+    import functools
+
     import tiny_tar
+    from faults import die_once_after_report
     from safetensors.torch import load_file
 
     from tarflow.models.mllm import load_tar
+    from tarflow.train.mllm import train_loop_per_worker
 
     tar = tiny_tar.save_tiny_tar(tmp_path / "tar", hidden=32, seed=3)
     marker = str(tmp_path / "died")
     cfg = _cfg(tmp_path, code_shards, None, name="killed", resume_from=tar)
     cfg.checkpoint_every, cfg.log_every = 2, 1  # step 3 is reported, without a checkpoint
-    result = run_train_mllm(cfg, train_loop=loop_that_dies_once, loop_extra={"marker": marker})
+    result = run_train_mllm(cfg, train_loop=functools.partial(die_once_after_report, train_loop_per_worker),
+                            loop_extra={"marker": marker, "die_after_step": 3})
     assert os.path.exists(marker)  # the worker did die
     assert result.error is None and result.metrics["step"] == 6  # restarted from step 2 and finished
     start = load_file(os.path.join(tar, "model.safetensors"))

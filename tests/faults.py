@@ -1,0 +1,28 @@
+"""Fault injection for the training tests: a Ray Train worker process that dies once, mid-run."""
+from __future__ import annotations
+
+import os
+import time
+
+
+def die_once_after_report(train_loop, config: dict) -> None:
+    """Run `train_loop(config)`, but exit this worker process right after it reports step
+    config["die_after_step"], the first time only (config["marker"], a file, records that it happened).
+
+    config["die_wait_s"]: seconds to wait before dying. A report waits in the worker until Ray Train's
+    controller polls it; dying at once can lose it (and the checkpoint it carries), and Ray Train then restarts
+    from the checkpoint before.
+    """
+    import tarflow.train.common as common
+
+    real = common.report
+
+    def report(metrics, *args, **kwargs):
+        real(metrics, *args, **kwargs)
+        if metrics["step"] == config["die_after_step"] and not os.path.exists(config["marker"]):
+            open(config["marker"], "w").close()
+            time.sleep(config.get("die_wait_s", 0))
+            os._exit(1)
+
+    common.report = report  # the loops look `report` up in tarflow.train.common when they start
+    train_loop(config)
