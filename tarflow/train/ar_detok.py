@@ -308,6 +308,7 @@ def train_loop(config: dict) -> None:
     from tarflow.models.ar_detok import ARArgs, ARDetokenizer
     from tarflow.models.tatok import TATok
     from tarflow.train.common import (
+        ModelParallel,
         TrainState,
         autocast,
         load_trainer_state,
@@ -319,7 +320,7 @@ def train_loop(config: dict) -> None:
     cfg = ARTrainConfig.from_dict(config["cfg"])
     plan = DataPlan(**config["plan"])
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
     bf16 = device.type == "cuda" and cfg.optim.bf16
 
@@ -344,9 +345,10 @@ def train_loop(config: dict) -> None:
         model.train()
         name = model.name
         p_drop = model.args.class_dropout_prob if cfg.cond_dropout is None else cfg.cond_dropout
-        model = ray.train.torch.prepare_model(model)  # to the device; DDP with several workers
+        parallel = ModelParallel("ddp")
+        model = parallel.wrap(model)  # to the device; DDP with several workers
         opt, sched = make_optimizer(model, cfg.optim)
-        state = load_trainer_state(d, opt, sched, rank) if d else TrainState()
+        state = load_trainer_state(d, opt, sched, rank, parallel) if d else TrainState()
     unwrap(model).name = name
     meta["starts"].append(state.step)  # 0 for a fresh run, else the step a rerun or retry resumed from
 
@@ -369,8 +371,7 @@ def train_loop(config: dict) -> None:
             table = next(batches)
             cond_codes, vq_codes, skipped = split_rows(table, plan)
             sums[1:] += [len(vq_codes), len(table), *skipped.values()]
-            sync = micro == accum - 1 or world == 1
-            with contextlib.nullcontext() if sync else model.no_sync():
+            with parallel.micro_batch(sync=micro == accum - 1):
                 if len(vq_codes):
                     with autocast(device, cfg.optim.bf16):
                         loss = teacher_forced_loss(model, tatok, cond_codes, vq_codes, p_drop, device)
@@ -408,7 +409,7 @@ def train_loop(config: dict) -> None:
                 sys.stdout.write(f"step {state.step}/{end} loss {metrics['loss']:.4f} lr {lr:.3g} "
                                  f"{metrics['tokens_per_s']:.0f} tok/s skipped {metrics['skipped_total']}\n")
                 sys.stdout.flush()
-            report(metrics, save_model, opt, sched, state, checkpoint=save)
+            report(metrics, save_model, opt, sched, state, checkpoint=save, parallel=parallel)
 
 
 # ----------------------------------------------------------------------------------------------------------
