@@ -125,6 +125,7 @@ class JobSummary:
     output_bytes: int = 0
     seconds: float = 0.0
     output: str = ""
+    interrupted: bool = False  # stopped by SIGINT/SIGTERM: shards not listed as done are redone by a rerun
     shard_times: list = field(default_factory=list, repr=False)  # (seconds since start, samples) per shard
 
     @property
@@ -185,12 +186,16 @@ def drain(ds, assembler: ShardAssembler, write_shard: Callable[[str, pa.Table, d
           n_todo: int, t0: float, progress_every_s: float = 10.0) -> None:
     """Run the dataset, write each shard as soon as it is whole, keep the summary and log progress."""
     last = time.time()
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for name, table, end in assembler.add(batch):
-            summary.account(write_shard(name, table, end), time.time() - t0)
-            if time.time() - last > progress_every_s or summary.shards_done == n_todo:
-                last = time.time()
-                log.info("%s progress: %d/%d shards, %d %s (%d failed), %.1f %s/s", summary.job, summary.shards_done,
-                         n_todo, summary.samples_in, summary.unit, summary.samples_failed,
-                         summary.samples_in / max(time.time() - t0, 1e-9), summary.unit)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for name, table, end in assembler.add(batch):
+                summary.account(write_shard(name, table, end), time.time() - t0)
+                if time.time() - last > progress_every_s or summary.shards_done == n_todo:
+                    last = time.time()
+                    log.info("%s progress: %d/%d shards, %d %s (%d failed), %.1f %s/s", summary.job,
+                             summary.shards_done, n_todo, summary.samples_in, summary.unit, summary.samples_failed,
+                             summary.samples_in / max(time.time() - t0, 1e-9), summary.unit)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        return
     summary.shards_failed = assembler.unfinished()
