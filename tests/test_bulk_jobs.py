@@ -93,9 +93,11 @@ def test_caption_reads_another_scale_and_records_bad_codes(ray_local, code_shard
     assert (summary.samples_in, summary.samples_ok, summary.samples_failed) == (4, 3, 1)
     errors = pq.read_table(out / "errors" / "bad.parquet").to_pylist()
     assert [(e["key"], e["reason"]) for e in errors] == [(rows[1]["key"], "bad_codes")]
-    with pytest.raises(ValueError, match="tatok_s2"):
-        run_caption(CaptionConfig(input=str(tmp_path / "codes"), output=str(tmp_path / "o2"), model=tar_folder,
-                                  scale=2))
+    # a shard without the asked scale fails alone, with the reason, and gets no manifest
+    other = run_caption(CaptionConfig(input=str(tmp_path / "codes"), output=str(tmp_path / "o2"), model=tar_folder,
+                                      scale=2))
+    assert other.shards_failed == ["bad"] and "tatok_s2" in other.failed_shard_reasons["bad"]
+    assert not (tmp_path / "o2" / "_manifest" / "bad.json").exists()
 
 
 # -- generate ------------------------------------------------------------------------------------------------

@@ -20,6 +20,9 @@ from tarflow.data import storage
 from tarflow.data.images import IMAGE_SUFFIXES
 
 
+DEFAULT_MAX_MEMBER_BYTES = 64 << 20
+
+
 class InputError(ValueError):
     pass
 
@@ -232,7 +235,7 @@ def iter_parquet_samples(shard: ShardInput) -> Iterator[RawSample | ShardEnd]:
     yield ShardEnd(n_samples=idx)
 
 
-def iter_samples(shard: ShardInput) -> Iterator[RawSample | ShardEnd]:
+def iter_samples(shard: ShardInput, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[RawSample | ShardEnd]:
     it = iter_tar_samples(shard) if shard.format == "webdataset" else iter_parquet_samples(shard)
     end = None
     for item in it:

@@ -21,7 +21,7 @@ CODE_SHARD_VERSION = 1
 ERRORS_FORMAT = "tarflow.errors"
 ERRORS_VERSION = 1
 MANIFEST_FORMAT = "tarflow.tokenize_manifest"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: facts compare models by content hash; model paths under `sources`
 
 PARQUET_META_KEY = b"tarflow"  # Parquet key-value metadata entry holding a JSON object
 
@@ -144,7 +144,7 @@ def check_manifest(manifest: Mapping[str, Any], path: str, fmt: str = MANIFEST_F
 CAPTIONS_FORMAT = "tarflow.captions"
 CAPTIONS_VERSION = 1
 CAPTION_MANIFEST_FORMAT = "tarflow.caption_manifest"
-CAPTION_MANIFEST_VERSION = 1
+CAPTION_MANIFEST_VERSION = 2  # 2: facts compare models by content hash; model paths under `sources`
 CAPTIONS_DIR = "captions"
 
 CAPTIONS_SCHEMA = pa.schema(
@@ -167,7 +167,7 @@ CAPTIONS_SCHEMA = pa.schema(
 # Tar members per sample: {key}.png|jpg, {key}.txt (the prompt), {key}.json (GENERATED_SAMPLE_META fields).
 
 GENERATE_MANIFEST_FORMAT = "tarflow.generate_manifest"
-GENERATE_MANIFEST_VERSION = 1
+GENERATE_MANIFEST_VERSION = 2  # 2: facts compare models by content hash; model paths under `sources`
 GENERATED_SAMPLE_META = ("key", "id", "index", "prompt", "seed", "scale", "width", "height", "status",
                          "mllm", "detokenizer", "sampling", "detok_sampling", "codes", "codes_fix")
 

@@ -2,7 +2,7 @@
 
     code shards --CodeShardReader (tasks: one scale column, checked)
                 --Captioner (GPU actor pool: I2T prompts, batched decoding, one static KV cache per batch)
-                --> driver: ShardAssembler, CaptionShardWriter (captions/, errors/, _manifest/ per shard)
+                --PartWriter --> finalize tasks: CaptionShardWriter (captions/, errors/), then _manifest/
 
 Images are never decoded again: the codes stored by the tokenize job are the image. Resumable like the
 tokenize job: finished shards (manifest present, same settings) are skipped.
@@ -19,7 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tarflow.data import schema, storage
-from tarflow.pipelines.sharded import JobSummary, ShardAssembler, drain, end_row, plan_shards
+from tarflow.pipelines.sharded import (JobSummary, PartWriter, ShardJob, ShardLayout, ShardWritten, end_row,
+                                       failed_row, folder_identity, guarded, parquet_bytes, plan_pool, plan_shards,
+                                       rows_table, run_sharded, split_failed)
 
 log = logging.getLogger("tarflow.caption")
 
@@ -84,22 +86,30 @@ class CodeShardReader:
 
     def __call__(self, batch: pa.Table):
         for d in batch.to_pylist():
-            fs, p = storage.filesystem(d["path"])
-            with fs.open(p, "rb") as f:
-                pf = pq.ParquetFile(f)
-                schema.check_code_shard(pf.schema_arrow, d["path"])
-                if self.column not in pf.schema_arrow.names:
-                    raise ValueError(f"{d['path']}: no column {self.column!r} (has "
-                                     f"{[n for n in pf.schema_arrow.names if n.startswith('tatok_s')]}); choose "
-                                     "another --scale or tokenize at this scale")
-                n = 0
-                for rb in pf.iter_batches(batch_size=self.chunk_size, columns=["key", self.column]):
-                    keys = rb.column(0).to_pylist()
-                    codes = rb.column(1).cast(pa.list_(pa.int32()))
-                    yield _with_schema({"shard": [d["name"]] * len(keys), "idx": list(range(n, n + len(keys))),
-                                        "key": keys, "kind": ["sample"] * len(keys)}, codes, CODES_ROW_SCHEMA)
-                    n += len(keys)
-            yield pa.Table.from_pylist([end_row(d["name"], n)], schema=CODES_ROW_SCHEMA)
+            try:
+                yield from self._read(d)
+            except Exception as e:  # noqa: BLE001 - one bad shard must not stop the others
+                log.warning("code shard %s failed while reading: %s: %s", d["path"], type(e).__name__, e)
+                yield rows_table([failed_row(d["name"], "read_failed", f"{d['path']}: {type(e).__name__}: {e}")],
+                                 CODES_ROW_SCHEMA)
+
+    def _read(self, d: dict):
+        fs, p = storage.filesystem(d["path"])
+        with fs.open(p, "rb") as f:
+            pf = pq.ParquetFile(f)
+            schema.check_code_shard(pf.schema_arrow, d["path"])
+            if self.column not in pf.schema_arrow.names:
+                raise ValueError(f"{d['path']}: no column {self.column!r} (has "
+                                 f"{[n for n in pf.schema_arrow.names if n.startswith('tatok_s')]}); choose "
+                                 "another --scale or tokenize at this scale")
+            n = 0
+            for rb in pf.iter_batches(batch_size=self.chunk_size, columns=["key", self.column]):
+                keys = rb.column(0).to_pylist()
+                codes = rb.column(1).cast(pa.list_(pa.int32()))
+                yield _with_schema({"shard": [d["name"]] * len(keys), "idx": list(range(n, n + len(keys))),
+                                    "key": keys, "kind": ["sample"] * len(keys)}, codes, CODES_ROW_SCHEMA)
+                n += len(keys)
+        yield pa.Table.from_pylist([end_row(d["name"], n)], schema=CODES_ROW_SCHEMA)
 
 
 def _with_schema(cols: dict, codes: pa.Array, row_schema: pa.Schema) -> pa.Table:
@@ -140,6 +150,7 @@ class Captioner:
         self.sampling = Sampling(**(sampling or {"greedy": True}))
         self.question, self.max_new_tokens, self.seed = question, max_new_tokens, seed
 
+    @guarded("caption", CAPTIONED_ROW_SCHEMA)
     def __call__(self, batch: pa.Table) -> pa.Table:
         from tarflow.models.mllm import i2t_prompt_ids
 
@@ -187,13 +198,15 @@ class CaptionConfig:
     seed: int = 0
     overwrite: bool = False
     batch_size: int | None = None  # default: 64 on GPU, 8 on CPU
-    num_workers: int | None = None  # default: one per GPU, or 1
+    num_workers: int | None = None  # most MLLM actors; default: every GPU the cluster has or can add, 1 on CPU
+    min_workers: int = 1
     gpus_per_worker: float | None = None
     cpus_per_worker: float = 1.0
     dtype: str = "auto"
     device: str = "auto"
     compile: bool = False
     max_shards: int | None = None
+    max_writers: int = 8
     progress_every_s: float = 10.0
     sampling: dict = field(init=False)
 
@@ -201,49 +214,40 @@ class CaptionConfig:
         self.sampling = {"greedy": self.greedy, "temperature": self.temperature, "top_k": self.top_k,
                          "top_p": self.top_p}
 
-    def facts(self) -> dict:
-        """What determines the captions: a rerun with other facts must not mix outputs."""
-        return {"model": self.model, "scale": self.scale, "question": self.question,
+    def facts(self, model_identity: dict) -> dict:
+        """What determines the captions: a rerun with other facts must not mix outputs. The model by content
+        (a moved folder is the same model, one replaced at the same path another)."""
+        return {"model": model_identity, "scale": self.scale, "question": self.question,
                 "max_new_tokens": self.max_new_tokens, "sampling": {**self.sampling, "seed": self.seed}}
 
 
-def output_paths(output: str, shard: str) -> dict[str, str]:
-    return {"captions": storage.join(output, schema.CAPTIONS_DIR, f"{shard}.parquet"),
-            "errors": storage.join(output, schema.ERRORS_DIR, f"{shard}.parquet"),
-            "manifest": storage.join(output, schema.MANIFEST_DIR, f"{shard}.json")}
-
-
-def read_caption_manifest(path: str) -> dict | None:
-    try:
-        m = json.loads(storage.read_bytes(path))
-    except FileNotFoundError:
-        return None
-    return dict(schema.check_manifest(m, path, schema.CAPTION_MANIFEST_FORMAT, schema.CAPTION_MANIFEST_VERSION))
+def caption_layout(output: str) -> ShardLayout:
+    return ShardLayout(output, (("captions", f"{schema.CAPTIONS_DIR}/{{shard}}.parquet"),
+                                ("errors", f"{schema.ERRORS_DIR}/{{shard}}.parquet")),
+                       schema.CAPTION_MANIFEST_FORMAT, schema.CAPTION_MANIFEST_VERSION)
 
 
 class CaptionShardWriter:
-    def __init__(self, output: str, cfg: CaptionConfig):
+    """The caption job's writer (runs in a finalize task): captions/ and errors/ of one shard."""
+
+    def __init__(self, cfg: CaptionConfig, facts: dict):
         import tarflow
 
-        self.output, self.cfg = output, cfg
-        self.facts = cfg.facts()
+        self.model = cfg.model
+        self.sampling = json.dumps(facts["sampling"], sort_keys=True)
         self.captions_schema = schema.with_metadata(schema.CAPTIONS_SCHEMA, schema.CAPTIONS_FORMAT,
                                                     schema.CAPTIONS_VERSION,
-                                                    {**self.facts, "tarflow_version": tarflow.__version__})
-        self.version = tarflow.__version__
+                                                    {**facts, "tarflow_version": tarflow.__version__})
 
-    def write(self, shard: CodeShard, rows: pa.Table) -> dict:
+    def __call__(self, shard: str, rows: pa.Table, end: dict, paths: dict) -> ShardWritten:
         import pyarrow.compute as pc
 
-        from tarflow.data.codeshard import parquet_bytes, split_failed
-
-        paths = output_paths(self.output, shard.name)
-        ok, errors, reasons = split_failed(rows, shard.name)
+        ok, errors, reasons = split_failed(rows, shard)
         n = len(ok)
         captions = pa.table({
             "key": ok.column("key"), "prompt": ok.column("prompt"), "caption": ok.column("caption"),
-            "model": pa.array([self.cfg.model] * n, pa.string()),
-            "sampling": pa.array([json.dumps(self.facts["sampling"], sort_keys=True)] * n, pa.string()),
+            "model": pa.array([self.model] * n, pa.string()),
+            "sampling": pa.array([self.sampling] * n, pa.string()),
             "prompt_tokens": ok.column("prompt_tokens"), "caption_tokens": ok.column("caption_tokens"),
             "finished": ok.column("finished"),
         }).cast(self.captions_schema)
@@ -252,30 +256,14 @@ class CaptionShardWriter:
         storage.write_bytes_atomic(paths["errors"], err_bytes)
         generated = int(pc.sum(ok.column("caption_tokens")).as_py() or 0)
         unfinished = int(pc.sum(pc.invert(ok.column("finished")).cast(pa.int64())).as_py() or 0)
-        manifest = {
-            "format": schema.CAPTION_MANIFEST_FORMAT, "version": schema.CAPTION_MANIFEST_VERSION,
-            "shard": shard.name, "input": {"path": shard.path, "size": shard.size}, "complete": True,
-            "counts": {"samples_in": len(rows), "ok": n, "failed": len(errors),
-                       "failed_by_reason": reasons},
-            "totals": {"caption_tokens": generated, "cut_at_max_new_tokens": unfinished},
-            **self.facts, "schema": {"captions": schema.CAPTIONS_VERSION, "errors": schema.ERRORS_VERSION},
-            "tarflow_version": self.version,
-            "outputs": {"captions": {"path": paths["captions"], "rows": n, "bytes": len(cap_bytes)},
-                        "errors": {"path": paths["errors"], "rows": len(errors), "bytes": len(err_bytes)}},
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        storage.write_bytes_atomic(paths["manifest"], json.dumps(manifest, indent=2).encode())
-        return manifest
-
-
-def _mismatch(facts: dict):
-    def check(manifest) -> list[str]:
-        return [f"{k} {manifest.get(k)!r} != {v!r}" for k, v in facts.items() if manifest.get(k) != v]
-    return check
+        return ShardWritten(
+            outputs={"captions": {"path": paths["captions"], "rows": n, "bytes": len(cap_bytes)},
+                     "errors": {"path": paths["errors"], "rows": len(errors), "bytes": len(err_bytes)}},
+            counts={"samples_in": len(rows), "ok": n, "failed": len(errors), "failed_by_reason": reasons},
+            totals={"caption_tokens": generated, "cut_at_max_new_tokens": unfinished})
 
 
 def run_caption(cfg: CaptionConfig, captioner_cls=Captioner) -> JobSummary:
-    import ray
     import ray.data
 
     t0 = time.time()
@@ -283,27 +271,33 @@ def run_caption(cfg: CaptionConfig, captioner_cls=Captioner) -> JobSummary:
     if cfg.max_shards:
         shards = shards[: cfg.max_shards]
     by_name = {s.name: s for s in shards}
-    todo, done = plan_shards(
-        by_name, lambda n: output_paths(cfg.output, n)["manifest"], read_caption_manifest, _mismatch(cfg.facts()),
-        lambda n, m: m.get("input", {}).get("size") == by_name[n].size, cfg.overwrite, cfg.output)
-    summary = JobSummary(job="caption", unit="captions", shards_total=len(shards), shards_skipped=len(done),
-                         output=cfg.output)
-    log.info("%d code shards: %d to do, %d already done (skipped)", len(shards), len(todo), len(done))
-    if todo:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        gpus_per = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if gpus else 0.0)
-        n_workers = cfg.num_workers or (max(1, int(gpus // gpus_per)) if gpus_per else 1)
-        items = [{"path": by_name[n].path, "name": n} for n in todo]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(CodeShardReader(schema.code_column(cfg.scale)), batch_size=1, batch_format="pyarrow",
-                            num_cpus=0.25)
-        ds = ds.map_batches(captioner_cls, fn_constructor_kwargs=dict(
-            model=cfg.model, question=cfg.question, max_new_tokens=cfg.max_new_tokens, sampling=cfg.sampling,
-            seed=cfg.seed, dtype=cfg.dtype, device=cfg.device, compile=cfg.compile),
-            batch_size=cfg.batch_size or (64 if gpus_per else 8), batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=n_workers), num_gpus=gpus_per, num_cpus=cfg.cpus_per_worker)
-        writer = CaptionShardWriter(cfg.output, cfg)
-        drain(ds, ShardAssembler(CAPTIONED_ROW_SCHEMA), lambda name, table, end: writer.write(by_name[name], table),
-              summary, len(todo), t0, cfg.progress_every_s)
+    facts = cfg.facts(folder_identity(cfg.model))
+    layout = caption_layout(cfg.output)
+    plan = plan_shards(layout, by_name, facts, lambda n, m: m.get("input", {}).get("size") == by_name[n].size,
+                       cfg.overwrite)
+    summary = JobSummary(job="caption", unit="captions", shards_total=len(shards), shards_skipped=len(plan.done),
+                         output=cfg.output, plan_seconds=plan.seconds)
+    log.info("%d code shards: %d to do, %d already done (skipped)", len(shards), len(plan.todo), len(plan.done))
+    if plan.todo:
+        pool = plan_pool(cfg.device, cfg.gpus_per_worker, cfg.min_workers, cfg.num_workers)
+
+        def stages(names: list[str], parts_dir: str):
+            items = [{"path": by_name[n].path, "name": n} for n in names]
+            ds = ray.data.from_items(items, override_num_blocks=len(items))
+            ds = ds.map_batches(CodeShardReader(schema.code_column(cfg.scale)), batch_size=1,
+                                batch_format="pyarrow", num_cpus=0.25)
+            ds = ds.map_batches(captioner_cls, fn_constructor_kwargs=dict(
+                model=cfg.model, question=cfg.question, max_new_tokens=cfg.max_new_tokens, sampling=cfg.sampling,
+                seed=cfg.seed, dtype=cfg.dtype, device=cfg.device, compile=cfg.compile),
+                batch_size=cfg.batch_size or (64 if pool.gpus_per_worker else 8), batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(min_size=pool.min_workers, max_size=pool.max_workers),
+                num_gpus=pool.gpus_per_worker, num_cpus=cfg.cpus_per_worker)
+            return ds.map_batches(PartWriter(parts_dir), batch_size=None, batch_format="pyarrow", num_cpus=0.25)
+
+        spec = ShardJob(job="caption", layout=layout, facts=facts, sources={"model": cfg.model},
+                        writer=CaptionShardWriter(cfg, facts),
+                        schema_versions={"captions": schema.CAPTIONS_VERSION, "errors": schema.ERRORS_VERSION})
+        inputs = {n: {"path": by_name[n].path, "size": by_name[n].size} for n in plan.todo}
+        run_sharded(spec, inputs, stages, summary, t0, cfg.max_writers, cfg.progress_every_s)
     summary.seconds = time.time() - t0
     return summary

@@ -3,7 +3,11 @@
     prompt table (driver: read, validate, expand n samples per row, cut into output shards)
       --T2IGenerator (GPU actor pool: T2I prompts -> codes with the Tar MLLM -> pixels with a de-tokenizer)
       --ImageEncoder (CPU tasks: PNG / JPEG)
-      --> driver: ShardAssembler, GeneratedShardWriter ({shard}.tar, .parquet, _stats.json, errors/, _manifest/)
+      --PartWriter --> finalize tasks: GeneratedShardWriter ({shard}.tar, .parquet, _stats.json, errors/),
+                       then _manifest/
+
+Requests stream shard by shard (each shard's end row right after its requests), so a shard is written as
+soon as its images are done: the first manifests appear long before the last request is processed.
 
 Each sample's seed drives both the MLLM's sampling and the de-tokenizer's, per row, so an image depends only on
 its prompt, scale and seed: reruns, retries and other batch sizes give the same pixels.
@@ -24,7 +28,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tarflow.data import schema, storage
-from tarflow.pipelines.sharded import JobSummary, ShardAssembler, drain, end_row, plan_shards
+from tarflow.pipelines.sharded import (JobSummary, PartWriter, ShardJob, ShardLayout, ShardWritten, end_row,
+                                       file_identity, folder_identity, guarded, parquet_bytes, plan_pool,
+                                       plan_shards, run_sharded, split_failed)
 
 log = logging.getLogger("tarflow.generate")
 
@@ -77,10 +83,6 @@ def read_prompt_table(path: str) -> list[dict]:
         raise PromptTableError(f"prompt table {path} lacks columns {missing} (has {table.column_names}); columns: "
                                + ", ".join(f"{c} ({w})" for c, w in schema.PROMPT_TABLE_COLUMNS.items()))
     return table.to_pylist()
-
-
-def sha256_of(path: str) -> str:
-    return hashlib.sha256(storage.read_bytes(path)).hexdigest()
 
 
 def expand_requests(rows: list[dict], default_scale: int, default_seed: int, default_n: int,
@@ -200,6 +202,7 @@ class T2IGenerator:
         return self.images.generate(rec, guidance_scale=s["guidance_scale"],
                                     num_inference_steps=s["num_inference_steps"], seed=detok_seeds)
 
+    @guarded("generate", GENERATED_SCHEMA)
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         for r in rows:
@@ -221,6 +224,7 @@ class ImageEncoder:
     def __init__(self, image_format: str = "png", quality: int = 95):
         self.image_format, self.quality = image_format, quality
 
+    @guarded("encode_image", ENCODED_SCHEMA)
     def __call__(self, batch: pa.Table) -> pa.Table:
         from PIL import Image
 
@@ -269,7 +273,9 @@ class GenerateConfig:
     num_inference_steps: int = 20
     overwrite: bool = False
     batch_size: int | None = None  # default: 32 on GPU, 4 on CPU
-    num_workers: int | None = None
+    num_workers: int | None = None  # most generator actors; default: every GPU the cluster has or can add
+    min_workers: int = 1
+    max_writers: int = 8
     gpus_per_worker: float | None = None
     cpus_per_worker: float = 1.0
     dtype: str = "auto"
@@ -289,39 +295,38 @@ class GenerateConfig:
         return {"guidance_scale": self.guidance_scale, "num_inference_steps": self.num_inference_steps}
 
     def detokenizer_id(self) -> dict:
+        """Where the models were read from (manifest `sources`, the .json of each image)."""
         return ({"kind": "ar", "tatok": self.tatok, "ar": self.ar_detok, "vq": self.vq} if self.detok == "ar"
                 else {"kind": "diffusion", "tatok": self.tatok, "folder": self.diffusion_detok})
 
-    def facts(self) -> dict:
-        return {"mllm": self.mllm, "detokenizer": self.detokenizer_id(), "sampling": self.sampling,
-                "detok_sampling": self.detok_sampling, "image_format": self.image_format,
-                "defaults": {"scale": self.scale, "seed": self.seed, "n": self.n},
+    def model_identities(self) -> dict:
+        """The models by content: a moved model is the same one, one replaced at the same path another."""
+        detok = ({"kind": "ar", "tatok": file_identity(self.tatok), "ar": file_identity(self.ar_detok),
+                  "vq": file_identity(self.vq)} if self.detok == "ar" else
+                 {"kind": "diffusion", "tatok": file_identity(self.tatok),
+                  "folder": folder_identity(self.diffusion_detok)})
+        return {"mllm": folder_identity(self.mllm), "detokenizer": detok}
+
+    def facts(self, identities: dict) -> dict:
+        return {**identities, "sampling": self.sampling, "detok_sampling": self.detok_sampling,
+                "image_format": self.image_format, "defaults": {"scale": self.scale, "seed": self.seed, "n": self.n},
                 "samples_per_shard": self.samples_per_shard}
 
 
-def output_paths(output: str, shard: str) -> dict[str, str]:
-    return {"tar": storage.join(output, f"{shard}.tar"), "parquet": storage.join(output, f"{shard}.parquet"),
-            "stats": storage.join(output, f"{shard}_stats.json"),
-            "errors": storage.join(output, schema.ERRORS_DIR, f"{shard}.parquet"),
-            "manifest": storage.join(output, schema.MANIFEST_DIR, f"{shard}.json")}
-
-
-def read_generate_manifest(path: str) -> dict | None:
-    try:
-        m = json.loads(storage.read_bytes(path))
-    except FileNotFoundError:
-        return None
-    return dict(schema.check_manifest(m, path, schema.GENERATE_MANIFEST_FORMAT, schema.GENERATE_MANIFEST_VERSION))
+def generate_layout(output: str) -> ShardLayout:
+    return ShardLayout(output, (("tar", "{shard}.tar"), ("parquet", "{shard}.parquet"),
+                                ("stats", "{shard}_stats.json"), ("errors", f"{schema.ERRORS_DIR}/{{shard}}.parquet")),
+                       schema.GENERATE_MANIFEST_FORMAT, schema.GENERATE_MANIFEST_VERSION)
 
 
 class GeneratedShardWriter:
-    """Writes a shard in img2dataset's layout; `_stats.json` after the tar and parquet (img2dataset's own
-    completion marker), then errors/, then the manifest last."""
+    """Writes a shard in img2dataset's layout (runs in a finalize task); `_stats.json` after the tar and
+    parquet (img2dataset's own completion marker), then errors/; the core writes the manifest last."""
 
-    def __init__(self, cfg: GenerateConfig, table_sha256: str):
+    def __init__(self, cfg: GenerateConfig):
         import tarflow
 
-        self.cfg, self.table_sha256, self.version = cfg, table_sha256, tarflow.__version__
+        self.cfg, self.version = cfg, tarflow.__version__
 
     def _meta(self, r: dict) -> dict:
         return {"key": r["key"], "id": r["id"], "index": r["index"], "prompt": r["prompt"], "seed": r["seed"],
@@ -331,10 +336,7 @@ class GeneratedShardWriter:
                 "detok_sampling": self.cfg.detok_sampling, "codes": r["codes"], "codes_fix": r["codes_fix"],
                 "error_message": r["error_detail"]}
 
-    def write(self, name: str, rows: pa.Table) -> dict:
-        from tarflow.data.codeshard import parquet_bytes, split_failed
-
-        paths = output_paths(self.cfg.output, name)
+    def __call__(self, name: str, rows: pa.Table, end: dict, paths: dict) -> ShardWritten:
         ext = "png" if self.cfg.image_format == "png" else "jpg"
         buf = io.BytesIO()
         meta_rows = []
@@ -362,59 +364,64 @@ class GeneratedShardWriter:
                  "status_dict": {"success": len(ok), **reasons}, "tarflow_version": self.version}
         storage.write_bytes_atomic(paths["stats"], json.dumps(stats, indent=4).encode())
         storage.write_bytes_atomic(paths["errors"], err_bytes)
-        manifest = {
-            "format": schema.GENERATE_MANIFEST_FORMAT, "version": schema.GENERATE_MANIFEST_VERSION, "shard": name,
-            "input": {"prompts": self.cfg.prompts, "sha256": self.table_sha256}, "complete": True,
-            "counts": {"samples_in": len(rows), "ok": len(ok), "failed": len(errors), "failed_by_reason": reasons},
-            "totals": {f"codes_{k}": v for k, v in fixes.items() if k != "ok"},
-            **self.cfg.facts(), "tarflow_version": self.version,
-            "outputs": {"tar": {"path": paths["tar"], "bytes": len(tar_bytes)},
-                        "parquet": {"path": paths["parquet"], "bytes": len(meta_bytes)},
-                        "errors": {"path": paths["errors"], "rows": len(errors), "bytes": len(err_bytes)}},
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        storage.write_bytes_atomic(paths["manifest"], json.dumps(manifest, indent=2).encode())
-        return manifest
+        return ShardWritten(
+            outputs={"tar": {"path": paths["tar"], "bytes": len(tar_bytes)},
+                     "parquet": {"path": paths["parquet"], "bytes": len(meta_bytes)},
+                     "errors": {"path": paths["errors"], "rows": len(errors), "bytes": len(err_bytes)}},
+            counts={"samples_in": len(rows), "ok": len(ok), "failed": len(errors), "failed_by_reason": reasons},
+            totals={f"codes_{k}": v for k, v in fixes.items() if k != "ok"})
+
+
+def request_blocks(shards: dict[str, list[dict]], names: list[str], block: int) -> list[pa.Table]:
+    """The requests of `names`, shard after shard, each shard's end row right after its last request, cut
+    into blocks of `block` rows: a shard completes as soon as its own blocks are through."""
+    out = []
+    for n in names:
+        rows = shards[n] + [end_row(n, len(shards[n]))]
+        table = pa.Table.from_pylist([{k: r.get(k) for k in REQUEST_SCHEMA.names} for r in rows],
+                                     schema=REQUEST_SCHEMA)
+        out += [table.slice(i, block) for i in range(0, len(table), block)]
+    return out
 
 
 def run_generate(cfg: GenerateConfig, generator_cls=T2IGenerator) -> JobSummary:
-    import ray
     import ray.data
 
-    from tarflow.models.tatok import TATok
+    from tarflow.pipelines.tokenize import tatok_header
 
     t0 = time.time()
-    table_sha = sha256_of(cfg.prompts)
+    table_sha = storage.sha256(cfg.prompts)
     rows = read_prompt_table(cfg.prompts)
-    grid = TATok.from_checkpoint(cfg.tatok).grid
+    _, grid = tatok_header(cfg.tatok)
     requests = expand_requests(rows, cfg.scale, cfg.seed, cfg.n, valid_scales={1, 2, 3} & set(range(1, grid + 1)))
     shards = shard_requests(requests, cfg.samples_per_shard)
-    facts = cfg.facts()
-    todo, done = plan_shards(
-        shards, lambda n: output_paths(cfg.output, n)["manifest"], read_generate_manifest,
-        lambda m: [f"{k} {m.get(k)!r} != {v!r}" for k, v in facts.items() if m.get(k) != v],
-        lambda n, m: m.get("input", {}).get("sha256") == table_sha, cfg.overwrite, cfg.output)
-    summary = JobSummary(job="generate", unit="images", shards_total=len(shards), shards_skipped=len(done),
-                         output=cfg.output)
-    log.info("%d prompt rows -> %d images in %d shards: %d to do, %d already done", len(rows), len(requests),
-             len(shards), len(todo), len(done))
-    if todo:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        gpus_per = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if gpus else 0.0)
-        n_workers = cfg.num_workers or (max(1, int(gpus // gpus_per)) if gpus_per else 1)
-        items = [r for n in todo for r in shards[n]] + [end_row(n, len(shards[n])) for n in todo]
-        table = pa.Table.from_pylist(items, schema=REQUEST_SCHEMA)
-        block = cfg.batch_size or (32 if gpus_per else 4)  # blocks of one batch spread over the actor pool
-        ds = ray.data.from_arrow([table.slice(i, block) for i in range(0, len(table), block)])
-        ds = ds.map_batches(generator_cls, fn_constructor_kwargs=dict(
-            mllm=cfg.mllm, tatok=cfg.tatok, detok=cfg.detok, ar=cfg.ar_detok, vq=cfg.vq,
-            diffusion=cfg.diffusion_detok, sampling=cfg.sampling, detok_sampling=cfg.detok_sampling, dtype=cfg.dtype,
-            device=cfg.device, compile=cfg.compile), batch_size=block,
-            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_workers), num_gpus=gpus_per,
-            num_cpus=cfg.cpus_per_worker)
-        ds = ds.map_batches(ImageEncoder(cfg.image_format), batch_size=16, batch_format="pyarrow", num_cpus=0.5)
-        writer = GeneratedShardWriter(cfg, table_sha)
-        drain(ds, ShardAssembler(ENCODED_SCHEMA), lambda name, table, end: writer.write(name, table), summary,
-              len(todo), t0, cfg.progress_every_s)
+    del rows, requests
+    facts = cfg.facts(cfg.model_identities())
+    layout = generate_layout(cfg.output)
+    plan = plan_shards(layout, shards, facts, lambda n, m: m.get("input", {}).get("sha256") == table_sha,
+                       cfg.overwrite)
+    summary = JobSummary(job="generate", unit="images", shards_total=len(shards), shards_skipped=len(plan.done),
+                         output=cfg.output, plan_seconds=plan.seconds)
+    log.info("%d images in %d shards: %d to do, %d already done", sum(len(v) for v in shards.values()),
+             len(shards), len(plan.todo), len(plan.done))
+    if plan.todo:
+        pool = plan_pool(cfg.device, cfg.gpus_per_worker, cfg.min_workers, cfg.num_workers)
+        block = cfg.batch_size or (32 if pool.gpus_per_worker else 4)  # blocks of one batch spread over the pool
+
+        def stages(names: list[str], parts_dir: str):
+            ds = ray.data.from_arrow(request_blocks(shards, names, block))
+            ds = ds.map_batches(generator_cls, fn_constructor_kwargs=dict(
+                mllm=cfg.mllm, tatok=cfg.tatok, detok=cfg.detok, ar=cfg.ar_detok, vq=cfg.vq,
+                diffusion=cfg.diffusion_detok, sampling=cfg.sampling, detok_sampling=cfg.detok_sampling,
+                dtype=cfg.dtype, device=cfg.device, compile=cfg.compile), batch_size=block, batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(min_size=pool.min_workers, max_size=pool.max_workers),
+                num_gpus=pool.gpus_per_worker, num_cpus=cfg.cpus_per_worker)
+            ds = ds.map_batches(ImageEncoder(cfg.image_format), batch_size=16, batch_format="pyarrow", num_cpus=0.5)
+            return ds.map_batches(PartWriter(parts_dir), batch_size=None, batch_format="pyarrow", num_cpus=0.25)
+
+        spec = ShardJob(job="generate", layout=layout, facts=facts, sources=cfg.detokenizer_id() | {"mllm": cfg.mllm},
+                        writer=GeneratedShardWriter(cfg), schema_versions={"errors": schema.ERRORS_VERSION})
+        inputs = {n: {"prompts": cfg.prompts, "sha256": table_sha} for n in plan.todo}
+        run_sharded(spec, inputs, stages, summary, t0, cfg.max_writers, cfg.progress_every_s)
     summary.seconds = time.time() - t0
     return summary

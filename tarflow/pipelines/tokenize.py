@@ -27,21 +27,23 @@ import numpy as np
 import pyarrow as pa
 
 from tarflow.data import schema, storage
-from tarflow.data.codeshard import CodeShardWriter, TokenizeFacts, output_paths, read_manifest
+from tarflow.data.codeshard import CodeShardWriter, TokenizeFacts, code_shard_layout
 from tarflow.data.images import DEFAULT_MAX_PIXELS, SampleError, decode_rgb
-from tarflow.data.img2dataset import RawSample, ShardEnd, ShardInput, iter_samples, resolve_inputs
+from tarflow.data.img2dataset import (DEFAULT_MAX_MEMBER_BYTES, RawSample, ShardEnd, ShardInput, iter_samples,
+                                      resolve_inputs)
 from tarflow.pipelines.sharded import OutputConflict  # noqa: F401  (raised by run_tokenize; jobs catch it)
-from tarflow.pipelines.sharded import JobSummary, ShardAssembler, drain, end_row, plan_shards
+from tarflow.pipelines.sharded import (PART_META_SCHEMA, JobSummary, PartWriter, ShardJob, end_row, failed_row,
+                                       guarded, plan_pool, plan_shards, rows_table, run_sharded)
 
 log = logging.getLogger("tarflow.tokenize")
 
 # Rows between stages (in memory only; the on-disk formats are in tarflow.data.schema).
 _COMMON = [
     pa.field("shard", pa.string()), pa.field("idx", pa.int64()), pa.field("key", pa.string()),
-    pa.field("kind", pa.string()),  # "sample" | "end"
+    pa.field("kind", pa.string()),  # "sample" | "end" | "failed"
     pa.field("error_stage", pa.string()), pa.field("error_reason", pa.string()),
     pa.field("error_detail", pa.string()),
-    pa.field("end_info", pa.string()),  # JSON of ShardEnd, on "end" rows only
+    pa.field("end_info", pa.string()),  # JSON: the ShardEnd on "end" rows, the reason on "failed" rows
 ]
 RAW_SCHEMA = pa.schema(_COMMON + [
     pa.field("image", pa.binary()), pa.field("image_suffix", pa.string()),
@@ -69,21 +71,29 @@ def encoded_schema(scales: Sequence[int], codebook_size: int, vq: dict | None = 
 
 
 class ShardReader:
-    """Shard descriptions -> raw sample rows (bytes only), in chunks, then one "end" row per shard."""
+    """Shard descriptions -> raw sample rows (bytes only), in chunks, then one "end" row per shard.
 
-    def __init__(self, chunk_size: int = 64):
-        self.chunk_size = chunk_size
+    Any exception while reading a shard (a read that failed after the reader's retries, a library error)
+    fails that shard alone: a "failed" row with the reason instead of the end row."""
+
+    def __init__(self, chunk_size: int = 64, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES):
+        self.chunk_size, self.max_member_bytes = chunk_size, max_member_bytes
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         for d in batch.to_pylist():
             shard = ShardInput(path=d["path"], name=d["name"], format=d["format"], size=d["size"])
             rows: list[dict] = []
-            for item in iter_samples(shard):
-                rows.append(self._row(shard.name, item))
-                if len(rows) >= self.chunk_size:
-                    yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
-                    rows = []
-            yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
+            try:
+                for item in iter_samples(shard, max_member_bytes=self.max_member_bytes):
+                    rows.append(self._row(shard.name, item))
+                    if len(rows) >= self.chunk_size:
+                        yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
+                        rows = []
+            except Exception as e:  # noqa: BLE001 - one bad shard must not stop the others
+                reason = getattr(e, "reason", None) or "read_failed"
+                log.warning("shard %s failed while reading: %s: %s", shard.path, type(e).__name__, e)
+                rows.append(failed_row(shard.name, reason, f"{shard.path}: {type(e).__name__}: {e}"))
+            yield rows_table(rows, RAW_SCHEMA)
 
     @staticmethod
     def _row(shard: str, item: RawSample | ShardEnd) -> dict:
@@ -105,6 +115,7 @@ class ImageDecoder:
         self.input_size, self.max_pixels, self.exif_transpose = input_size, max_pixels, exif_transpose
         self.vq_resolution = vq_resolution
 
+    @guarded("decode", DECODED_SCHEMA)
     def __call__(self, batch: pa.Table) -> pa.Table:
         from PIL import Image
 
@@ -175,6 +186,7 @@ class TATokEncoder:
         self.schema = encoded_schema(self.scales, self.model.codebook_size, self.vq_facts)
         self.code_type = schema.code_value_type(self.model.codebook_size)
 
+    @guarded("encode", "schema")
     def __call__(self, batch: pa.Table) -> pa.Table:
         from tarflow.models.tatok import pixels_from_uint8
 
@@ -224,11 +236,15 @@ def _code_lists(codes, idx_ok, ok, n: int, value_type: pa.DataType) -> pa.ListAr
 
 def vq_facts(vq, resolution: int) -> dict:
     """What a code shard records about its VQ codes (manifest, footer): a rerun with others must not mix."""
-    d = vq.downsample
+    return _vq_facts(vq.path, vq.sha256, vq.codebook_size, vq.downsample, resolution)
+
+
+def _vq_facts(path: str, sha: str, codebook_size: int, downsample: int, resolution: int) -> dict:
+    d = downsample
     if resolution < d or resolution % d:
         raise ValueError(f"--vq-resolution {resolution} is not a positive multiple of the VQ's downsample "
-                         f"factor {d} ({vq.path})")
-    return {"checkpoint": vq.path, "sha256": vq.sha256, "codebook_size": vq.codebook_size, "downsample": d,
+                         f"factor {d} ({path})")
+    return {"checkpoint": path, "sha256": sha, "codebook_size": int(codebook_size), "downsample": d,
             "resolution": int(resolution), "num_tokens": (resolution // d) ** 2,
             "column": schema.vq_column(resolution, d),
             "preprocess": "RGB, PIL bicubic resize of the uint8 image to resolution^2 (aspect not kept), /255"}
@@ -248,14 +264,17 @@ class TokenizeConfig:
     overwrite: bool = False
     exif_transpose: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
     read_chunk: int = 64
     decode_batch_size: int = 32
     encode_batch_size: int | None = None  # default: 256 on GPU, 32 on CPU
-    num_encoders: int | None = None  # default: one per GPU in the cluster, or 1 without GPUs
-    gpus_per_encoder: float | None = None  # default: 1 when the cluster has GPUs, else 0
+    num_encoders: int | None = None  # most encoder actors; default: every GPU the cluster has or can add, 1 on CPU
+    min_encoders: int = 1  # the autoscaling pool never shrinks below this
+    gpus_per_encoder: float | None = None  # default: 1 when the cluster has or can add GPUs (or device cuda)
     cpus_per_encoder: float = 1.0
     decode_cpus: float | None = None  # default: 1 with GPUs, 0.5 without
-    max_concurrent_shards: int = 8  # shards read at once; bounds the rows the driver holds
+    max_concurrent_shards: int = 8  # shards read at once
+    max_writers: int = 8  # shards assembled and written at once (finalize tasks)
     dtype: str = "auto"
     device: str = "auto"
     max_shards: int | None = None
@@ -264,46 +283,78 @@ class TokenizeConfig:
     vq_resolution: int = 256  # the de-tokenizer's resolution: images are resized to this square for the VQ
 
 
-def model_facts(cfg: TokenizeConfig) -> TokenizeFacts:
-    from tarflow.models.tatok import TATok
+def tatok_header(path: str):
+    """(TATokArgs, grid) of a TA-Tok checkpoint from its header alone: no weights read, no model built."""
+    from tarflow.data.checkpoint_header import HeaderError, read_header
+    from tarflow.models.checkpoint import CheckpointError
+    from tarflow.models.tatok import TATokArgs, resolve_teacher
 
-    model = TATok.from_checkpoint(cfg.tatok)
+    try:
+        header = read_header(path)
+    except FileNotFoundError:
+        raise CheckpointError(path, "file not found", "check the path; s3:// paths need AWS credentials") from None
+    except HeaderError as e:
+        raise CheckpointError(path, str(e), "is this the reference ta_tok.pth?") from None
+    entry = header.get("model") if isinstance(header, dict) else None
+    if not isinstance(entry, dict) or "args" not in entry or "sd" not in entry:
+        raise CheckpointError(path, "expected the reference format {'model': {'args', 'sd'}}",
+                              "is this the right kind of checkpoint for TA-Tok?")
+    args = TATokArgs.from_ckpt_args(entry["args"], path)
+    enc = resolve_teacher(args.teacher, path)
+    return args, enc.image_size // enc.patch_size
+
+
+def model_facts(cfg: TokenizeConfig) -> TokenizeFacts:
+    """The facts of a run from the checkpoints' headers and content hashes; no model is built (the driver
+    of a job over a 2.4 GB TA-Tok reads a few hundred KB of it and hashes the rest in a stream)."""
+    from tarflow.data.checkpoint_header import HeaderError, read_header
+    from tarflow.models.checkpoint import CheckpointError
+
+    args, grid = tatok_header(cfg.tatok)
     for s in cfg.scales:
-        if not 1 <= s <= model.grid:
-            raise ValueError(f"--scales: pool scale {s} is out of range 1..{model.grid} for this TA-Tok")
+        if not 1 <= s <= grid:
+            raise ValueError(f"--scales: pool scale {s} is out of range 1..{grid} for this TA-Tok ({cfg.tatok})")
     vq = None
     if cfg.vq:
-        from tarflow.models.vqvae import VQVAE
+        from tarflow.models.vqvae import config_from_state_dict
 
-        vq = vq_facts(VQVAE.from_checkpoint(cfg.vq), cfg.vq_resolution)
+        try:
+            sd = read_header(cfg.vq).get("model")
+        except FileNotFoundError:
+            raise CheckpointError(cfg.vq, "file not found", "check the --vq path") from None
+        except (HeaderError, AttributeError) as e:
+            raise CheckpointError(cfg.vq, f"not a VQ checkpoint ({e})", "give vq_ds16_t2i.pt") from None
+        vq_cfg = config_from_state_dict(sd or {}, cfg.vq)
+        vq = _vq_facts(cfg.vq, storage.sha256(cfg.vq), vq_cfg.codebook_size, 2 ** (len(vq_cfg.ch_mult) - 1),
+                       cfg.vq_resolution)
     return TokenizeFacts(
-        checkpoint=cfg.tatok, checkpoint_sha256=model.sha256, model_args=model.args.raw,
-        codebook_size=model.codebook_size, input_size=model.input_size, scales=list(cfg.scales),
+        checkpoint=cfg.tatok, checkpoint_sha256=storage.sha256(cfg.tatok), model_args=args.raw,
+        codebook_size=args.codebook_size, input_size=args.input_size, scales=list(cfg.scales),
         options={"exif_transpose": cfg.exif_transpose, "max_pixels": cfg.max_pixels}, vq=vq,
     )
 
 
-def build_dataset(shards: list[ShardInput], cfg: TokenizeConfig, facts: TokenizeFacts, encoder_cls=TATokEncoder,
-                  encoder_kwargs: dict | None = None):
-    """The Ray Dataset of encoded rows. `encoder_cls` may be a TATokEncoder subclass (extra constructor
-    arguments in `encoder_kwargs`)."""
-    import ray
+def build_dataset(shards: list[ShardInput], cfg: TokenizeConfig, facts: TokenizeFacts, parts_dir: str,
+                  encoder_cls=TATokEncoder, encoder_kwargs: dict | None = None):
+    """The Ray Dataset of the job: read -> decode -> encode -> PartWriter. `encoder_cls` may be a
+    TATokEncoder subclass (extra constructor arguments in `encoder_kwargs`)."""
     import ray.data
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    gpus_per = cfg.gpus_per_encoder if cfg.gpus_per_encoder is not None else (1.0 if gpus else 0.0)
-    n_enc = cfg.num_encoders or (max(1, int(gpus // gpus_per)) if gpus_per else 1)
-    enc_bs = cfg.encode_batch_size or (256 if gpus_per else 32)
+    pool = plan_pool(cfg.device, cfg.gpus_per_encoder, cfg.min_encoders, cfg.num_encoders)
+    enc_bs = cfg.encode_batch_size or (256 if pool.gpus_per_worker else 32)
     # Without GPUs the encoder shares the CPUs: smaller decode reservations keep a 2-CPU laptop from starving
     # one stage while another holds its reservation.
-    decode_cpus = cfg.decode_cpus if cfg.decode_cpus is not None else (1.0 if gpus_per else 0.5)
+    decode_cpus = cfg.decode_cpus if cfg.decode_cpus is not None else (1.0 if pool.gpus_per_worker else 0.5)
+    log.info("encoders: %d..%d actors, %g GPU each; batch %d", pool.min_workers, pool.max_workers,
+             pool.gpus_per_worker, enc_bs)
     items = [{"path": s.path, "name": s.name, "format": s.format, "size": s.size} for s in shards]
     # Stages stay separate because their resource requests differ (Ray Data fuses adjacent map stages whose
     # requests match): reading must not decode, and CPU decoding must overlap accelerator inference. The
     # encoder's memory request (room for its model) makes it distinct even when CPU counts coincide.
     encoder_memory = max(512 << 20, 4 * (storage.size(cfg.tatok) + (storage.size(cfg.vq) if cfg.vq else 0)))
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(ShardReader(cfg.read_chunk), batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+    ds = ds.map_batches(ShardReader(cfg.read_chunk, cfg.max_member_bytes), batch_size=1, batch_format="pyarrow",
+                        num_cpus=0.25,
                         compute=ray.data.TaskPoolStrategy(size=max(1, min(cfg.max_concurrent_shards, len(items)))))
     ds = ds.map_batches(ImageDecoder(facts.input_size, cfg.max_pixels, cfg.exif_transpose,
                                      facts.vq["resolution"] if facts.vq else None),
@@ -312,24 +363,13 @@ def build_dataset(shards: list[ShardInput], cfg: TokenizeConfig, facts: Tokenize
                                                                 dtype=cfg.dtype, device=cfg.device,
                                                                 vq=cfg.vq, vq_resolution=cfg.vq_resolution,
                                                                 **(encoder_kwargs or {})),
-                        batch_size=enc_bs, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_enc),
-                        num_gpus=gpus_per, num_cpus=cfg.cpus_per_encoder, memory=encoder_memory)
-    return ds
+                        batch_size=enc_bs, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(min_size=pool.min_workers, max_size=pool.max_workers),
+                        num_gpus=pool.gpus_per_worker, num_cpus=cfg.cpus_per_encoder, memory=encoder_memory)
+    return ds.map_batches(PartWriter(parts_dir), batch_size=None, batch_format="pyarrow", num_cpus=0.25)
 
 
 TokenizeSummary = JobSummary
-
-
-def plan(shards: list[ShardInput], cfg: TokenizeConfig, facts: TokenizeFacts) -> tuple[list[ShardInput], list]:
-    by_name = {s.name: s for s in shards}
-
-    def same_input(name, manifest):
-        return manifest.get("input", {}).get("size") == by_name[name].size and \
-            manifest.get("input", {}).get("path") == by_name[name].path
-
-    todo, done = plan_shards(by_name, lambda n: output_paths(cfg.output, n)["manifest"], read_manifest,
-                             facts.mismatch, same_input, cfg.overwrite, cfg.output)
-    return [by_name[n] for n in todo], done
 
 
 def run_tokenize(cfg: TokenizeConfig, encoder_cls=TATokEncoder, encoder_kwargs: dict | None = None
@@ -339,21 +379,25 @@ def run_tokenize(cfg: TokenizeConfig, encoder_cls=TATokEncoder, encoder_kwargs: 
     if cfg.max_shards:
         shards = shards[: cfg.max_shards]
     facts = model_facts(cfg)
-    todo, done = plan(shards, cfg, facts)
-    summary = JobSummary(job="tokenize", shards_total=len(shards), shards_skipped=len(done), output=cfg.output)
-    log.info("%d input shards: %d to do, %d already done (skipped)", len(shards), len(todo), len(done))
-    if todo:
-        writer = CodeShardWriter(cfg.output, facts)
-        by_name = {s.name: s for s in todo}
+    layout = code_shard_layout(cfg.output)
+    by_name = {s.name: s for s in shards}
 
-        def write(name, table, end):
-            s = by_name[name]
-            return writer.write(name, {"path": s.path, "size": s.size, "format": s.format}, table,
-                                complete=end["complete"], incomplete_reason=end.get("detail", ""),
-                                extra={k: v for k, v in end.items() if k not in ("n_samples", "complete", "detail")})
+    def same_input(name, manifest):
+        return manifest.get("input", {}).get("size") == by_name[name].size
 
-        ds = build_dataset(todo, cfg, facts, encoder_cls, encoder_kwargs)
-        drain(ds, ShardAssembler(encoded_schema(facts.scales, facts.codebook_size, facts.vq)), write, summary,
-              len(todo), t0, cfg.progress_every_s)
+    plan = plan_shards(layout, by_name, facts.facts(), same_input, cfg.overwrite)
+    summary = JobSummary(job="tokenize", shards_total=len(shards), shards_skipped=len(plan.done), output=cfg.output,
+                         plan_seconds=plan.seconds)
+    log.info("%d input shards: %d to do, %d already done (skipped); planned in %.1f s", len(shards),
+             len(plan.todo), len(plan.done), plan.seconds)
+    if plan.todo:
+        spec = ShardJob(job="tokenize", layout=layout, facts=facts.facts(), sources=facts.sources(),
+                        writer=CodeShardWriter(facts),
+                        schema_versions={"code_shard": schema.CODE_SHARD_VERSION, "errors": schema.ERRORS_VERSION})
+        inputs = {n: {"path": by_name[n].path, "size": by_name[n].size, "format": by_name[n].format}
+                  for n in plan.todo}
+        run_sharded(spec, inputs, lambda names, parts: build_dataset([by_name[n] for n in names], cfg, facts, parts,
+                                                                     encoder_cls, encoder_kwargs),
+                    summary, t0, cfg.max_writers, cfg.progress_every_s)
     summary.seconds = time.time() - t0
     return summary
