@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import shardmaker
+import slowstages
 import torch
 from conftest import reference_fixture
 
@@ -201,36 +202,72 @@ def shardmaker_reference_checkpoint(tmp_path):
     return tmp_path / "other" / "ta_tok.pth"
 
 
-def test_driver_killed_midway_loses_and_duplicates_nothing(ray_local, i2d_shards, tatok_path, tmp_path,
-                                                           monkeypatch):
-    """The driver dies after writing one shard, and another shard's codes without its manifest (as if killed
-    between the two writes). The rerun redoes exactly the unfinished shards; the result equals a clean run."""
-    from tarflow.data import codeshard
+_DRIVER = """
+import sys, ray
+sys.path[:0] = [{tests!r}]
+from slowstages import SlowEncoder
+from tarflow.pipelines.tokenize import TokenizeConfig, run_tokenize
+ray.init(address={address!r}, log_to_driver=False)
+run_tokenize(TokenizeConfig(input={input!r}, output={output!r}, tatok={tatok!r}, scales=[1], encode_batch_size=1,
+                            decode_batch_size=1, progress_every_s=0), encoder_cls=SlowEncoder,
+             encoder_kwargs={{"delay_s": 0.7}})
+"""
+
+
+def test_driver_killed_midway_loses_and_duplicates_nothing(ray_local, i2d_shards, tatok_path, tmp_path):
+    """The driver is SIGKILLed once a shard is finished: parts and unfinished shards are left behind. The
+    rerun removes the parts, redoes exactly the unfinished shards, and the result equals a clean run."""
+    import signal
+    import subprocess
+    import sys
+    import time
 
     out = tmp_path / "out"
-    real_write = codeshard.CodeShardWriter.write
-    calls = []
-
-    def dying_write(self, name, *a, **kw):
-        calls.append(name)
-        if len(calls) == 2:
-            storage.write_bytes_atomic(str(out / "codes" / f"{name}.parquet"), b"partial garbage")
-            raise KeyboardInterrupt("driver killed")
-        return real_write(self, name, *a, **kw)
-
-    monkeypatch.setattr(codeshard.CodeShardWriter, "write", dying_write)
-    with pytest.raises(KeyboardInterrupt):
-        run_tokenize(_cfg(input=i2d_shards, output=str(out), tatok=tatok_path, scales=[1]))
-    monkeypatch.setattr(codeshard.CodeShardWriter, "write", real_write)
-    assert len(list((out / "_manifest").iterdir())) == 1
+    script = _DRIVER.format(tests=os.path.dirname(__file__), address=ray_local.get_runtime_context().gcs_address,
+                            input=i2d_shards, output=str(out), tatok=tatok_path)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list((out / "_manifest").glob("*.json")):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = sorted(p.stem for p in (out / "_manifest").glob("*.json"))
+    assert 1 <= len(finished) < 3
     resumed = run_tokenize(_cfg(input=i2d_shards, output=str(out), tatok=tatok_path, scales=[1]))
-    assert (resumed.shards_done, resumed.shards_skipped) == (2, 1)
+    assert (resumed.shards_done, resumed.shards_skipped) == (3 - len(finished), len(finished))
+    assert not (out / "_parts").exists()
     clean = tmp_path / "clean"
     run_tokenize(_cfg(input=i2d_shards, output=str(clean), tatok=tatok_path, scales=[1]))
     for name in ("00000", "00001", "00002"):
         a = read_code_shard(str(out / "codes" / f"{name}.parquet")).to_pylist()
         b = read_code_shard(str(clean / "codes" / f"{name}.parquet")).to_pylist()
-        assert a == b
+        assert a == b and len({r["key"] for r in a}) == len(a)
+
+
+def test_a_shard_failing_in_a_stage_fails_alone_and_the_rerun_redoes_it(ray_local, i2d_shards, tatok_path,
+                                                                        tmp_path):
+    out = tmp_path / "out"
+    summary = run_tokenize(_cfg(input=i2d_shards, output=str(out), tatok=tatok_path, scales=[1]),
+                           encoder_cls=slowstages.EncoderFailingOnShard, encoder_kwargs={"bad_shard": "00001"})
+    assert summary.shards_failed == ["00001"] and summary.shards_done == 2
+    assert "illegal memory access" in summary.failed_shard_reasons["00001"]
+    assert sorted(p.stem for p in (out / "_manifest").glob("*.json")) == ["00000", "00002"]
+    again = run_tokenize(_cfg(input=i2d_shards, output=str(out), tatok=tatok_path, scales=[1]))
+    assert (again.shards_done, again.shards_skipped, again.shards_failed) == (1, 2, [])
+
+
+def test_the_driver_receives_metadata_only_whatever_the_rows_carry(ray_local, i2d_shards, tatok_path, tmp_path):
+    """Rows 100x larger (1 MB of payload each, as images would be) cost the driver the same bytes: workers
+    write the shards, the driver sees paths and indices."""
+    seen = {}
+    for ballast in (10_000, 1_000_000):
+        s = run_tokenize(_cfg(input=i2d_shards, output=str(tmp_path / f"o{ballast}"), tatok=tatok_path, scales=[1]),
+                         encoder_cls=slowstages.EncoderWithBallast, encoder_kwargs={"ballast_bytes": ballast})
+        assert s.shards_done == 3 and s.samples_ok == 8
+        seen[ballast] = s.driver_bytes
+    assert seen[1_000_000] < 20_000  # 8 rows x 1 MB = 8 MB went to the shards' files, not to the driver
+    assert abs(seen[1_000_000] - seen[10_000]) < 2_000, seen
 
 
 class EncoderThatDiesOnce(TATokEncoder):

@@ -398,6 +398,7 @@ class JobSummary:
     output_bytes: int = 0
     seconds: float = 0.0
     plan_seconds: float = 0.0
+    driver_bytes: int = 0  # bytes of metadata rows the driver received (the rows' payload stays on workers)
     output: str = ""
     interrupted: bool = False  # stopped by SIGINT/SIGTERM: shards not listed as done are redone by a rerun
     shard_times: list = field(default_factory=list, repr=False)  # (seconds since start, samples) per shard
@@ -524,6 +525,7 @@ def execute(ds, spec: ShardJob, inputs: Mapping[str, dict], summary: JobSummary,
 
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            summary.driver_bytes += batch.nbytes
             for r in batch.to_pylist():
                 shard = r["shard"]
                 if shard in failed:

@@ -1,0 +1,71 @@
+"""Stage variants for pipeline tests (imported by Ray workers by module name: the tests folder is on their
+PYTHONPATH)."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from tarflow.pipelines.generate import GENERATED_SCHEMA, T2IGenerator
+from tarflow.pipelines.sharded import guarded
+from tarflow.pipelines.tokenize import TATokEncoder
+
+
+class EncoderFailingOnShard(TATokEncoder):
+    """Raises on every batch that holds a row of `bad_shard` (a CUDA error, a library bug...)."""
+
+    def __init__(self, *a, bad_shard: str, **kw):
+        super().__init__(*a, **kw)
+        self.bad_shard = bad_shard
+
+    @guarded("encode", "schema")
+    def __call__(self, batch):
+        if self.bad_shard in batch.column("shard").to_pylist():
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+        return super().__call__(batch)
+
+
+class EncoderWithBallast(TATokEncoder):
+    """Adds `ballast_bytes` of payload to every row, as caption text or images would."""
+
+    def __init__(self, *a, ballast_bytes: int, **kw):
+        super().__init__(*a, **kw)
+        self.ballast = b"x" * ballast_bytes
+
+    def __call__(self, batch):
+        out = super().__call__(batch)
+        return out.append_column("ballast", pa.array([self.ballast] * len(out), pa.binary()))
+
+
+class SlowEncoder(TATokEncoder):
+    def __init__(self, *a, delay_s: float, **kw):
+        super().__init__(*a, **kw)
+        self.delay_s = delay_s
+
+    def __call__(self, batch):
+        time.sleep(self.delay_s)
+        return super().__call__(batch)
+
+
+class FakeGenerator(T2IGenerator):
+    """No models: 8x8 pixels from the seed, slowly; records which manifests existed when each shard's requests
+    were generated (to show that shards are written while later requests are still being processed)."""
+
+    def __init__(self, *a, delay_s: float = 0.3, probe: str = "", output: str = "", **kw):
+        self.delay_s, self.probe, self.output = delay_s, probe, output
+
+    def __call__(self, batch):
+        rows = batch.to_pylist()
+        time.sleep(self.delay_s)
+        done = sorted(os.listdir(os.path.join(self.output, "_manifest"))) if os.path.isdir(
+            os.path.join(self.output, "_manifest")) else []
+        for r in rows:
+            r.update(ok=False, codes=None, codes_fix=None, width=None, height=None, pixels=None)
+            if r["kind"] == "sample" and r["error_reason"] is None:
+                px = np.random.default_rng(r["seed"]).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+                r.update(ok=True, codes=[1, 2, 3, 4], codes_fix="ok", width=8, height=8, pixels=px.tobytes())
+                with open(self.probe, "a") as f:
+                    f.write(f"{r['shard']} {','.join(done)}\n")
+        return pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA)

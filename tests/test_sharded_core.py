@@ -1,0 +1,92 @@
+"""The sharded-job core: assembly from replayed parts, planning from listings, workers writing, shards failing
+alone, streaming shard completion."""
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow as pa
+import pytest
+
+from tarflow.data import storage
+from tarflow.data.sample import ensure_random_tatok
+from tarflow.pipelines import sharded
+from tarflow.pipelines.sharded import OutputConflict, PartWriter, ShardJob, ShardLayout, ShardWritten
+
+ROWS = pa.schema([pa.field("shard", pa.string()), pa.field("idx", pa.int64()), pa.field("key", pa.string()),
+                  pa.field("kind", pa.string()), pa.field("end_info", pa.string()), pa.field("v", pa.string())])
+
+
+def _rows(shard, idxs):
+    return pa.Table.from_pylist([{"shard": shard, "idx": i, "key": f"k{i}", "kind": "sample", "v": f"{shard}/{i}"}
+                                 for i in idxs], schema=ROWS)
+
+
+def _layout(out):
+    return ShardLayout(str(out), (("data", "data/{shard}.json"),), "test.manifest", 1)
+
+
+def _write_json(shard, rows, end, paths):
+    data = json.dumps(rows.column("v").to_pylist()).encode()
+    storage.write_bytes_atomic(paths["data"], data)
+    return ShardWritten(outputs={"data": {"path": paths["data"], "bytes": len(data)}},
+                        counts={"samples_in": len(rows), "ok": len(rows), "failed": 0, "failed_by_reason": {}})
+
+
+def test_replayed_and_interleaved_parts_assemble_each_index_once(tmp_path):
+    """Blocks of two shards interleaved, one block replayed (a retried task) and one overlapping another: the
+    finalized shard holds each index once, in order, and its parts are gone."""
+    parts = str(tmp_path / "parts")
+    writer = PartWriter(parts)
+    metas = []
+    for block in (pa.concat_tables([_rows("a", [3, 4]), _rows("b", [0])]), _rows("a", [0, 1, 2]),
+                  _rows("a", [3, 4]), pa.concat_tables([_rows("b", [1]), _rows("a", [2, 3])])):
+        metas += writer(block).to_pylist()
+    a_parts = [m["path"] for m in metas if m["shard"] == "a"]
+    assert len(a_parts) == 4 and sorted({i for m in metas if m["shard"] == "a" for i in m["idx"]}) == [0, 1, 2, 3, 4]
+    spec = ShardJob(job="t", layout=_layout(tmp_path / "out"), facts={"f": 1}, sources={}, writer=_write_json)
+    done = sharded.finalize_shard(spec, "a", {"path": "in/a"}, a_parts, {"n_samples": 5})
+    assert done["counts"]["samples_in"] == 5
+    assert json.loads((tmp_path / "out" / "data" / "a.json").read_text()) == [f"a/{i}" for i in range(5)]
+    manifest = json.loads((tmp_path / "out" / "_manifest" / "a.json").read_text())
+    assert manifest["f"] == 1 and manifest["complete"] and manifest["input"] == {"path": "in/a"}
+    assert not any(os.path.exists(p) for p in a_parts)
+    with pytest.raises(RuntimeError, match="expected 3"):  # a shard is never written short
+        sharded.finalize_shard(spec, "b", {}, [m["path"] for m in metas if m["shard"] == "b"], {"n_samples": 3})
+
+
+def test_planning_lists_once_and_reads_only_existing_manifests(tmp_path, monkeypatch):
+    layout = _layout(tmp_path)
+    spec = ShardJob(job="t", layout=layout, facts={"f": 1}, sources={}, writer=_write_json)
+    for s in ("00001", "00003"):
+        parts = PartWriter(str(tmp_path / "_parts"))(_rows(s, [0, 1])).to_pylist()
+        sharded.finalize_shard(spec, s, {"size": 10}, [m["path"] for m in parts], {"n_samples": 2})
+    storage.write_bytes_atomic(layout.manifest_path("00004"), b"{not json")  # damaged from outside
+    reads = []
+    real = storage.read_many
+    monkeypatch.setattr(storage, "read_many", lambda paths, **kw: reads.extend(paths) or real(paths, **kw))
+    names = [f"{i:05d}" for i in range(6)]
+    plan = sharded.plan_shards(layout, names, {"f": 1}, lambda n, m: True, overwrite=False)
+    assert plan.done == ["00001", "00003"] and plan.todo == ["00000", "00002", "00004", "00005"]
+    assert sorted(os.path.basename(p) for p in reads) == ["00001.json", "00003.json", "00004.json"]
+    assert not os.path.exists(layout.manifest_path("00004"))  # the damaged one is redone
+    changed = sharded.plan_shards(layout, names, {"f": 1}, lambda n, m: n != "00003", overwrite=False)
+    assert changed.done == ["00001"] and "00003" in changed.todo
+    sharded.finalize_shard(spec, "00003", {"size": 10}, [m["path"] for m in PartWriter(str(tmp_path / "_p"))(
+        _rows("00003", [0, 1])).to_pylist()], {"n_samples": 2})
+    with pytest.raises(OutputConflict, match=r"f 1 != 2"):
+        sharded.plan_shards(layout, names, {"f": 2}, lambda n, m: True, overwrite=False)
+    redo = sharded.plan_shards(layout, names, {"f": 2}, lambda n, m: True, overwrite=True)
+    assert redo.done == [] and not os.path.exists(layout.manifest_path("00001"))
+
+
+def test_pool_requests_gpus_the_autoscaler_offers_even_when_none_is_up(ray_local, monkeypatch):
+    monkeypatch.setattr(sharded, "autoscaler_max_resources", lambda: {"GPU": 16, "CPU": 64})
+    pool = sharded.plan_pool("auto")
+    assert (pool.gpus_per_worker, pool.min_workers, pool.max_workers) == (1.0, 1, 16)
+    assert sharded.plan_pool("auto", max_workers=4, min_workers=2).concurrency == (2, 4)
+    monkeypatch.setattr(sharded, "autoscaler_max_resources", lambda: {})
+    assert sharded.plan_pool("auto").gpus_per_worker == 0.0  # this CPU-only test cluster
+    cuda = sharded.plan_pool("cuda")  # asked for: requested even though none is up now
+    assert cuda.gpus_per_worker == 1.0 and cuda.max_workers == 1
+    assert sharded.plan_pool("cpu", max_workers=3).concurrency == (1, 3)
