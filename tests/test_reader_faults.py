@@ -204,6 +204,26 @@ def test_damage_that_is_not_a_truncation_fails_the_shard(tmp_path, photos):
         i2d.read_all(_shard(tmp_path / "cat.tar"))
 
 
+def test_parquet_shards_get_the_same_retries(tmp_path, photos, flaky):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"key": f"{i:06d}", "jpg": d, "caption": c, "status": "success"} for i, (_, d, c) in enumerate(photos)]
+    path = tmp_path / "00000.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    shard = i2d.ShardInput(str(path), "00000", "parquet", os.path.getsize(path))
+    fs = flaky(fault_at=os.path.getsize(path) // 2, error=ConnectionResetError(104, "reset"), times=1)
+    samples, end = i2d.read_all(shard, retry=FAST)
+    assert fs.faults == 1 and [s.image for s in samples] == [d for _, d, _ in photos] and end.n_samples == 6
+    flaky(fault_at=os.path.getsize(path) // 2, error=ConnectionResetError(104, "reset"), times=None)
+    with pytest.raises(i2d.ShardReadError, match="read_failed"):
+        i2d.read_all(shard, retry=FAST)
+    path.write_bytes(path.read_bytes()[:-100])  # no footer
+    flaky(fault_at=0, error=None, times=0)
+    with pytest.raises(i2d.ShardReadError, match="corrupt_parquet"):
+        i2d.read_all(i2d.ShardInput(str(path), "00000", "parquet", os.path.getsize(path)), retry=FAST)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Bounded memory
 

@@ -209,7 +209,9 @@ class _EarlyEOF(OSError):
 
 
 _NOT_FOUND = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
-_BUGS = (MemoryError, TypeError, AttributeError, NameError, NotImplementedError, AssertionError)  # not I/O faults
+# Not retried: a retry cannot help. Anything else is (bounded): s3fs and aiohttp raise many types on a broken
+# connection, IndexError and AttributeError among them.
+_NOT_TRANSIENT = (MemoryError, NotImplementedError, RecursionError)
 
 
 class RetryingFile(io.RawIOBase):
@@ -273,7 +275,7 @@ class RetryingFile(io.RawIOBase):
                 raise ShardReadError("not_found", f"{type(e).__name__}: {e}", self.path) from e
             except PermissionError as e:
                 raise ShardReadError("access_denied", f"{e}; check the credentials' read access", self.path) from e
-            except _BUGS:
+            except _NOT_TRANSIENT:
                 raise
             except Exception as e:  # noqa: BLE001 -- OSError, s3fs/botocore/aiohttp errors (s3fs raised IndexError)
                 if type(e).__name__ == "FileExpired":  # s3fs: the ETag changed under an open file
