@@ -189,7 +189,7 @@ class ReadRetry:
 
     One read (one position) is tried at most `attempts` times, waiting backoff_s, 2*backoff_s, ... (capped at
     max_backoff_s, with jitter) between tries; a file gets at most `max_retries` retries in all, so a link that
-    fails on every read cannot stretch a shard forever. Defaults: up to 5 retries over about 15 s per read, on
+    fails on every read cannot stretch a shard forever. Defaults: up to 5 retries over 8-16 s per read, on
     top of s3fs's own retries.
     """
     attempts: int = 6
