@@ -76,6 +76,8 @@ class ShardReader:
     Any exception while reading a shard (a read that failed after the reader's retries, a library error)
     fails that shard alone: a "failed" row with the reason instead of the end row."""
 
+    MAX_CHUNK_BYTES = 256 << 20
+
     def __init__(self, chunk_size: int = 64, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES):
         self.chunk_size, self.max_member_bytes = chunk_size, max_member_bytes
 
@@ -83,12 +85,15 @@ class ShardReader:
         for d in batch.to_pylist():
             shard = ShardInput(path=d["path"], name=d["name"], format=d["format"], size=d["size"])
             rows: list[dict] = []
+            nbytes = 0
             try:
                 for item in iter_samples(shard, max_member_bytes=self.max_member_bytes):
                     rows.append(self._row(shard.name, item))
-                    if len(rows) >= self.chunk_size:
+                    nbytes += len(getattr(item, "image", None) or b"")
+                    # by bytes too: a chunk of large members must stay far below Arrow's 2 GiB per array
+                    if len(rows) >= self.chunk_size or nbytes >= self.MAX_CHUNK_BYTES:
                         yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
-                        rows = []
+                        rows, nbytes = [], 0
             except Exception as e:  # noqa: BLE001 - one bad shard must not stop the others
                 reason = getattr(e, "reason", None) or "read_failed"
                 log.warning("shard %s failed while reading: %s: %s", shard.path, type(e).__name__, e)
