@@ -90,3 +90,40 @@ def test_pool_requests_gpus_the_autoscaler_offers_even_when_none_is_up(ray_local
     cuda = sharded.plan_pool("cuda")  # asked for: requested even though none is up now
     assert cuda.gpus_per_worker == 1.0 and cuda.max_workers == 1
     assert sharded.plan_pool("cpu", max_workers=3).concurrency == (1, 3)
+
+
+def test_generate_writes_each_shard_while_later_requests_are_still_generated(ray_local, tmp_path):
+    """Requests stream shard after shard with each shard's end row right behind them: when the generator
+    reaches the last shard, the first shards' manifests are already on disk."""
+    import slowstages
+
+    from tarflow.pipelines.generate import GenerateConfig, run_generate
+
+    (tmp_path / "mllm").mkdir()
+    (tmp_path / "mllm" / "config.json").write_text("{}")
+    for f in ("ar.pth", "vq.pt"):
+        (tmp_path / f).write_bytes(f.encode())
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"prompt {i}"}) + "\n" for i in range(16)))
+    out, probe = tmp_path / "out", tmp_path / "probe.txt"
+    cfg = GenerateConfig(prompts=str(prompts), output=str(out), mllm=str(tmp_path / "mllm"),
+                         tatok=str(ensure_random_tatok()), ar_detok=str(tmp_path / "ar.pth"), vq=str(tmp_path / "vq.pt"),
+                         samples_per_shard=4, batch_size=2, num_workers=1, progress_every_s=0)
+    summary = run_generate(cfg, generator_cls=_bound(slowstages.FakeGenerator, probe=str(probe), output=str(out),
+                                                     delay_s=0.4))
+    assert summary.shards_done == 4 and summary.samples_ok == 16
+    seen_at_last_shard = [line.split(" ", 1)[1].split(",") for line in probe.read_text().splitlines()
+                          if line.startswith("00003 ")]
+    assert seen_at_last_shard and "00000.json" in seen_at_last_shard[-1], seen_at_last_shard
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar", "00003.tar"]
+
+
+def _bound(cls, **kw):
+    """`cls` with extra constructor arguments fixed (run_generate passes only the model arguments)."""
+    import functools
+
+    class Bound(cls):
+        __init__ = functools.partialmethod(cls.__init__, **kw)
+
+    Bound.__name__ = cls.__name__
+    return Bound

@@ -416,7 +416,7 @@ def run_generate(cfg: GenerateConfig, generator_cls=T2IGenerator) -> JobSummary:
                 dtype=cfg.dtype, device=cfg.device, compile=cfg.compile), batch_size=block, batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(min_size=pool.min_workers, max_size=pool.max_workers),
                 num_gpus=pool.gpus_per_worker, num_cpus=cfg.cpus_per_worker)
-            ds = ds.map_batches(ImageEncoder(cfg.image_format), batch_size=16, batch_format="pyarrow", num_cpus=0.5)
+            ds = ds.map_batches(ImageEncoder(cfg.image_format), batch_size=None, batch_format="pyarrow", num_cpus=0.5)
             return ds.map_batches(PartWriter(parts_dir), batch_size=None, batch_format="pyarrow", num_cpus=0.25)
 
         spec = ShardJob(job="generate", layout=layout, facts=facts, sources=cfg.detokenizer_id() | {"mllm": cfg.mllm},
