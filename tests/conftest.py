@@ -119,3 +119,7 @@ def pytest_sessionfinish(session, exitstatus):
         sys.stderr.write("\nOutbound network attempts were made during the tests (blocked):\n"
                          + "\n".join(lines[-10:]) + "\n")
         session.exitstatus = 1
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cluster: multi-node simulations (minutes); `make test-cluster` runs them")

@@ -69,3 +69,21 @@ class FakeGenerator(T2IGenerator):
                 with open(self.probe, "a") as f:
                     f.write(f"{r['shard']} {','.join(done)}\n")
         return pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA)
+
+
+class EncoderReportingPlacement(SlowEncoder):
+    """Appends {node, gpu_ids, pid} per batch to `log`: where the pool's actors ran."""
+
+    def __init__(self, *a, log: str, **kw):
+        super().__init__(*a, **kw)
+        self.log = log
+
+    def __call__(self, batch):
+        import json
+
+        import ray
+
+        ctx = ray.get_runtime_context()
+        with open(self.log, "a") as f:
+            f.write(json.dumps({"node": ctx.get_node_id(), "gpu_ids": ray.get_gpu_ids(), "pid": os.getpid()}) + "\n")
+        return super().__call__(batch)

@@ -339,10 +339,11 @@ def model_facts(cfg: TokenizeConfig) -> TokenizeFacts:
     )
 
 
-def build_dataset(shards: list[ShardInput], cfg: TokenizeConfig, facts: TokenizeFacts, parts_dir: str,
+def build_dataset(shards: list[ShardInput], cfg: TokenizeConfig, facts: TokenizeFacts, parts_dir: str | None,
                   encoder_cls=TATokEncoder, encoder_kwargs: dict | None = None):
-    """The Ray Dataset of the job: read -> decode -> encode -> PartWriter. `encoder_cls` may be a
-    TATokEncoder subclass (extra constructor arguments in `encoder_kwargs`)."""
+    """The Ray Dataset of the job: read -> decode -> encode -> PartWriter (without `parts_dir`: the encoded
+    rows themselves, for benchmarks). `encoder_cls` may be a TATokEncoder subclass (extra constructor
+    arguments in `encoder_kwargs`)."""
     import ray.data
 
     pool = plan_pool(cfg.device, cfg.gpus_per_encoder, cfg.min_encoders, cfg.num_encoders)
@@ -371,6 +372,8 @@ def build_dataset(shards: list[ShardInput], cfg: TokenizeConfig, facts: Tokenize
                         batch_size=enc_bs, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(min_size=pool.min_workers, max_size=pool.max_workers),
                         num_gpus=pool.gpus_per_worker, num_cpus=cfg.cpus_per_encoder, memory=encoder_memory)
+    if parts_dir is None:
+        return ds
     return ds.map_batches(PartWriter(parts_dir), batch_size=None, batch_format="pyarrow", num_cpus=0.25)
 
 

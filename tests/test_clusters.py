@@ -1,0 +1,42 @@
+"""Multi-node behaviour on simulated clusters (marked `cluster`: minutes each; `.ci/run` runs them after the
+main suite). Each scenario runs in its own process (tests/cluster_scenarios.py), since a process joins one
+Ray cluster and this session's tests share one local Ray."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.cluster
+HERE = Path(__file__).resolve().parent
+
+
+def _scenario(name: str, work: Path, timeout: int = 600) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    proc = subprocess.run([sys.executable, str(HERE / "cluster_scenarios.py"), name, str(work)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, (proc.stdout[-3000:], proc.stderr[-3000:])
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_a_worker_node_removed_mid_job_loses_and_duplicates_nothing(tmp_path):
+    r = _scenario("node-removal", tmp_path)
+    assert r["removed_after_manifests"] is not None and r["removed_after_manifests"] < 6
+    assert r["rerun_failed"] == [] and r["rerun_done"] + r["rerun_skipped"] == 6
+    assert r["identical"] and r["rows"] == r["unique_keys"] == r["clean_rows"] == 36
+    assert not r["parts_left"]
+
+
+def test_gpu_encoders_start_on_an_autoscaling_cluster_with_no_gpu_node_up(tmp_path):
+    r = _scenario("autoscaling", tmp_path)
+    assert r["gpus_at_start"] == 0
+    assert r["done"] == 16 and r["failed"] == []
+    assert r["head_node"] not in r["encoder_nodes"]  # the encoders ran on the GPU nodes the autoscaler added
+    assert len(r["encoder_nodes"]) == 2  # and the pool grew past 1 as the second GPU node came up
+    assert all(ids != "[]" for ids in r["encoder_gpu_ids"])
+    assert r["gpus_at_end"] >= 1
