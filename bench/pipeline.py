@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="tarflow-bench-pipeline-")
     write_shards(os.path.join(work, "in"), photo_like_jpegs(args.shards * args.per_shard, args.size), args.per_shard)
     cluster = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=0, port=_free_port(), node_ip_address="127.0.0.1", include_dashboard=False,
+        num_cpus=0, gcs_server_port=_free_port(), node_ip_address="127.0.0.1", include_dashboard=False,
         object_store_memory=300 << 20, temp_dir=os.path.join(work, "ray")))
     for _ in range(args.nodes):
         cluster.add_node(num_cpus=args.cpus_per_node, node_ip_address="127.0.0.1", object_store_memory=300 << 20)

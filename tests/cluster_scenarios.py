@@ -74,7 +74,7 @@ def node_removal(work: Path) -> dict:
     shards = make_shards(work / "in", 6, 6)
     tatok = str(ensure_random_tatok())
     cluster = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=0, port=free_port(), node_ip_address="127.0.0.1", include_dashboard=False,
+        num_cpus=0, gcs_server_port=free_port(), node_ip_address="127.0.0.1", include_dashboard=False,
         object_store_memory=200 << 20, temp_dir=str(work / "ray")))
     doomed = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=200 << 20)
     cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=200 << 20)

@@ -27,6 +27,7 @@ def _scenario(name: str, work: Path, timeout: int = 600) -> dict:
 def test_a_worker_node_removed_mid_job_loses_and_duplicates_nothing(tmp_path):
     r = _scenario("node-removal", tmp_path)
     assert r["removed_after_manifests"] is not None and r["removed_after_manifests"] < 6
+    assert r["first_error"] is None and r["first"] == {"done": 6, "failed": {}}  # the job itself survived it
     assert r["rerun_failed"] == [] and r["rerun_done"] + r["rerun_skipped"] == 6
     assert r["identical"] and r["rows"] == r["unique_keys"] == r["clean_rows"] == 36
     assert not r["parts_left"]

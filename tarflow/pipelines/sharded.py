@@ -624,6 +624,9 @@ def plan_pool(device: str = "auto", gpus_per_worker: float | None = None, min_wo
     if gpus_per_worker is None:
         wants_gpu = device.startswith("cuda") or (device == "auto" and (present or offered))
         gpus_per_worker = 1.0 if wants_gpu else 0.0
+        if not wants_gpu and device == "auto":
+            log.info("no GPU in the cluster now and none declared by its autoscaler: the models run on CPU. On "
+                     "an autoscaling cluster that adds GPU nodes on demand, pass --device cuda")
     if gpus_per_worker:
         cap = max(present, min(offered, 4096))
         default_max = max(1, int(cap // gpus_per_worker))
