@@ -39,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--cfg-scale", type=float, default=4.0, help="AR de-tokenizer classifier-free guidance")
     g.add_argument("--guidance-scale", type=float, default=4.0, help="diffusion de-tokenizer guidance")
     g.add_argument("--steps", type=int, default=20, help="diffusion de-tokenizer steps")
+    add_reflect_args(p)
     r = p.add_argument_group("resources")
     r.add_argument("--address", default=None)
     r.add_argument("--num-workers", type=int, default=None, help="generator actors (default: one per GPU, or 1)")
@@ -57,6 +58,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def add_reflect_args(p: argparse.ArgumentParser) -> None:
+    from tarflow.models.reflect import DEFAULT_QUESTION
+
+    g = p.add_argument_group("self-reflection (best-of-N): Tar scores its own candidates from their codes")
+    g.add_argument("--reflect", action="store_true",
+                   help="score each image with the MLLM (P(yes) / (P(yes) + P(no)) to the question below)")
+    g.add_argument("--candidates", type=int, default=1, help="code sequences sampled per image request (N) [1]")
+    g.add_argument("--keep", type=int, default=1, help="best candidates kept (and de-tokenized) per request (K) [1]")
+    g.add_argument("--reflect-question", default=None,
+                   help=f"question after the image tokens, {{prompt}} = the prompt [{DEFAULT_QUESTION!r}]")
+    g.add_argument("--keep-all-scores", action="store_true",
+                   help="also write reflect/{shard}.parquet: every candidate's seed, codes, score, kept")
+
+
+def reflect_kwargs(args: argparse.Namespace) -> dict:
+    return {"reflect": args.reflect, "candidates": args.candidates, "keep": args.keep,
+            "reflect_question": args.reflect_question, "keep_all_scores": args.keep_all_scores}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from tarflow.pipelines.generate import GenerateConfig, PromptTableError, run_generate
@@ -70,7 +90,7 @@ def main(argv=None) -> int:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
         guidance_scale=args.guidance_scale, num_inference_steps=args.steps, overwrite=args.overwrite,
         batch_size=args.batch_size, num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
-        dtype=args.dtype, compile=args.compile)
+        dtype=args.dtype, compile=args.compile, **reflect_kwargs(args))
     init_ray(args.address, progress_bars=not args.no_progress)
     return run_job(run_generate, cfg, args.summary_json, (PromptTableError,))
 

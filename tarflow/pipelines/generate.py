@@ -11,6 +11,10 @@ soon as its images are done: the first manifests appear long before the last req
 
 Each sample's seed drives both the MLLM's sampling and the de-tokenizer's, per row, so an image depends only on
 its prompt, scale and seed: reruns, retries and other batch sizes give the same pixels.
+
+Self-reflection (`reflect`, see the section below and tarflow/models/reflect.py): per request the generator
+samples N candidate code sequences, the same MLLM scores each from its codes (one batched forward), and only
+the best K are de-tokenized; a request then fills K consecutive rows (indices and keys reserved by the driver).
 """
 from __future__ import annotations
 
@@ -40,8 +44,17 @@ _COMMON = [pa.field("shard", pa.string()), pa.field("idx", pa.int64()), pa.field
            pa.field("id", pa.string()), pa.field("index", pa.int32()), pa.field("prompt", pa.string()),
            pa.field("scale", pa.int32()), pa.field("seed", pa.int64())]
 REQUEST_SCHEMA = pa.schema(_COMMON)
+# every candidate of a request, on its rank-0 image's row (for reflect/{shard}.parquet)
+REFLECT_CANDIDATE = pa.struct([pa.field("candidate", pa.int32()), pa.field("seed", pa.int64()),
+                               pa.field("codes", pa.list_(pa.int32())), pa.field("codes_fix", pa.string()),
+                               pa.field("score", pa.float64()), pa.field("rank", pa.int32()),
+                               pa.field("kept", pa.bool_())])
+_REFLECTED = [pa.field("reflect_score", pa.float64()), pa.field("reflect_rank", pa.int32()),
+              pa.field("reflect_candidate", pa.int32()), pa.field("candidates", pa.int32()),
+              pa.field("reflect_tokens", pa.int64()), pa.field("reflect_seconds", pa.float64()),
+              pa.field("reflect_all", pa.list_(REFLECT_CANDIDATE))]
 _GENERATED = [pa.field("ok", pa.bool_()), pa.field("codes", pa.list_(pa.int32())), pa.field("codes_fix", pa.string()),
-              pa.field("width", pa.int32()), pa.field("height", pa.int32())]
+              pa.field("width", pa.int32()), pa.field("height", pa.int32())] + _REFLECTED
 GENERATED_SCHEMA = pa.schema(_COMMON + _GENERATED + [pa.field("pixels", pa.binary())])
 ENCODED_SCHEMA = pa.schema(_COMMON + _GENERATED + [pa.field("image", pa.binary())])
 
@@ -115,16 +128,75 @@ def expand_requests(rows: list[dict], default_scale: int, default_seed: int, def
     return out
 
 
-def shard_requests(requests: list[dict], per_shard: int) -> dict[str, list[dict]]:
-    """Cut requests into output shards of `per_shard`, keyed the img2dataset way (shard * 10^d + row)."""
-    digits = math.ceil(math.log10(per_shard)) if per_shard > 1 else 0
+def shard_requests(requests: list[dict], per_shard: int, keep: int = 1) -> dict[str, list[dict]]:
+    """Cut requests into output shards of `per_shard` images, keyed the img2dataset way (shard * 10^d + row).
+
+    A request makes `keep` images (best-of-N keeps K; a failed request makes one error row): it reserves that
+    many consecutive rows, `idx` and `key` being its first one's, `slots` their count."""
+    per_request = max(1, per_shard // keep)  # a request's images stay in one shard
+    most = max(per_shard, keep)  # rows a shard can hold
+    digits = math.ceil(math.log10(most)) if most > 1 else 0
     shards = {}
-    for s in range(math.ceil(len(requests) / per_shard)):
+    for s in range(math.ceil(len(requests) / per_request)):
         name = f"{s:05d}"
-        part = requests[s * per_shard:(s + 1) * per_shard]
-        shards[name] = [{**r, "shard": name, "idx": i, "kind": "sample",
-                         "key": f"{s * 10 ** digits + i:0{digits + 5}d}"} for i, r in enumerate(part)]
+        rows, i = [], 0
+        for r in requests[s * per_request:(s + 1) * per_request]:
+            slots = keep if r.get("error_reason") is None else 1
+            rows.append({**r, "shard": name, "idx": i, "kind": "sample", "slots": slots,
+                         "key": f"{s * 10 ** digits + i:0{digits + 5}d}"})
+            i += slots
+        shards[name] = rows
     return shards
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Self-reflection settings (best-of-N)
+
+
+@dataclass(frozen=True)
+class ReflectSettings:
+    """Best-of-N by self-reflection: N candidates per request, the K best kept (see tarflow/models/reflect.py)."""
+
+    candidates: int = 1
+    keep: int = 1
+    question: str | None = None  # None: reflect.DEFAULT_QUESTION
+    keep_all_scores: bool = False
+
+    def __post_init__(self):
+        from tarflow.models.reflect import DEFAULT_QUESTION
+
+        if self.question is None:
+            object.__setattr__(self, "question", DEFAULT_QUESTION)
+
+    def problems(self, problems) -> None:
+        from tarflow.models.reflect import PROMPT_FIELD
+
+        problems.check(self.candidates >= 1, "--candidates", f"{self.candidates} is not a positive count",
+                       "give N >= 1")
+        problems.check(1 <= self.keep <= self.candidates, "--keep", f"{self.keep} is not in 1..--candidates "
+                       f"({self.candidates})", "keep at most as many images as candidates are sampled")
+        problems.check(PROMPT_FIELD in self.question, "--reflect-question", f"{self.question!r} has no "
+                       f"{PROMPT_FIELD} field", "put {prompt} where the generation prompt goes")
+
+    def facts(self) -> dict:
+        from tarflow.models.mllm import DEFAULT_SYSTEM
+        from tarflow.models.reflect import AFFIRMATIVE_WORDS, NEGATIVE_WORDS
+
+        return {"candidates": self.candidates, "keep": self.keep, "question": self.question,
+                "system": DEFAULT_SYSTEM, "answers": {"yes": list(AFFIRMATIVE_WORDS), "no": list(NEGATIVE_WORDS)},
+                "candidate_seeds": "splitmix64(seed, c); c=0: seed", "keep_all_scores": self.keep_all_scores}
+
+
+def reflect_table(rows: list[dict]) -> pa.Table:
+    """Every candidate of every request of a shard (reflect/{shard}.parquet), to re-select without regenerating."""
+    out = []
+    for r in rows:
+        for c in r.get("reflect_all") or []:
+            out.append({"key": r["key"], "id": r["id"], "index": r["index"], "prompt": r["prompt"],
+                        "scale": r["scale"], **c})
+    fields = [pa.field("key", pa.string()), pa.field("id", pa.string()), pa.field("index", pa.int32()),
+              pa.field("prompt", pa.string()), pa.field("scale", pa.int32())] + list(REFLECT_CANDIDATE)
+    return pa.Table.from_pylist(out, schema=pa.schema(fields))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -137,7 +209,7 @@ class T2IGenerator:
 
     def __init__(self, mllm: str, tatok: str, detok: str = "ar", ar: str | None = None, vq: str | None = None,
                  diffusion: str | None = None, sampling: dict | None = None, detok_sampling: dict | None = None,
-                 dtype: str = "auto", device: str = "auto", compile: bool = False):
+                 dtype: str = "auto", device: str = "auto", compile: bool = False, reflect: dict | None = None):
         import torch
 
         from tarflow.models.generation import BatchedDecoder, Sampling
@@ -153,6 +225,11 @@ class T2IGenerator:
         self.sampling = Sampling(**(sampling or {}))
         self.detok_sampling = {"cfg_scale": 4.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "guidance_scale": 4.0,
                                "num_inference_steps": 20, **(detok_sampling or {})}
+        self.reflect = ReflectSettings(**reflect) if reflect else None
+        if self.reflect:
+            from tarflow.models.reflect import ReflectScorer
+
+            self.scorer = ReflectScorer(self.model, self.tokenizer, self.vocab, self.reflect.question)
         self.tatok = TATok.from_checkpoint(tatok).to(device, dt)
         if self.tatok.codebook_size > self.vocab.num_image_tokens:
             raise ValueError(f"TA-Tok has {self.tatok.codebook_size} codes but the MLLM only "
@@ -177,6 +254,7 @@ class T2IGenerator:
             raise ValueError(f"de-tokenizer {detok!r}: choose ar or diffusion")
 
     def _codes(self, rows: list[dict], scale: int) -> tuple[list[list[int]], list[str]]:
+        """Codes for rows with `prompt` and `seed` (requests, or a request's candidates), one decoder batch."""
         from tarflow.models.mllm import parse_image_codes, t2i_prompt_ids
 
         n = self.tatok.num_tokens(scale)
@@ -208,6 +286,12 @@ class T2IGenerator:
         for r in rows:
             r.update(ok=False, codes=None, codes_fix=None, width=None, height=None, pixels=None)
         todo = [r for r in rows if r["kind"] == "sample" and r["error_reason"] is None]
+        if self.reflect:
+            todo_ids = {id(r) for r in todo}
+            rows = [r for r in rows if id(r) not in todo_ids]
+            for scale in sorted({r["scale"] for r in todo}):
+                rows += self._best_of_n([r for r in todo if r["scale"] == scale], scale)
+            return pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA)
         for scale in sorted({r["scale"] for r in todo}):
             group = [r for r in todo if r["scale"] == scale]
             codes, fixes = self._codes(group, scale)
@@ -216,6 +300,42 @@ class T2IGenerator:
                 r.update(ok=True, codes=c, codes_fix=f, height=px.shape[0], width=px.shape[1],
                          pixels=np.ascontiguousarray(px, dtype=np.uint8).tobytes())
         return pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA)
+
+    def _best_of_n(self, group: list[dict], scale: int) -> list[dict]:
+        """Requests at one scale -> their K best of N candidates each, as K rows per request (idx, idx + 1, ...).
+
+        All candidates of the group are sampled in one decoder batch and scored in batched forwards; only the
+        kept ones are de-tokenized."""
+        from tarflow.models.reflect import candidate_seed, rank_candidates
+
+        N, K = self.reflect.candidates, self.reflect.keep
+        cands = [{"prompt": r["prompt"], "seed": candidate_seed(r["seed"], c)} for r in group for c in range(N)]
+        codes, fixes = self._codes(cands, scale)
+        scored = self.scorer.score([c["prompt"] for c in cands], codes)
+        out, kept = [], []  # kept: (row, candidate index into cands)
+        for q, r in enumerate(group):
+            scores = scored.scores[q * N:(q + 1) * N]
+            order = rank_candidates(scores)
+            tokens = sum(scored.lengths[q * N:(q + 1) * N])
+            rank_of = {c: k for k, c in enumerate(order)}
+            for k, c in enumerate(order[:K]):
+                j = q * N + c
+                row = {**r, "idx": r["idx"] + k, "key": f"{int(r['key']) + k:0{len(r['key'])}d}",
+                       "seed": cands[j]["seed"], "codes": codes[j], "codes_fix": fixes[j], "reflect_score": scores[c],
+                       "reflect_rank": k, "reflect_candidate": c, "candidates": N}
+                if k == 0:  # the request's scoring cost and every candidate, once
+                    row.update(reflect_tokens=tokens,
+                               reflect_seconds=scored.seconds * tokens / max(scored.tokens, 1),
+                               reflect_all=[{"candidate": i, "seed": cands[q * N + i]["seed"], "codes": codes[q * N + i],
+                                             "codes_fix": fixes[q * N + i], "score": scores[i], "rank": rank_of[i],
+                                             "kept": rank_of[i] < K} for i in range(N)])
+                out.append(row)
+                kept.append(j)
+        pixels = self._pixels([codes[j] for j in kept], [cands[j]["seed"] for j in kept])
+        for row, px in zip(out, pixels):
+            row.update(ok=True, height=px.shape[0], width=px.shape[1],
+                       pixels=np.ascontiguousarray(px, dtype=np.uint8).tobytes())
+        return out
 
 
 class ImageEncoder:
@@ -282,6 +402,29 @@ class GenerateConfig:
     device: str = "auto"
     compile: bool = False
     progress_every_s: float = 10.0
+    # self-reflection (best-of-N): off unless reflect
+    reflect: bool = False
+    candidates: int = 1
+    keep: int = 1
+    reflect_question: str | None = None  # None: tarflow.models.reflect.DEFAULT_QUESTION
+    keep_all_scores: bool = False
+
+    @property
+    def reflect_settings(self) -> ReflectSettings | None:
+        return (ReflectSettings(self.candidates, self.keep, self.reflect_question, self.keep_all_scores)
+                if self.reflect else None)
+
+    def check(self) -> None:
+        """Settings checks before Ray starts (UsageError: one line per problem)."""
+        from tarflow.preflight import Problems
+
+        problems = Problems()
+        problems.check(self.reflect or (self.candidates == 1 and self.keep == 1 and not self.keep_all_scores),
+                       "--candidates/--keep/--keep-all-scores", "best-of-N needs the scores",
+                       "add --reflect (or drop these flags)")
+        if self.reflect:
+            self.reflect_settings.problems(problems)
+        problems.raise_if_any()
 
     @property
     def sampling(self) -> dict:
@@ -310,13 +453,17 @@ class GenerateConfig:
     def facts(self, identities: dict) -> dict:
         return {**identities, "sampling": self.sampling, "detok_sampling": self.detok_sampling,
                 "image_format": self.image_format, "defaults": {"scale": self.scale, "seed": self.seed, "n": self.n},
-                "samples_per_shard": self.samples_per_shard}
+                "samples_per_shard": self.samples_per_shard,
+                # None when off: outputs made before self-reflection existed have no such key, and match
+                "reflect": self.reflect_settings.facts() if self.reflect else None}
 
 
-def generate_layout(output: str) -> ShardLayout:
-    return ShardLayout(output, (("tar", "{shard}.tar"), ("parquet", "{shard}.parquet"),
-                                ("stats", "{shard}_stats.json"), ("errors", f"{schema.ERRORS_DIR}/{{shard}}.parquet")),
-                       schema.GENERATE_MANIFEST_FORMAT, schema.GENERATE_MANIFEST_VERSION)
+def generate_layout(output: str, keep_all_scores: bool = False) -> ShardLayout:
+    files = (("tar", "{shard}.tar"), ("parquet", "{shard}.parquet"), ("stats", "{shard}_stats.json"),
+             ("errors", f"{schema.ERRORS_DIR}/{{shard}}.parquet"))
+    if keep_all_scores:
+        files += (("reflect", "reflect/{shard}.parquet"),)
+    return ShardLayout(output, files, schema.GENERATE_MANIFEST_FORMAT, schema.GENERATE_MANIFEST_VERSION)
 
 
 class GeneratedShardWriter:
@@ -334,7 +481,12 @@ class GeneratedShardWriter:
                 "status": "success" if r["ok"] else "failed_to_generate", "mllm": self.cfg.mllm,
                 "detokenizer": self.cfg.detokenizer_id(), "sampling": self.cfg.sampling,
                 "detok_sampling": self.cfg.detok_sampling, "codes": r["codes"], "codes_fix": r["codes_fix"],
-                "error_message": r["error_detail"]}
+                "error_message": r["error_detail"]} | (self._reflect_meta(r) if self.cfg.reflect else {})
+
+    @staticmethod
+    def _reflect_meta(r: dict) -> dict:
+        return {"reflect_score": r["reflect_score"], "reflect_rank": r["reflect_rank"],
+                "reflect_candidate": r["reflect_candidate"], "candidates": r["candidates"]}
 
     def __call__(self, name: str, rows: pa.Table, end: dict, paths: dict) -> ShardWritten:
         ext = "png" if self.cfg.image_format == "png" else "jpg"
@@ -364,12 +516,29 @@ class GeneratedShardWriter:
                  "status_dict": {"success": len(ok), **reasons}, "tarflow_version": self.version}
         storage.write_bytes_atomic(paths["stats"], json.dumps(stats, indent=4).encode())
         storage.write_bytes_atomic(paths["errors"], err_bytes)
-        return ShardWritten(
-            outputs={"tar": {"path": paths["tar"], "bytes": len(tar_bytes)},
-                     "parquet": {"path": paths["parquet"], "bytes": len(meta_bytes)},
-                     "errors": {"path": paths["errors"], "rows": len(errors), "bytes": len(err_bytes)}},
-            counts={"samples_in": len(rows), "ok": len(ok), "failed": len(errors), "failed_by_reason": reasons},
-            totals={f"codes_{k}": v for k, v in fixes.items() if k != "ok"})
+        outputs = {"tar": {"path": paths["tar"], "bytes": len(tar_bytes)},
+                   "parquet": {"path": paths["parquet"], "bytes": len(meta_bytes)},
+                   "errors": {"path": paths["errors"], "rows": len(errors), "bytes": len(err_bytes)}}
+        totals = {f"codes_{k}": v for k, v in fixes.items() if k != "ok"}
+        if self.cfg.reflect:
+            outputs, totals = self._write_reflect(ok, paths, outputs, totals)
+        return ShardWritten(outputs=outputs, totals=totals,
+                            counts={"samples_in": len(rows), "ok": len(ok), "failed": len(errors),
+                                    "failed_by_reason": reasons})
+
+    def _write_reflect(self, ok: pa.Table, paths: dict, outputs: dict, totals: dict) -> tuple[dict, dict]:
+        """The scoring cost as totals (the summary sums them), and reflect/{shard}.parquet if asked for."""
+        cols = ok.select(["reflect_tokens", "reflect_seconds", "reflect_rank"]).to_pydict()
+        firsts = [i for i, k in enumerate(cols["reflect_rank"]) if k == 0]
+        totals = {**totals, "reflect_requests": len(firsts),
+                  "reflect_candidates_scored": len(firsts) * self.cfg.candidates,
+                  "reflect_tokens_scored": sum(cols["reflect_tokens"][i] or 0 for i in firsts),
+                  "reflect_seconds": round(sum(cols["reflect_seconds"][i] or 0.0 for i in firsts), 6)}
+        if self.cfg.keep_all_scores:
+            data = parquet_bytes(reflect_table(ok.filter(pc.equal(ok.column("reflect_rank"), 0)).to_pylist()))
+            storage.write_bytes_atomic(paths["reflect"], data)
+            outputs = {**outputs, "reflect": {"path": paths["reflect"], "bytes": len(data)}}
+        return outputs, totals
 
 
 def request_blocks(shards: dict[str, list[dict]], names: list[str], block: int) -> list[pa.Table]:
@@ -377,7 +546,7 @@ def request_blocks(shards: dict[str, list[dict]], names: list[str], block: int) 
     into blocks of `block` rows: a shard completes as soon as its own blocks are through."""
     out = []
     for n in names:
-        rows = shards[n] + [end_row(n, len(shards[n]))]
+        rows = shards[n] + [end_row(n, sum(r.get("slots", 1) for r in shards[n]))]
         table = pa.Table.from_pylist([{k: r.get(k) for k in REQUEST_SCHEMA.names} for r in rows],
                                      schema=REQUEST_SCHEMA)
         out += [table.slice(i, block) for i in range(0, len(table), block)]
@@ -390,14 +559,15 @@ def run_generate(cfg: GenerateConfig, generator_cls=T2IGenerator) -> JobSummary:
     from tarflow.pipelines.tokenize import tatok_header
 
     t0 = time.time()
+    cfg.check()
     table_sha = storage.sha256(cfg.prompts)
     rows = read_prompt_table(cfg.prompts)
     _, grid = tatok_header(cfg.tatok)
     requests = expand_requests(rows, cfg.scale, cfg.seed, cfg.n, valid_scales={1, 2, 3} & set(range(1, grid + 1)))
-    shards = shard_requests(requests, cfg.samples_per_shard)
+    shards = shard_requests(requests, cfg.samples_per_shard, cfg.keep if cfg.reflect else 1)
     del rows, requests
     facts = cfg.facts(cfg.model_identities())
-    layout = generate_layout(cfg.output)
+    layout = generate_layout(cfg.output, cfg.reflect and cfg.keep_all_scores)
     plan = plan_shards(layout, shards, facts, lambda n, m: m.get("input", {}).get("sha256") == table_sha,
                        cfg.overwrite)
     summary = JobSummary(job="generate", unit="images", shards_total=len(shards), shards_skipped=len(plan.done),
@@ -413,7 +583,8 @@ def run_generate(cfg: GenerateConfig, generator_cls=T2IGenerator) -> JobSummary:
             ds = ds.map_batches(generator_cls, fn_constructor_kwargs=dict(
                 mllm=cfg.mllm, tatok=cfg.tatok, detok=cfg.detok, ar=cfg.ar_detok, vq=cfg.vq,
                 diffusion=cfg.diffusion_detok, sampling=cfg.sampling, detok_sampling=cfg.detok_sampling,
-                dtype=cfg.dtype, device=cfg.device, compile=cfg.compile), batch_size=block, batch_format="pyarrow",
+                dtype=cfg.dtype, device=cfg.device, compile=cfg.compile,
+                reflect=vars(cfg.reflect_settings) if cfg.reflect else None), batch_size=block, batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(min_size=pool.min_workers, max_size=pool.max_workers),
                 num_gpus=pool.gpus_per_worker, num_cpus=cfg.cpus_per_worker)
             ds = ds.map_batches(ImageEncoder(cfg.image_format), batch_size=None, batch_format="pyarrow", num_cpus=0.5)
@@ -423,5 +594,10 @@ def run_generate(cfg: GenerateConfig, generator_cls=T2IGenerator) -> JobSummary:
                         writer=GeneratedShardWriter(cfg), schema_versions={"errors": schema.ERRORS_VERSION})
         inputs = {n: {"prompts": cfg.prompts, "sha256": table_sha} for n in plan.todo}
         run_sharded(spec, inputs, stages, summary, t0, cfg.max_writers, cfg.progress_every_s)
+    if summary.extra.get("reflect_seconds"):  # per generator actor: the shards' scoring times add up
+        summary.extra["reflect_tokens_scored_per_s"] = round(
+            summary.extra["reflect_tokens_scored"] / summary.extra["reflect_seconds"], 1)
+        summary.extra["reflect_candidates_scored_per_s"] = round(
+            summary.extra["reflect_candidates_scored"] / summary.extra["reflect_seconds"], 2)
     summary.seconds = time.time() - t0
     return summary
