@@ -157,10 +157,10 @@ def _cfg(prompts, tar_folder, output, **kw):
     from tarflow.pipelines.generate import GenerateConfig
 
     ref = reference_fixture("ta_tok").parent
+    kw = {"scale": SCALE, "samples_per_shard": 2, "batch_size": 2, **kw}
     return GenerateConfig(prompts=str(prompts), output=str(output), mllm=tar_folder,
                           tatok=str(ref / "ta_tok" / "ta_tok.pth"), ar_detok=str(ref / "ar_dtok" / "ar_dtok.pth"),
-                          vq=str(ref / "vqvae" / "vq.pt"), scale=SCALE, samples_per_shard=2, batch_size=2,
-                          progress_every_s=0, **kw)
+                          vq=str(ref / "vqvae" / "vq.pt"), progress_every_s=0, **kw)
 
 
 def _tar_json(path) -> dict:
@@ -227,8 +227,8 @@ def test_keep_k_gives_each_request_k_rows_with_their_own_keys(ray_local, trained
     # a: 2 rows, bad: 1 error row (shard 0, 3 rows); b: 2 rows (shard 1)
     assert (summary.shards_done, summary.samples_ok, summary.samples_failed) == (2, 4, 1)
     meta = _tar_json(out / "00000.tar") | _tar_json(out / "00001.tar")
-    assert sorted(meta) == ["000000.json", "000001.json", "000100.json", "000101.json"]
-    for first in ("000000.json", "000100.json"):
+    assert sorted(meta) == ["000000.json", "000001.json", "000010.json", "000011.json"]
+    for first in ("000000.json", "000010.json"):
         nxt = first.replace("0.json", "1.json")
         a, b = meta[first], meta[nxt]
         assert a["id"] == b["id"] and (a["reflect_rank"], b["reflect_rank"]) == (0, 1)
