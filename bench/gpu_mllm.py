@@ -146,7 +146,31 @@ def main():
     if base and best:
         res["speedup_t2i_tokens"] = best / base
         print(f"T2I tokens/s, tarflow / HF generate: {best / base:.1f}x")
+    bench_reflect(model, device, res, 8 if args.tiny else 64)
     write_results(res, args.json, "gpu_mllm.json")
+
+
+def bench_reflect(model, device, res: dict, batch: int) -> None:
+    """Self-reflection's scoring pass (tarflow/models/reflect.py): one forward per batch of candidates of 729
+    image tokens + ~45 text tokens (the default question with a prompt), P(yes) at the last position."""
+    from types import SimpleNamespace
+
+    from tarflow.models.reflect import ReflectScorer
+
+    # token ids only (no tokenizer here): "Yes"/"yes"/" Yes"/" yes"/"YES" and the no's in Qwen2.5's vocabulary
+    answers = ((9454, 9693, 7414, 9834, 14004), (2753, 2152, 2308, 902, 8996))
+    scorer = ReflectScorer(model, None, SimpleNamespace(pad_id=PAD), answer_ids=answers)
+    ps = [p + [p[-1]] * 20 for p in prompts("caption", batch, seed=1)]
+    try:
+        scorer.score_ids(ps)  # warm-up
+        s = time_it(lambda: [scorer.score_ids(ps) for _ in range(3)], device) / 3
+        res["reflect_candidates_per_s"] = batch / s
+        res["reflect_tokens_per_s"] = sum(map(len, ps)) / s
+        print(f"reflect scoring, batch {batch}: {batch / s:8.1f} candidates/s ({sum(map(len, ps)) / s:.0f} "
+              f"tokens/s)", flush=True)
+    except Exception as e:  # must not hide the decoder's figures
+        res["reflect_error"] = f"{type(e).__name__}: {e}"[:500]
+        print(f"reflect scoring: failed: {res['reflect_error']}")
 
 
 if __name__ == "__main__":

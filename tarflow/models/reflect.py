@@ -99,11 +99,14 @@ class ReflectScorer:
     """Scores (prompt, codes) pairs with a Tar model (a Hugging Face Qwen2ForCausalLM) in batched forwards."""
 
     def __init__(self, model, tokenizer, vocab: TarVocab, template: str = DEFAULT_QUESTION,
-                 system: str | None = DEFAULT_SYSTEM, max_batch: int = 64):
+                 system: str | None = DEFAULT_SYSTEM, max_batch: int = 64,
+                 answer_ids: tuple[tuple[int, ...], tuple[int, ...]] | None = None):
+        """`answer_ids` (yes ids, no ids) replaces the tokenizer's only where there is no tokenizer (benchmarks
+        on token ids)."""
         check_template(template)
         self.model, self.tokenizer, self.vocab = model, tokenizer, vocab
         self.template, self.system, self.max_batch = template, system, max_batch
-        self.yes_ids, self.no_ids = answer_token_ids(tokenizer)
+        self.yes_ids, self.no_ids = answer_ids or answer_token_ids(tokenizer)
 
     @property
     def device(self) -> torch.device:
