@@ -8,7 +8,8 @@
 The prompt table (Parquet, CSV or JSONL) has columns id, prompt and optionally scale, seed, n. Output:
 img2dataset-style WebDataset shards ({shard}.tar with {key}.png, {key}.txt (prompt), {key}.json (seed,
 sampling, model ids, codes), {shard}.parquet, {shard}_stats.json), errors/ and _manifest/. Deterministic per
-seed; rerunning skips finished shards.
+seed; rerunning skips finished shards. With --reflect --candidates N --keep K the MLLM scores N candidates per
+image from their codes and only the K best are de-tokenized (README: Self-reflection).
 """
 from __future__ import annotations
 
@@ -58,9 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def add_reflect_args(p: argparse.ArgumentParser) -> None:
-    from tarflow.models.reflect import DEFAULT_QUESTION
+# tarflow.models.reflect.DEFAULT_QUESTION, spelled out so that --help needs no torch (tests/test_reflect.py checks)
+DEFAULT_QUESTION = 'Does this image match the description "{prompt}"? Answer yes or no.'
 
+
+def add_reflect_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("self-reflection (best-of-N): Tar scores its own candidates from their codes")
     g.add_argument("--reflect", action="store_true",
                    help="score each image with the MLLM (P(yes) / (P(yes) + P(no)) to the question below)")

@@ -95,7 +95,8 @@ def test_answer_ids_come_from_the_tokenizer_and_the_question_needs_the_prompt():
     assert {tok.decode([i]).strip().lower() for i in yes} == {"yes"}
     assert {tok.decode([i]).strip().lower() for i in no} == {"no"}
     assert len(yes) >= 3 and not set(yes) & set(no)
-    assert question_for(DEFAULT_QUESTION, "a {cat}") == 'Does this image match the description "a {cat}"? Answer yes or no.'
+    assert question_for(DEFAULT_QUESTION, "a {cat}") == ('Does this image match the description "a {cat}"? '
+                                                         'Answer yes or no.')
     with pytest.raises(ValueError, match="no {prompt} field"):
         check_template("Is this good?")
 
@@ -203,6 +204,16 @@ def test_generate_keeps_the_best_of_n_scores_them_and_resumes(ray_local, sample,
         assert m["reflect_score"] == pytest.approx(best["score"]) and m["codes"] == best["codes"]
         assert m["seed"] == best["seed"]
     assert len({tuple(c["codes"]) for c in cands}) > 3  # the candidates do differ
+    # candidate 0 is what the job makes without --reflect: the request's seed, sampled alone
+    from tarflow.models.generation import BatchedDecoder, Sampling
+    from tarflow.models.mllm import parse_image_codes, t2i_prompt_ids
+
+    model, tok, vocab = trained
+    first = [c for c in cands if c["candidate"] == 0]
+    alone = BatchedDecoder(model, vocab.pad_id).generate(
+        [t2i_prompt_ids(tok, vocab, c["prompt"], SCALE) for c in first], 9, Sampling(**cfg.sampling),
+        seeds=[c["seed"] for c in first], allowed_range=(vocab.image_base_id, vocab.image_base_id + 512))
+    assert [parse_image_codes(t, vocab, 9)[0] for t in alone.tokens] == [c["codes"] for c in first]
     rows = pq.read_table(out / "00000.parquet").to_pylist()
     assert {"reflect_score", "reflect_rank", "candidates"} <= set(rows[0])
     assert (out / "_manifest" / "00000.json").exists()
@@ -247,6 +258,9 @@ def test_reflect_flags_are_checked_before_any_work(tmp_path):
     spec = importlib.util.spec_from_file_location("generate_job", REPO / "jobs" / "generate.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
+    from tarflow.models.reflect import DEFAULT_QUESTION
+
+    assert job.DEFAULT_QUESTION == DEFAULT_QUESTION
     args = job.parse_args(["--prompts", "p", "--output", "o", "--mllm", "m", "--tatok", "t", "--ar-detok", "a",
                            "--vq", "v", "--reflect", "--candidates", "4", "--keep", "2", "--keep-all-scores"])
     assert job.reflect_kwargs(args) == {"reflect": True, "candidates": 4, "keep": 2, "reflect_question": None,

@@ -312,23 +312,23 @@ class T2IGenerator:
         cands = [{"prompt": r["prompt"], "seed": candidate_seed(r["seed"], c)} for r in group for c in range(N)]
         codes, fixes = self._codes(cands, scale)
         scored = self.scorer.score([c["prompt"] for c in cands], codes)
-        out, kept = [], []  # kept: (row, candidate index into cands)
+        out, kept = [], []  # kept[i]: the index into cands of out[i]
         for q, r in enumerate(group):
             scores = scored.scores[q * N:(q + 1) * N]
             order = rank_candidates(scores)
             tokens = sum(scored.lengths[q * N:(q + 1) * N])
             rank_of = {c: k for k, c in enumerate(order)}
+            every = [{"candidate": c, "seed": cands[q * N + c]["seed"], "codes": codes[q * N + c],
+                      "codes_fix": fixes[q * N + c], "score": scores[c], "rank": rank_of[c], "kept": rank_of[c] < K}
+                     for c in range(N)]
             for k, c in enumerate(order[:K]):
                 j = q * N + c
                 row = {**r, "idx": r["idx"] + k, "key": f"{int(r['key']) + k:0{len(r['key'])}d}",
                        "seed": cands[j]["seed"], "codes": codes[j], "codes_fix": fixes[j], "reflect_score": scores[c],
                        "reflect_rank": k, "reflect_candidate": c, "candidates": N}
-                if k == 0:  # the request's scoring cost and every candidate, once
-                    row.update(reflect_tokens=tokens,
-                               reflect_seconds=scored.seconds * tokens / max(scored.tokens, 1),
-                               reflect_all=[{"candidate": i, "seed": cands[q * N + i]["seed"], "codes": codes[q * N + i],
-                                             "codes_fix": fixes[q * N + i], "score": scores[i], "rank": rank_of[i],
-                                             "kept": rank_of[i] < K} for i in range(N)])
+                if k == 0:  # the request's share of the scoring cost, and every candidate, once
+                    row.update(reflect_tokens=tokens, reflect_all=every,
+                               reflect_seconds=scored.seconds * tokens / max(scored.tokens, 1))
                 out.append(row)
                 kept.append(j)
         pixels = self._pixels([codes[j] for j in kept], [cands[j]["seed"] for j in kept])
