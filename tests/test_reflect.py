@@ -144,6 +144,7 @@ def test_candidate_seeds_and_ranking():
     seeds = {candidate_seed(s, c) for s in range(50) for c in range(8)}
     assert len(seeds) == 400 and max(seeds) < 2 ** 62  # no collisions with a prompt's seeds seed + k
     assert rank_candidates([0.2, 0.9, 0.5, 0.9]) == [1, 3, 2, 0]  # ties: the lower candidate index first
+    assert rank_candidates([float("nan"), 0.1, float("nan"), 0.3]) == [3, 1, 0, 2]
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +226,12 @@ def test_generate_keeps_the_best_of_n_scores_them_and_resumes(ray_local, sample,
         run_generate(_cfg(prompts, trained_folder, out))
 
 
-def test_keep_k_gives_each_request_k_rows_with_their_own_keys(ray_local, trained_folder, tmp_path):
+def test_keep_k_gives_each_request_k_rows_with_their_own_keys_with_the_diffusion_detokenizer(
+        ray_local, trained_folder, tmp_path):
+    """K images per request, and the other de-tokenizer (selection happens on codes: only pixels differ)."""
+    pytest.importorskip("diffusers")
+    from test_diffusion_detok import _save_tiny_sana  # a tiny random SANA reading 36-wide rec features
+
     from tarflow.pipelines.generate import run_generate
 
     prompts = tmp_path / "prompts.jsonl"
@@ -234,7 +240,8 @@ def test_keep_k_gives_each_request_k_rows_with_their_own_keys(ray_local, trained
                        + json.dumps({"id": "b", "prompt": "A rocket."}) + "\n")
     out = tmp_path / "gen"
     summary = run_generate(_cfg(prompts, trained_folder, out, reflect=True, candidates=3, keep=2,
-                                samples_per_shard=4))
+                                samples_per_shard=4, detok="diffusion", diffusion_detok=str(_save_tiny_sana(
+                                    tmp_path / "sana")), num_inference_steps=2))
     # a: 2 rows, bad: 1 error row (shard 0, 3 rows); b: 2 rows (shard 1)
     assert (summary.shards_done, summary.samples_ok, summary.samples_failed) == (2, 4, 1)
     meta = _tar_json(out / "00000.tar") | _tar_json(out / "00001.tar")
@@ -245,6 +252,9 @@ def test_keep_k_gives_each_request_k_rows_with_their_own_keys(ray_local, trained
         assert a["id"] == b["id"] and (a["reflect_rank"], b["reflect_rank"]) == (0, 1)
         assert a["reflect_score"] >= b["reflect_score"] and a["reflect_candidate"] != b["reflect_candidate"]
     assert not (out / "reflect").exists()
+    manifest = json.loads((out / "_manifest" / "00000.json").read_text())
+    assert manifest["detokenizer"]["kind"] == "diffusion" and manifest["reflect"]["keep"] == 2
+    assert manifest["counts"]["samples_in"] == 3 and manifest["totals"]["reflect_candidates_scored"] == 3
 
 
 def test_reflect_flags_are_checked_before_any_work(tmp_path):

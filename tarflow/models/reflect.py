@@ -68,8 +68,9 @@ def reflect_prompt_ids(tokenizer, vocab: TarVocab, codes, prompt: str, template:
 
 
 def rank_candidates(scores: list[float]) -> list[int]:
-    """Candidate indices best first: higher score first, ties by the lower candidate index."""
-    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    """Candidate indices best first: higher score first, ties by the lower candidate index, NaN last."""
+    return sorted(range(len(scores)), key=lambda i: (math.isnan(scores[i]), -scores[i] if scores[i] == scores[i]
+                                                     else 0.0, i))
 
 
 def candidate_seed(seed: int, candidate: int) -> int:
