@@ -58,7 +58,7 @@ def plain_loop(shard_folder: str, tatok: str, output: str, scales, batch_size: i
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from tarflow.data.codeshard import CodeShardWriter
+    from tarflow.data.codeshard import CodeShardWriter, code_shard_layout
     from tarflow.data.img2dataset import resolve_inputs
     from tarflow.pipelines.tokenize import (ImageDecoder, ShardReader, TATokEncoder, TokenizeConfig,
                                             encoded_schema, model_facts)
@@ -66,7 +66,7 @@ def plain_loop(shard_folder: str, tatok: str, output: str, scales, batch_size: i
     t0 = time.time()
     enc = TATokEncoder(tatok, scales, dtype=dtype, device=device)
     facts = model_facts(TokenizeConfig(input=shard_folder, output=output, tatok=tatok, scales=list(scales)))
-    writer = CodeShardWriter(output, facts)
+    writer, layout = CodeShardWriter(facts), code_shard_layout(output)
     decoder = ImageDecoder(enc.model.input_size)
     n = 0
     for shard in resolve_inputs(shard_folder):
@@ -76,7 +76,7 @@ def plain_loop(shard_folder: str, tatok: str, output: str, scales, batch_size: i
         for i in range(0, len(samples), batch_size):
             parts.append(enc(decoder(samples.slice(i, batch_size))))
         table = pa.concat_tables(parts) if parts else encoded_schema(scales, enc.model.codebook_size).empty_table()
-        writer.write(shard.name, {"path": shard.path, "size": shard.size, "format": shard.format}, table)
+        writer(shard.name, table, {}, layout.paths(shard.name))
         n += len(table)
     return n, time.time() - t0
 
