@@ -284,7 +284,7 @@ def test_bad_arguments_and_paths_are_reported_together_before_ray_starts(code_sh
           "--num-image-tokens: the code shards' TA-Tok has 512 codes"]),
     ):
         assert job.main(argv) == 2
-        lines = capsys.readouterr().err.strip().splitlines()
+        lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
         assert len(lines) == len(expected), lines
         for want in expected:
             line, = [line for line in lines if line.startswith(f"error: {want}")]
@@ -293,7 +293,7 @@ def test_bad_arguments_and_paths_are_reported_together_before_ray_starts(code_sh
     other = tmp_path / "other.pth"
     other.write_bytes(b"not the TA-Tok")
     assert job.main(["--base", base_folder, "--data", str(code_shards), "--tatok", str(other)]) == 2
-    line, = capsys.readouterr().err.strip().splitlines()
+    line, = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
     assert f"were tokenized by another TA-Tok than --tatok {other}" in line and "00000.parquet" in line
 
 

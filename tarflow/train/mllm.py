@@ -517,8 +517,9 @@ def data_facts(footers, problems: Problems | None = None, tatok_sha256: tuple[st
         g = math.isqrt(int(meta["model"]["args"]["bottleneck_token_num"]))
         tokens_per_scale, codebook = {s: (g // s) ** 2 for s in (1, 2, 3)}, int(meta["model"]["codebook_size"])
     else:
-        log.info("no file in the data has a code shard's metadata: image codes are taken as Tar's TA-Tok's "
-                 "(%s tokens per pool scale, %d codes)", TAR_TATOK_FACTS[0], TAR_TATOK_FACTS[1])
+        if footers:
+            log.info("no file in the data has a code shard's metadata: image codes are taken as Tar's TA-Tok's "
+                     "(%s tokens per pool scale, %d codes)", TAR_TATOK_FACTS[0], TAR_TATOK_FACTS[1])
         tokens_per_scale, codebook = TAR_TATOK_FACTS
     return {"tokens_per_scale": tokens_per_scale, "codebook_size": codebook, "tatok_sha256": sha,
             "rows": count_row_kinds([f for f in footers if not f.error])}
