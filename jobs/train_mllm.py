@@ -1,7 +1,7 @@
 """Train the Tar MLLM on TA-Tok code shards with Ray Train (codes in: no JPEG is decoded, no SigLIP runs).
 
-    ray job submit --working-dir . -- python jobs/train_mllm.py \
-        --data s3://bucket/laion-tatok/ --base s3://models/Qwen2.5-1.5B-Instruct --tatok s3://models/ta_tok.pth \
+    ray job submit --working-dir . -- python jobs/train_mllm.py \\
+        --data s3://bucket/laion-tatok/ --base s3://models/Qwen2.5-1.5B-Instruct --tatok s3://models/ta_tok.pth \\
         --storage-path s3://bucket/runs --name tar-1.5b --num-workers 8 --use-gpu --steps 20000
 
 Tasks per row as the reference builds them (I2T 2 : T2I 4 : text-only 1 by default; text-only needs
