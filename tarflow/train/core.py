@@ -294,7 +294,7 @@ def worker_loop(task_cls: type[Task], config_cls: type[TrainConfig], config: dic
         model = parallel.wrap(model, layers=layers)
         opt, sched = make_optimizer(model, optim)
         state = load_trainer_state(d, opt, sched, rank, parallel) if d else TrainState()
-        if d:
+        if d and os.path.exists(os.path.join(d, META_FILE)):  # checkpoints from before the core have none
             with open(os.path.join(d, META_FILE)) as f:
                 meta = json.load(f)
     meta["starts"].append(state.step)  # 0 for a fresh run, else the step a rerun or retry resumed from
