@@ -32,8 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--data", nargs="+", required=True,
                    help="tokenize job outputs made with --vq (their finished shards), folders of code shards, or "
                         "code shard files; local or s3://")
-    d.add_argument("--tatok", required=True,
-                   help="the TA-Tok checkpoint that made the codes (its decoder, frozen, makes the condition)")
+    d.add_argument("--tatok", default=None,
+                   help="the TA-Tok checkpoint that made the codes (its decoder, frozen, makes the condition). "
+                        "With no model argument at all: the RANDOM demo TA-Tok and AR de-tokenizer (`make demo`)")
     d.add_argument("--scale", type=int, default=1,
                    help="condition on the tatok_s{scale} codes (1 -> 729, 2 -> 169, 3 -> 81 tokens) [%(default)s]")
     d.add_argument("--vq-column", default=None, help="the VQ codes column (default: the shards' own, e.g. vq16_256)")
@@ -91,6 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     sizes = (args.n_layer, args.n_head, args.dim)
     if args.init and (args.preset or any(v is not None for v in sizes)):
         p.error("--init fine-tunes a checkpoint as it is: drop --preset/--n-layer/--n-head/--dim")
+    if args.tatok is None and not args.init and not args.preset and all(v is None for v in sizes):
+        return args  # the demo models (main)
+    if args.tatok is None:
+        p.error("--tatok is required with --init/--preset/--n-layer (the TA-Tok that made the codes)")
     if not args.init and not args.preset and None in sizes:
         p.error("give --init CHECKPOINT, --preset NAME, or all of --n-layer/--n-head/--dim")
     return args
@@ -121,6 +126,11 @@ def main(argv=None) -> int:
 
     setup_logging()
     log = logging.getLogger("tarflow.train.ar_detok")
+    if args.tatok is None:  # no model arguments: the demo TA-Tok and AR de-tokenizer
+        from tarflow.data.sample import demo_warning, ensure_demo_ar_detok, ensure_random_tatok
+
+        args.tatok, args.init = str(ensure_random_tatok()), str(ensure_demo_ar_detok())
+        log.warning("%s", demo_warning("--tatok/--init", args.init))
     init_ray(args.address, progress_bars=False)
     try:
         summary = run_train(config_from_args(args))

@@ -23,7 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tokenize outputs, folders of code shards, or Parquet files (optionally with `conversations`)")
     p.add_argument("--storage-path", required=True, help="Ray Train storage for runs and checkpoints (local or s3://)")
     p.add_argument("--name", default="tar-mllm", help="run name; rerun with the same name to resume [%(default)s]")
-    start = p.add_mutually_exclusive_group(required=True)
+    start = p.add_mutually_exclusive_group()  # neither (and no --tatok): the RANDOM demo models
     start.add_argument("--base", help="base Qwen2 folder: Tar's vocabulary is added")
     start.add_argument("--resume-from", help="a Tar checkpoint folder to continue training")
     p.add_argument("--tatok", default=None, help="TA-Tok checkpoint: image-token rows start from its codebook")
@@ -71,6 +71,18 @@ def main(argv=None) -> int:
     from tarflow.train.mllm import MLLMTrainConfig, run_train_mllm
 
     setup_logging()
+    if not (args.base or args.resume_from or args.tatok):  # no model arguments: the demo family
+        import logging
+
+        from tarflow.data.sample import demo_warning, ensure_demo_base, ensure_random_tatok
+        from tarflow.models.tatok import TATok
+
+        args.base, args.tatok = str(ensure_demo_base()), str(ensure_random_tatok())
+        args.num_image_tokens = TATok.from_checkpoint(args.tatok).codebook_size
+        logging.getLogger("tarflow.train").warning("%s", demo_warning("--base/--resume-from/--tatok", args.base))
+    elif not (args.base or args.resume_from):
+        print("error: give --base (a Qwen2 folder) or --resume-from (a Tar checkpoint)", file=sys.stderr)
+        return 2
     cfg = MLLMTrainConfig(
         data=args.data, storage_path=args.storage_path, name=args.name, base=args.base,
         resume_from=args.resume_from, tatok=args.tatok,

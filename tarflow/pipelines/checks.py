@@ -35,8 +35,8 @@ def check_output(p: Problems, output: str, flag: str = "--output") -> None:
     path = output.removeprefix("file://")
     if not os.path.isabs(os.path.expanduser(path)) and under_ray_job_submit():
         p.add(f"{flag} {output}",
-              f"is relative, and under `ray job submit` the job runs in Ray's temporary copy of the working dir "
-              f"({os.getcwd()}), which Ray deletes", "give an absolute path, e.g. --output \"$PWD/" + path.lstrip("./")
+              "is relative: under `ray job submit` it would land in Ray's temporary copy of the working dir and "
+              "vanish", "give an absolute path, e.g. --output \"$PWD/" + os.path.normpath(path)
               + "\" in the submitting shell, or an s3:// prefix")
         return
     path = os.path.abspath(os.path.expanduser(path))
@@ -48,9 +48,23 @@ def check_output(p: Problems, output: str, flag: str = "--output") -> None:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         p.add(f"{flag} {output}", f"{existing} is a file, so the folder cannot be created", "give another path")
-    elif not os.access(existing, os.W_OK | os.X_OK):
-        p.add(f"{flag} {output}", f"{existing} is not writable by this user",
+    elif not _can_create_in(existing):
+        p.add(f"{flag} {output}", f"{existing} is not writable by this user (or is on a read-only file system)",
               "give a folder you can write to (or fix its permissions)")
+
+
+def _can_create_in(folder: str) -> bool:
+    """Try it (os.access says yes to root on a read-only mount, and no on some network file systems that would
+    accept the write): create and remove a probe file."""
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tarflow-write-check-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
 
 
 def check_checkpoint(p: Problems, path: str | None, flag: str, what: str) -> bool:
@@ -205,7 +219,7 @@ def check_code_shard_input(p: Problems, inputs: list[str], scale: int | None = N
     try:
         shards = resolve_code_shards(inputs)
     except (FileNotFoundError, ValueError) as e:
-        p.add(flag, str(e), fix)
+        p.add(flag, str(e))
         return []
     first = shards[0].path
     try:

@@ -29,8 +29,8 @@ _stop_signal: dict = {"signum": None}
 def init_ray(address: str | None = None, num_cpus: int | None = None, progress_bars: bool | None = None) -> None:
     """Join the cluster at `address` / RAY_ADDRESS, or start a private local Ray.
 
-    Progress bars (Ray Data's tqdm bars) only when stdout is a terminal, whatever `progress_bars` says: a log
-    file or `ray job logs` would get their control codes. Ray Data then logs progress lines instead.
+    Progress bars (Ray Data's tqdm bars) only when stdout is a terminal: a log file or `ray job logs` would get
+    their control codes. Ray Data logs progress lines instead; `progress_bars=False` turns both off.
     """
     import ray
     import ray.data
@@ -42,16 +42,35 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, progress_b
             ray.init(address=address, log_to_driver=True)
         else:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            # Ray 2.60 turns token authentication on for a new local cluster when RAY_AUTH_MODE is unset, and
-            # warns about it on every run. Asking for it explicitly keeps it on (the token in ~/.ray/auth_token is
-            # created once) and the warning away.
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
+            _token_auth_without_warning()
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                      object_store_memory=_local_object_store_bytes())
     _pass_small_actor_arguments_by_value()
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = bool(progress_bars is not False and _is_tty())
+    ctx.enable_progress_bars = progress_bars is not False
+    if not ctx.enable_progress_bars:
+        from ray.util.debug import log_once
+
+        log_once("ray_data_progress_manager_disabled")  # asked for (--no-progress): no warning that they are off
+    if not _is_tty():
+        # Ray Data logs progress lines instead of bars when stdout is not a terminal, except inside Ray workers
+        # (Ray Train's data coordinator), where its default ray-tqdm bars would still write control codes
+        ctx.use_ray_tqdm = False
     install_signal_handlers()  # after ray.init, which installs its own SIGTERM handler (sys.exit)
+
+
+def _token_auth_without_warning() -> None:
+    """Ray 2.60 turns token authentication on for a new local cluster when RAY_AUTH_MODE is unset, and warns
+    about it on every run. Asking for it explicitly, as Ray itself does (environment variable plus a refresh of
+    this process's cached config), keeps it on, the token in ~/.ray/auth_token created once, and the warning
+    away. An explicit RAY_AUTH_MODE (token or disabled) is left as it is."""
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    except ImportError:  # another Ray: its defaults apply
+        return
+    _enable_token_auth()
 
 
 def _is_tty() -> bool:
@@ -67,7 +86,7 @@ def quiet_progress_bars_unless_tty() -> None:
     Environment variables, so that Ray workers started from this process inherit them too."""
     if _is_tty():
         return
-    for k in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE", "RAY_DATA_DISABLE_PROGRESS_BARS"):
+    for k in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
         os.environ.setdefault(k, "1")
     try:
         import transformers
