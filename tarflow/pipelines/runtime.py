@@ -199,10 +199,16 @@ def root_cause(e: BaseException) -> BaseException:
             nxt = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
         elif type(e).__name__ == "UserCodeException" or (type(e).__module__ or "").startswith("ray."):
             nxt = e.__cause__ or e.__context__
-        if nxt is None:
+        if nxt is None or _is_empty_marker(nxt):
             break
         e = nxt
     return e
+
+
+def _is_empty_marker(e: BaseException) -> bool:
+    """Ray Data raises the user's error `from SystemException()`: an empty marker, not a cause."""
+    return (type(e).__module__ or "").startswith("ray.") and not str(e) and e.__cause__ is None \
+        and e.__context__ is None
 
 
 def _is_ray_error(e: BaseException) -> bool:
@@ -213,19 +219,38 @@ def _is_ray_error(e: BaseException) -> bool:
     return isinstance(e, RayError)
 
 
+def _named_line(e: BaseException) -> tuple[str, str] | None:
+    """For Ray's own errors that carry a remote error only as text (an actor that died in its constructor):
+    the last `module.SomethingError: message` line, as (class name, message)."""
+    for line in reversed([ln.strip() for ln in str(e).splitlines()]):
+        head, sep, message = line.partition(": ")
+        name = head.rsplit(".", 1)[-1]
+        if sep and head.replace(".", "").replace("_", "").isalnum() and name.endswith(("Error", "Exception")):
+            return name, message
+    return None
+
+
 def one_line(e: BaseException) -> str:
     """`Type: message`, on one line and cut to a readable length; for Ray's own errors (an actor that died,
-    a worker that crashed), the last `SomethingError: ...` line of their text, which names the cause."""
+    a worker that crashed), the remote error their text names, else their first line."""
     from tarflow.preflight import shorten
 
+    if _is_ray_error(e):
+        named = _named_line(e)
+        if named:
+            return shorten(f"{named[0]}: {named[1]}")
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        return shorten(f"{type(e).__name__}: {first}" if first else type(e).__name__)
     text = str(e).strip()
-    if _is_ray_error(e) and text:
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        named = [ln for ln in lines if ln.split(":", 1)[0].replace(".", "").isidentifier()
-                 and ln.split(":", 1)[0].endswith(("Error", "Exception", "Interrupt")) and ":" in ln]
-        text = named[-1] if named else lines[0]
-        return shorten(text)
     return shorten(f"{type(e).__name__}: {text}" if text else type(e).__name__)
+
+
+def is_usage_error(e: BaseException, usage: tuple) -> bool:
+    """Bad input or settings, raised here or (named in a Ray error's text) in an actor."""
+    if isinstance(e, usage):
+        return True
+    named = _named_line(e) if _is_ray_error(e) else None
+    return bool(named) and named[0] in {c.__name__ for c in usage}
 
 
 def write_error_log(job: str, e: BaseException) -> str | None:
@@ -304,7 +329,7 @@ def run_job(run, cfg, summary_json: str | None, user_errors: tuple = (), check=N
         path = write_error_log(job, e)
         where = f" (traceback: {path})" if path else ""
         print(f"error: {one_line(cause)}{where}", file=sys.stderr)
-        return 2 if isinstance(cause, usage) else 1
+        return 2 if is_usage_error(cause, usage) else 1
     print(summary.render())
     if summary.output:
         print(f"  output: {absolute_output(summary.output)}")
