@@ -171,13 +171,24 @@ def test_errors_and_interrupts_outside_the_pipeline(capsys):
     assert runtime.run_job(raise_(KeyboardInterrupt()), None, None) == 130
     assert "interrupted (SIGINT) before any shard was written" in capsys.readouterr().err
 
+    def sigterm_while_loading(cfg):  # `ray job stop` while a model loads
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not stop the job")
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert runtime.run_job(sigterm_while_loading, None, None) == 143
+    assert "interrupted (SIGTERM) before any shard was written" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
+
     summary = JobSummary(job="demo", shards_total=5, shards_done=2, shards_skipped=1, output="out/x",
                          interrupted=True)
-    runtime._stop_signal["signum"] = signal.SIGTERM
-    try:
-        assert runtime.run_job(lambda cfg: summary, None, None) == 143
-    finally:
-        runtime._stop_signal["signum"] = None
+
+    def stopped_by_sigterm(cfg):  # what the pipelines return when SIGTERM arrives while shards are written
+        runtime._stop_signal["signum"] = signal.SIGTERM
+        return summary
+
+    assert runtime.run_job(stopped_by_sigterm, None, None) == 143
     out = capsys.readouterr().out
     assert "2 shards written, 1 skipped" in out and f"output: {os.path.abspath('out/x')}" in out
     assert "interrupted (SIGTERM): 2 shards not finished; rerun the same command to resume" in out

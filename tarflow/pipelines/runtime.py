@@ -56,7 +56,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, progress_b
         # Ray Data logs progress lines instead of bars when stdout is not a terminal, except inside Ray workers
         # (Ray Train's data coordinator), where its default ray-tqdm bars would still write control codes
         ctx.use_ray_tqdm = False
-    install_signal_handlers()  # after ray.init, which installs its own SIGTERM handler (sys.exit)
 
 
 def _token_auth_without_warning() -> None:
@@ -161,13 +160,14 @@ def setup_logging(verbose: bool = False) -> None:
 # Interrupts
 
 
-def install_signal_handlers() -> None:
+def install_signal_handlers() -> dict:
     """SIGINT and SIGTERM (Ctrl-C, `ray job stop`) raise KeyboardInterrupt in the main thread; the signal is kept
-    for the exit status. The pipelines catch it, stop, and return what they finished."""
+    for the exit status. The pipelines catch it, stop, and return what they finished. Returns the handlers it
+    replaced (none outside the main thread)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return
+        return {}
 
     def stop(signum, frame):
         if _stop_signal["signum"] is not None:  # a second Ctrl-C while stopping: stop now
@@ -175,8 +175,7 @@ def install_signal_handlers() -> None:
         _stop_signal["signum"] = signum
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    return {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 def interrupted_exit_code() -> int:
@@ -308,13 +307,23 @@ def run_job(run, cfg, summary_json: str | None, user_errors: tuple = (), check=N
     whose path is printed); an interrupt prints the summary of what finished.
     """
     job = job or str(getattr(run, "__name__", "tarflow")).removeprefix("run_")
-    install_signal_handlers()
-    usage = _usage_errors(user_errors)
+    _stop_signal["signum"] = None
+    previous = install_signal_handlers()
+    try:
+        return _run_job(run, cfg, summary_json, _usage_errors(user_errors), check, start, job)
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def _run_job(run, cfg, summary_json, usage, check, start, job) -> int:
     try:
         if check is not None:
             check()
         if start is not None:
             start()
+            install_signal_handlers()  # again: ray.init installs its own SIGTERM handler (sys.exit)
         summary = run(cfg)
     except KeyboardInterrupt:
         code = interrupted_exit_code()
