@@ -5,6 +5,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -200,7 +201,7 @@ SLOW_TOKENIZE = textwrap.dedent("""
 
     class SlowEncoder(tokenize.TATokEncoder):
         def __call__(self, batch):
-            time.sleep(1.0)
+            time.sleep(2.0)
             return super().__call__(batch)
 
     def main(argv):
@@ -241,17 +242,18 @@ def test_sigterm_stops_a_running_job_with_its_summary_and_a_rerun_resumes(ray_lo
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 143, stderr[-3000:]
-    done = len(os.listdir(out / "_manifest"))
-    assert 2 <= done < 8
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
-    assert f"tarflow tokenize: {done} shards written, 0 skipped (already done), 0 failed, of 8" in stdout
-    assert f"interrupted (SIGTERM): {8 - done} shards not finished; rerun the same command to resume" in stdout
+    written = int(re.search(r"tarflow tokenize: (\d+) shards written, 0 skipped \(already done\), 0 failed, of 8",
+                            stdout).group(1))
+    done = len(os.listdir(out / "_manifest"))  # one more if the signal came between a manifest and its count
+    assert 1 <= written <= done <= written + 1 and done < 8, (written, done)
+    assert f"interrupted (SIGTERM): {8 - written} shards not finished; rerun the same command to resume" in stdout
     assert f"output: {out}" in stdout
     # quiet logs: nothing the user cannot act on, no progress bars' control codes, a line per finished shard
     log = stdout + stderr
     assert "Token authentication" not in log and "core_worker.cc" not in log, log[-3000:]
     assert "\r" not in log and "\x1b[" not in log
-    assert sum("tarflow INFO: tokenize progress:" in ln for ln in stderr.splitlines()) >= done
+    assert sum("tarflow INFO: tokenize progress:" in ln for ln in stderr.splitlines()) >= written
     assert (tmp_path / "home" / ".ray" / "auth_token").exists()  # Ray's token auth stayed on, quietly
 
     resumed = run_tokenize(TokenizeConfig(input=[str(shards)], output=str(out), tatok=tatok, scales=[1],
