@@ -27,3 +27,10 @@ bench: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
+
+# The whole chain on the bundled sample with the RANDOM demo models (~5 min on 2 CPUs): tokenize (with the demo
+# pixel VQ), train a tiny Tar MLLM until it gives back the sample's captions, caption, generate, train the AR
+# de-tokenizer a few steps; prints where each output is (out/demo/). ARGS="--output DIR" to write elsewhere.
+.PHONY: demo
+demo: $(VENV)/.installed
+	$(OFFLINE) $(PY) jobs/demo.py $(ARGS)

@@ -17,10 +17,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(prog="caption.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True,
-                   help="the tokenize job's output folder, a folder of code shards, or code shard files")
-    p.add_argument("--output", required=True, help="output folder or s3:// prefix")
-    p.add_argument("--model", required=True, help="Tar checkpoint folder (Qwen2 + tokenizer), local or s3://")
+    p.add_argument("--input", nargs="+", default=None,
+                   help="the tokenize job's output folder, a folder of code shards, or code shard files "
+                        "[default: out/tokenize-sample, what `make run` writes]")
+    p.add_argument("--output", default="out/caption-sample",
+                   help="output folder or s3:// prefix [%(default)s]; under `ray job submit` an absolute path or s3://")
+    p.add_argument("--model", default=None,
+                   help="Tar checkpoint folder (Qwen2 + tokenizer), local or s3://. Default: a small RANDOM-weight "
+                        "demo Tar created on first use (its captions are noise; `make demo` trains one)")
     p.add_argument("--scale", type=int, default=1, help="which stored pool scale to read (tatok_s{scale}) [1]")
     p.add_argument("--question", default=DEFAULT_QUESTION, help="the instruction asked about each image [%(default)s]")
     p.add_argument("--max-new-tokens", type=int, default=256, help="caption length limit in tokens [256]")
@@ -46,18 +50,34 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import logging
+
+    from tarflow.data.sample import demo_warning, ensure_demo_tar
+    from tarflow.pipelines import checks
     from tarflow.pipelines.caption import CaptionConfig, run_caption
-    from tarflow.pipelines.runtime import init_ray, run_job, setup_logging
+    from tarflow.pipelines.runtime import absolute_output, init_ray, run_job, setup_logging
 
     setup_logging()
+    log = logging.getLogger("tarflow.caption")
+    if args.input is None:
+        args.input = ["out/tokenize-sample"]
+        log.info("no --input: using %s (what `make run` writes)", args.input[0])
+    if args.model is None:
+        args.model = str(ensure_demo_tar())
+        log.warning("%s", demo_warning("--model", args.model))
     cfg = CaptionConfig(
         input=args.input, output=args.output, model=args.model, scale=args.scale, question=args.question,
         max_new_tokens=args.max_new_tokens, greedy=not args.sample, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, overwrite=args.overwrite, batch_size=args.batch_size,
         num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker, dtype=args.dtype, compile=args.compile,
         max_shards=args.max_shards)
-    init_ray(args.address, progress_bars=not args.no_progress)
-    return run_job(run_caption, cfg, args.summary_json)
+
+    def check():
+        checks.caption_problems(cfg).raise_if_any()
+        cfg.output = absolute_output(cfg.output)
+
+    return run_job(run_caption, cfg, args.summary_json, check=check,
+                   start=lambda: init_ray(args.address, progress_bars=not args.no_progress))
 
 
 if __name__ == "__main__":

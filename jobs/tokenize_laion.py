@@ -25,7 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     io.add_argument("--input-format", choices=["auto", "webdataset", "parquet"], default="auto",
                     help="img2dataset output format (auto: tars if present, else parquet with image bytes)")
     io.add_argument("--output", default="out/tokenize-sample",
-                    help="output folder or s3:// prefix (codes/, errors/, _manifest/) [%(default)s]")
+                    help="output folder or s3:// prefix (codes/, errors/, _manifest/) [%(default)s]; under `ray job "
+                         "submit` an absolute path or s3://, since the job runs in Ray's copy of the working dir")
     io.add_argument("--overwrite", action="store_true",
                     help="redo shards whose outputs were made with another checkpoint, scales or options")
     io.add_argument("--max-shards", type=int, default=None, help="only the first N shards (for trials)")
@@ -37,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="pool scales to store, comma-separated (1 -> 729, 2 -> 169, 3 -> 81 tokens) [%(default)s]")
     m.add_argument("--vq", default=None,
                    help="pixel VQ-16 checkpoint (vq_ds16_t2i.pt), local or s3://: also store each image's VQ codes "
-                        "at --vq-resolution in a column vq16_{resolution} (training data for the AR de-tokenizer)")
+                        "at --vq-resolution in a column vq16_{resolution} (training data for the AR de-tokenizer); "
+                        "'demo': the RANDOM demo VQ (with the demo TA-Tok)")
     m.add_argument("--vq-resolution", type=int, default=256,
                    help="with --vq: the de-tokenizer's resolution; images are resized to this square (RGB, PIL "
                         "bicubic on uint8, aspect not kept, as for TA-Tok) before VQ encoding [%(default)s]")
@@ -75,8 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from tarflow.data.img2dataset import InputError
-    from tarflow.data.sample import ensure_random_tatok, ensure_sample_shards
-    from tarflow.pipelines.runtime import init_ray, run_job, setup_logging
+    from tarflow.data.sample import demo_warning, ensure_demo_vq, ensure_random_tatok, ensure_sample_shards
+    from tarflow.pipelines import checks
+    from tarflow.pipelines.runtime import absolute_output, init_ray, run_job, setup_logging
     from tarflow.pipelines.tokenize import TokenizeConfig, run_tokenize
 
     setup_logging()
@@ -86,7 +89,10 @@ def main(argv=None) -> int:
         log.info("no --input: using the bundled sample %s", args.input[0])
     if args.tatok is None:
         args.tatok = str(ensure_random_tatok())
-        log.warning("no --tatok: using a RANDOM, UNTRAINED demo TA-Tok (%s); its codes are meaningless", args.tatok)
+        log.warning("%s", demo_warning("--tatok", args.tatok))
+    if args.vq == "demo":
+        args.vq = str(ensure_demo_vq())
+        log.warning("%s", demo_warning("real --vq", args.vq))
     cfg = TokenizeConfig(
         input=args.input, output=args.output, tatok=args.tatok, scales=args.scales, input_format=args.input_format,
         overwrite=args.overwrite, exif_transpose=args.exif_transpose, max_pixels=args.max_pixels,
@@ -94,8 +100,13 @@ def main(argv=None) -> int:
         encode_batch_size=args.encode_batch_size, num_encoders=args.num_encoders,
         gpus_per_encoder=args.gpus_per_encoder, dtype=args.dtype, device=args.device, max_shards=args.max_shards,
         vq=args.vq, vq_resolution=args.vq_resolution)
-    init_ray(args.address, progress_bars=not args.no_progress)
-    return run_job(run_tokenize, cfg, args.summary_json, (InputError,))
+
+    def check():
+        checks.tokenize_problems(cfg).raise_if_any()
+        cfg.output = absolute_output(cfg.output)
+
+    return run_job(run_tokenize, cfg, args.summary_json, (InputError,), check=check,
+                   start=lambda: init_ray(args.address, progress_bars=not args.no_progress))
 
 
 if __name__ == "__main__":

@@ -31,8 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_common_args(p, ARTrainConfig, data_help="tokenize job outputs made with --vq (their finished shards), "
                                                 "folders of code shards, or code shard files; local or s3://")
     d = p.add_argument_group("condition and target")
-    d.add_argument("--tatok", required=True,
-                   help="the TA-Tok checkpoint that made the codes (its decoder, frozen, makes the condition)")
+    d.add_argument("--tatok", default=None,
+                   help="the TA-Tok checkpoint that made the codes (its decoder, frozen, makes the condition); "
+                        "none: the RANDOM demo TA-Tok and AR de-tokenizer")
     d.add_argument("--scale", type=int, default=1,
                    help="condition on the tatok_s{scale} codes (1 -> 729, 2 -> 169, 3 -> 81 tokens) [%(default)s]")
     d.add_argument("--vq-column", default=None, help="the VQ codes column (default: the shards' own, e.g. vq16_256)")
@@ -74,6 +75,15 @@ def main(argv=None) -> int:
     from tarflow.train.ar_detok import preflight, run_train
     from tarflow.train.cli import run_trainer
 
+    if args.tatok is None:  # no model arguments: the demo TA-Tok and AR de-tokenizer
+        import logging
+
+        from tarflow.data.sample import demo_warning, ensure_demo_ar_detok, ensure_random_tatok
+
+        args.tatok = str(ensure_random_tatok())
+        if not (args.init or args.preset or args.n_layer):
+            args.init = str(ensure_demo_ar_detok())
+        logging.getLogger("tarflow.train").warning("%s", demo_warning("--tatok/--init", args.init or args.tatok))
     return run_trainer(preflight, run_train, config_from_args(args), args, "AR de-tokenizer")
 
 

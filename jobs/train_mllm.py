@@ -23,8 +23,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, MLLMTrainConfig, data_help="tokenize outputs, folders of code shards, or Parquet files "
                                                   "(optionally with `conversations`); local or s3://")
-    m = p.add_argument_group("model (one of --base or --resume-from)")
-    start = m.add_mutually_exclusive_group(required=True)
+    m = p.add_argument_group("model (one of --base or --resume-from; none of them and no --tatok: the RANDOM "
+                             "demo models)")
+    start = m.add_mutually_exclusive_group()
     start.add_argument("--base", help="base Qwen2 folder (local or s3://): Tar's vocabulary is added; a Tar folder "
                                       "is continued from as it is")
     start.add_argument("--resume-from", help="a Tar checkpoint folder to continue training (local or s3://)")
@@ -65,6 +66,19 @@ def main(argv=None) -> int:
     from tarflow.train.cli import run_trainer
     from tarflow.train.mllm import preflight, run_train_mllm
 
+    if not (args.base or args.resume_from or args.tatok):  # no model arguments: the demo family
+        import logging
+
+        from tarflow.data.sample import demo_warning, ensure_demo_base, ensure_random_tatok
+        from tarflow.models.tatok import TATok
+
+        args.base, args.tatok = str(ensure_demo_base()), str(ensure_random_tatok())
+        args.num_image_tokens = TATok.from_checkpoint(args.tatok).codebook_size
+        logging.getLogger("tarflow.train").warning("%s", demo_warning("--base/--resume-from/--tatok", args.base))
+    elif not (args.base or args.resume_from):
+        print("error: --base/--resume-from: neither given; give --base (a Qwen2 folder) or --resume-from (a Tar "
+              "checkpoint), or none of --base/--resume-from/--tatok for the demo models", file=sys.stderr)
+        return 2
     return run_trainer(preflight, run_train_mllm, config_from_args(args), args, "Tar MLLM")
 
 
