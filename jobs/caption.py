@@ -36,7 +36,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=0, help="with --sample: per-sample seeds derive from it and the key")
     r = p.add_argument_group("resources")
     r.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a private local Ray)")
-    r.add_argument("--num-workers", type=int, default=None, help="MLLM actors (default: one per GPU, or 1)")
+    r.add_argument("--num-workers", type=int, default=None,
+                   help="most MLLM actors of the autoscaling pool (default: every GPU the cluster has or its "
+                        "autoscaler declares, 1 without GPUs)")
+    r.add_argument("--min-workers", type=int, default=1, help="the pool never shrinks below this [%(default)s]")
+    r.add_argument("--max-writers", type=int, default=8,
+                   help="shards assembled and written at once, by tasks on the workers [%(default)s]")
     r.add_argument("--gpus-per-worker", type=float, default=None)
     r.add_argument("--batch-size", type=int, default=None, help="images per decoding batch (64 GPU / 8 CPU)")
     r.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
@@ -69,7 +74,8 @@ def main(argv=None) -> int:
         input=args.input, output=args.output, model=args.model, scale=args.scale, question=args.question,
         max_new_tokens=args.max_new_tokens, greedy=not args.sample, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, overwrite=args.overwrite, batch_size=args.batch_size,
-        num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker, dtype=args.dtype, compile=args.compile,
+        num_workers=args.num_workers, min_workers=args.min_workers, max_writers=args.max_writers,
+        gpus_per_worker=args.gpus_per_worker, dtype=args.dtype, compile=args.compile,
         max_shards=args.max_shards)
 
     def check():

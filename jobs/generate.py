@@ -45,7 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--steps", type=int, default=20, help="diffusion de-tokenizer steps")
     r = p.add_argument_group("resources")
     r.add_argument("--address", default=None)
-    r.add_argument("--num-workers", type=int, default=None, help="generator actors (default: one per GPU, or 1)")
+    r.add_argument("--num-workers", type=int, default=None,
+                   help="most generator actors of the autoscaling pool (default: every GPU the cluster has or its "
+                        "autoscaler declares, 1 without GPUs)")
+    r.add_argument("--min-workers", type=int, default=1, help="the pool never shrinks below this [%(default)s]")
+    r.add_argument("--max-writers", type=int, default=8,
+                   help="shards assembled and written at once, by tasks on the workers [%(default)s]")
     r.add_argument("--gpus-per-worker", type=float, default=None)
     r.add_argument("--batch-size", type=int, default=None, help="images per batch (32 GPU / 4 CPU)")
     r.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
@@ -91,8 +96,8 @@ def main(argv=None) -> int:
         n=args.n, samples_per_shard=args.samples_per_shard, image_format=args.image_format,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
         guidance_scale=args.guidance_scale, num_inference_steps=args.steps, overwrite=args.overwrite,
-        batch_size=args.batch_size, num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
-        dtype=args.dtype, compile=args.compile)
+        batch_size=args.batch_size, num_workers=args.num_workers, min_workers=args.min_workers,
+        max_writers=args.max_writers, gpus_per_worker=args.gpus_per_worker, dtype=args.dtype, compile=args.compile)
 
     def check():
         checks.generate_problems(cfg).raise_if_any()

@@ -13,6 +13,7 @@ import logging
 import sys
 
 from tarflow.data.images import DEFAULT_MAX_PIXELS
+from tarflow.data.img2dataset import DEFAULT_MAX_MEMBER_BYTES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,13 +51,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--exif-transpose", action="store_true",
                    help="rotate images upright by their EXIF orientation (default: pixels as stored, as Tar and "
                         "img2dataset do)")
+    d.add_argument("--max-member-bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
+                   help="tar members declaring more are recorded as member_too_large without being read: bounds "
+                        "a reader's memory whatever a tar declares [%(default)s]")
     d.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="refuse images above this many pixels (decompression bombs) [%(default)s]")
     r = p.add_argument_group("resources")
     r.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a private local Ray)")
     r.add_argument("--num-encoders", type=int, default=None,
-                   help="encoder actors (default: one per GPU in the cluster, 1 without GPUs)")
-    r.add_argument("--gpus-per-encoder", type=float, default=None, help="default: 1 with GPUs, else 0")
+                   help="most encoder actors of the autoscaling pool (default: every GPU the cluster has or its "
+                        "autoscaler declares, 1 without GPUs)")
+    r.add_argument("--min-encoders", type=int, default=1, help="the pool never shrinks below this [%(default)s]")
+    r.add_argument("--gpus-per-encoder", type=float, default=None,
+                   help="GPUs per encoder (default: 1 when the cluster has or can add GPUs, or with --device cuda; "
+                        "else 0). Set it (or --device cuda) on an autoscaling cluster that starts with no GPU node")
+    r.add_argument("--max-concurrent-shards", type=int, default=8, help="shards read at once [%(default)s]")
+    r.add_argument("--max-writers", type=int, default=8,
+                   help="shards assembled and written at once, by tasks on the workers [%(default)s]")
     r.add_argument("--encode-batch-size", type=int, default=None, help="images per encoder call (256 GPU / 32 CPU)")
     r.add_argument("--decode-batch-size", type=int, default=32, help="images per decode task batch [%(default)s]")
     r.add_argument("--read-chunk", type=int, default=64, help="samples per block read from a shard [%(default)s]")
@@ -97,7 +108,9 @@ def main(argv=None) -> int:
         input=args.input, output=args.output, tatok=args.tatok, scales=args.scales, input_format=args.input_format,
         overwrite=args.overwrite, exif_transpose=args.exif_transpose, max_pixels=args.max_pixels,
         read_chunk=args.read_chunk, decode_batch_size=args.decode_batch_size,
-        encode_batch_size=args.encode_batch_size, num_encoders=args.num_encoders,
+        encode_batch_size=args.encode_batch_size, num_encoders=args.num_encoders, min_encoders=args.min_encoders,
+        max_concurrent_shards=args.max_concurrent_shards, max_writers=args.max_writers,
+        max_member_bytes=args.max_member_bytes,
         gpus_per_encoder=args.gpus_per_encoder, dtype=args.dtype, device=args.device, max_shards=args.max_shards,
         vq=args.vq, vq_resolution=args.vq_resolution)
 
