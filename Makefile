@@ -1,7 +1,8 @@
 # Two commands do all set-up on a fresh machine:
 #   make run    create .venv, install tarflow (runtime dependencies only), tokenize the bundled sample
 #   make test   the same .venv plus the test extras, run the test suite
-# Both install through constraints.txt, the exact versions tested (`make lock` rewrites it).
+# Both install through constraints.txt, the exact versions tested (`make lock` rewrites it); `make test-lowest`
+# runs the model tests at the lowest transformers of pyproject.toml's range.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ PIP := $(PY) -m pip install -q -c constraints.txt
 # On the development machines ../shared/offline.sh keeps Ray and Hugging Face from reaching the network.
 OFFLINE := if [ -f ../shared/offline.sh ]; then . ../shared/offline.sh; fi;
 
-.PHONY: run test bench clean lock
+.PHONY: run test bench clean lock test-lowest
 
 $(VENV)/.runtime: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,9 +32,6 @@ test: $(VENV)/.test
 bench: $(VENV)/.runtime
 	$(OFFLINE) $(PY) bench/tokenize.py
 
-clean:
-	rm -rf $(VENV) out .pytest_cache
-
 # Re-resolve the newest versions within pyproject.toml's ranges (all extras) in a scratch venv and pin them in
 # constraints.txt; then run `make clean test` and commit both. torch's local label (+cpu) is dropped so that
 # the pin also admits the CUDA build of the same release. LOCK_TORCH: the CPU wheel on the development machines.
@@ -45,3 +43,14 @@ lock:
 	{ echo "# Exact versions of the tested environment, made by \`make lock\`; \`make run/test\` install through it."; \
 	  .venv-lock/bin/python -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.txt
 	rm -rf .venv-lock
+
+# The lowest transformers this machine can install, with the model tests that use it (an overlay folder on
+# PYTHONPATH shadows the venv's transformers, tokenizers and huggingface_hub; diffusers is not exercised).
+LOWEST_TRANSFORMERS ?= transformers==4.57.3 tokenizers==0.22.2 huggingface_hub==0.36.2
+test-lowest: $(VENV)/.test
+	rm -rf .venv-lowest && $(PY) -m pip install -q --no-deps --target .venv-lowest $(LOWEST_TRANSFORMERS)
+	$(OFFLINE) PYTHONPATH=$$PWD/.venv-lowest $(PY) -m pytest -q -p no:cacheprovider \
+	    tests/test_tatok.py tests/test_mllm.py tests/test_generation.py
+
+clean:
+	rm -rf $(VENV) .venv-lowest out .pytest_cache

@@ -201,10 +201,10 @@ class SampleBuilder:
 def _load_tokenizer(folder: str):
     from transformers import AutoTokenizer
 
-    from tarflow.models.mllm import fetch_model_folder
+    from tarflow.models.mllm import fetch_model_folder, tokenizer_kwargs
 
     local = fetch_model_folder(folder) if storage.is_remote(folder) else folder
-    return AutoTokenizer.from_pretrained(local, local_files_only=True, fix_mistral_regex=False)
+    return AutoTokenizer.from_pretrained(local, local_files_only=True, **tokenizer_kwargs())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -545,9 +545,9 @@ def prepare_initial_model(cfg: MLLMTrainConfig, folder: str) -> str:
         raise ValueError("give --base (a Qwen2 folder) or --resume-from (a Tar checkpoint)")
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
-    from tarflow.models.mllm import add_tar_tokens, new_tar_model
+    from tarflow.models.mllm import add_tar_tokens, new_tar_model, tokenizer_kwargs
 
-    tok = AutoTokenizer.from_pretrained(cfg.base, local_files_only=True, fix_mistral_regex=False)
+    tok = AutoTokenizer.from_pretrained(cfg.base, local_files_only=True, **tokenizer_kwargs())
     add_tar_tokens(tok, num_image_tokens=cfg.num_image_tokens)
     model = Qwen2ForCausalLM.from_pretrained(cfg.base, local_files_only=True)
     codebook = None
