@@ -203,10 +203,10 @@ class SampleBuilder:
 def _load_tokenizer(folder: str):
     from transformers import AutoTokenizer
 
-    from tarflow.models.mllm import fetch_model_folder
+    from tarflow.models.mllm import fetch_model_folder, tokenizer_kwargs
 
     local = fetch_model_folder(folder) if storage.is_remote(folder) else folder
-    return AutoTokenizer.from_pretrained(local, local_files_only=True, fix_mistral_regex=False)
+    return AutoTokenizer.from_pretrained(local, local_files_only=True, **tokenizer_kwargs())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -402,10 +402,10 @@ def initial_model(cfg: MLLMTrainConfig):
     checkpoints are saved in the base's dtype again."""
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
-    from tarflow.models.mllm import add_tar_tokens, new_tar_model
+    from tarflow.models.mllm import add_tar_tokens, new_tar_model, tokenizer_kwargs
 
     base = local_folder(cfg.base)
-    tok = AutoTokenizer.from_pretrained(base, local_files_only=True, fix_mistral_regex=False)
+    tok = AutoTokenizer.from_pretrained(base, local_files_only=True, **tokenizer_kwargs())
     add_tar_tokens(tok, num_image_tokens=cfg.num_image_tokens)
     model = Qwen2ForCausalLM.from_pretrained(base, local_files_only=True, dtype="auto", use_safetensors=True)
     dtype = next(model.parameters()).dtype
