@@ -14,6 +14,7 @@ import sys
 
 def parse_args(argv=None) -> argparse.Namespace:
     from tarflow.pipelines.caption import DEFAULT_QUESTION
+    from tarflow.pipelines.runtime import add_actor_pool_args
 
     p = argparse.ArgumentParser(prog="caption.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,18 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0, help="with --sample: per-sample seeds derive from it and the key")
-    r = p.add_argument_group("resources")
-    r.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a private local Ray)")
-    r.add_argument("--num-workers", type=int, default=None,
-                   help="most MLLM actors of the autoscaling pool (default: every GPU the cluster has or its "
-                        "autoscaler declares, 1 without GPUs)")
-    r.add_argument("--min-workers", type=int, default=1, help="the pool never shrinks below this [%(default)s]")
-    r.add_argument("--max-writers", type=int, default=8,
-                   help="shards assembled and written at once, by tasks on the workers [%(default)s]")
-    r.add_argument("--gpus-per-worker", type=float, default=None)
-    r.add_argument("--batch-size", type=int, default=None, help="images per decoding batch (64 GPU / 8 CPU)")
-    r.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
-    r.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU)")
+    add_actor_pool_args(p, "MLLM actors", "images per decoding batch (64 GPU / 8 CPU)")
     p.add_argument("--overwrite", action="store_true", help="redo shards captioned with other settings")
     p.add_argument("--max-shards", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")

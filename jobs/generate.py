@@ -17,6 +17,8 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from tarflow.pipelines.runtime import add_actor_pool_args
+
     p = argparse.ArgumentParser(prog="generate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", default=None,
@@ -43,18 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--cfg-scale", type=float, default=4.0, help="AR de-tokenizer classifier-free guidance")
     g.add_argument("--guidance-scale", type=float, default=4.0, help="diffusion de-tokenizer guidance")
     g.add_argument("--steps", type=int, default=20, help="diffusion de-tokenizer steps")
-    r = p.add_argument_group("resources")
-    r.add_argument("--address", default=None)
-    r.add_argument("--num-workers", type=int, default=None,
-                   help="most generator actors of the autoscaling pool (default: every GPU the cluster has or its "
-                        "autoscaler declares, 1 without GPUs)")
-    r.add_argument("--min-workers", type=int, default=1, help="the pool never shrinks below this [%(default)s]")
-    r.add_argument("--max-writers", type=int, default=8,
-                   help="shards assembled and written at once, by tasks on the workers [%(default)s]")
-    r.add_argument("--gpus-per-worker", type=float, default=None)
-    r.add_argument("--batch-size", type=int, default=None, help="images per batch (32 GPU / 4 CPU)")
-    r.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
-    r.add_argument("--compile", action="store_true")
+    add_actor_pool_args(p, "generator actors", "images per batch (32 GPU / 4 CPU)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--summary-json", default=None)

@@ -354,3 +354,22 @@ def _run_job(run, cfg, summary_json, usage, check, start, job) -> int:
               "rerun the same command to resume (finished shards are skipped)")
         return interrupted_exit_code()
     return 1 if summary.shards_failed else 0
+
+
+def add_actor_pool_args(p, what: str, batch_help: str):
+    """The resource flags of a job whose model runs in an autoscaling actor pool (caption, generate)."""
+    r = p.add_argument_group("resources")
+    r.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a private local Ray)")
+    r.add_argument("--num-workers", type=int, default=None,
+                   help=f"most {what} of the autoscaling pool (default: every GPU the cluster has or its "
+                        "autoscaler declares, 1 without GPUs)")
+    r.add_argument("--min-workers", type=int, default=1, help="the pool never shrinks below this [%(default)s]")
+    r.add_argument("--max-writers", type=int, default=8,
+                   help="shards assembled and written at once, by tasks on the workers [%(default)s]")
+    r.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPUs per actor (default: 1 when the cluster has or can add GPUs, else 0); set it on an "
+                        "autoscaling cluster that starts with no GPU node")
+    r.add_argument("--batch-size", type=int, default=None, help=batch_help)
+    r.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    r.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU)")
+    return r
