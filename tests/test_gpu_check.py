@@ -61,6 +61,20 @@ def test_gpu_check_tiny_runs_without_ray_diffusers_s3fs(tmp_path):
                 continue
             assert data["figures"][key] > 0, (name, key, data["figures"])
         assert f"== {name}: " in r.stdout  # its summary line
-    # the numbers are the check's own: a decode rate per process times the processes is the total
-    dec = json.loads((out / "tokenize_cpu_decode.json").read_text())
-    assert abs(dec["figures"]["images_per_s_per_process"] * dec["processes"] - dec["figures"]["images_per_s"]) < 1e-6
+
+
+def test_results_keep_errors_and_skips_and_go_on(tmp_path):
+    """What the check relies on to go on after a failure: the error's traceback recorded, the next variant run,
+    a variant that no longer fits its budget skipped, the file current after each."""
+    from bench.common import Budget, Results
+
+    path = tmp_path / "m.json"
+    res = Results("m", str(path), device="cpu")
+    assert res.attempt("compiled", lambda: 1 / 0) is None
+    assert res.attempt("eager", lambda: 3.0) == 3.0
+    res.figure(eager_images_per_s=3.0)
+    assert res.attempt("static", lambda: 3.0, budget=Budget(1.0), need_s=30.0) is None
+    data = json.loads(path.read_text())
+    assert "Traceback" in data["errors"]["compiled"] and "ZeroDivisionError" in data["errors"]["compiled"]
+    assert set(data["errors"]) == {"compiled"} and set(data["skipped"]) == {"static"}
+    assert data["figures"] == {"eager_images_per_s": 3.0} and data["device"] == "cpu"
