@@ -7,7 +7,8 @@ Real shape: SigLIP2 so400m/14 at 384 px (27 layers, select_layer_id -2), 1536 x 
 depth 3, random weights. Inputs: photo-like 512 px JPEGs in img2dataset-style tars. Prints, in one run:
   model-only images/s   encode_scales on pre-decoded uint8 tensors already on the device (scales 1,2,3)
   end-to-end images/s   the tokenize job on a local Ray (read, decode, encode, write), steady state
-and writes them as JSON (to --json, or $OUT/gpu_tokenize.json when $OUT is set).
+and writes them as JSON (to --json, or $OUT/gpu_tokenize.json when $OUT is set). The end-to-end part needs
+Ray; bench/gpu_check.py measures the model-only rate and the job's CPU stage (decode_throughput) without it.
 """
 from __future__ import annotations
 
