@@ -129,7 +129,7 @@ def decode_throughput(jpegs: list[bytes], input_size: int, processes: int, secon
     object store in the job) is not counted."""
     import multiprocessing as mp
 
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    ctx = mp.get_context("spawn")  # fresh workers: the calling process may hold a CUDA context, which forks badly
     batches = raw_batches(jpegs)
     rows = batches[0].num_rows
     per_task = 2  # batches per task: short tasks keep every worker busy until the end
