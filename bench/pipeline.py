@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     import ray
     from ray.cluster_utils import Cluster
 
-    from bench.common import photo_like_jpegs, write_results, write_shards
+    from bench.common import photo_like_jpegs, results_path, write_shards
     from tarflow.data.sample import ensure_random_tatok
     from tarflow.pipelines.tokenize import TokenizeConfig, model_facts
 
@@ -158,7 +158,11 @@ def main(argv=None) -> int:
     results["ratio_driver_cpu_share"] = new["driver_cpu_share"] / max(old["driver_cpu_share"], 1e-9)
     results["ratio_driver_bytes"] = new["driver_bytes"] / max(old["driver_bytes"], 1)
     results["setup"] = vars(args)
-    write_results(results, args.json, "pipeline.json")
+    out = results_path(args.json, "pipeline.json")
+    if out:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=2)
+    print(json.dumps(results))
     return 0
 
 
