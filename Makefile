@@ -1,29 +1,69 @@
 # Two commands do all set-up on a fresh machine:
-#   make run    create .venv, install tarflow, tokenize the bundled sample with the default small TA-Tok
-#   make test   create .venv, install tarflow with test extras, run the test suite
+#   make run    create .venv, install tarflow (runtime dependencies only), tokenize the bundled sample
+#   make test   the same .venv plus the test extras, run the test suite (`make test-cluster`: the multi-node
+#               simulations, which .ci/run runs too)
+# Both install through constraints.txt, the exact versions tested (`make lock` rewrites it); `make test-lowest`
+# runs the model tests at the lowest transformers of pyproject.toml's range.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q -c constraints.txt
 # On the development machines ../shared/offline.sh keeps Ray and Hugging Face from reaching the network.
 OFFLINE := if [ -f ../shared/offline.sh ]; then . ../shared/offline.sh; fi;
 
-.PHONY: run test bench clean
+.PHONY: run test test-cluster bench clean lock test-lowest
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.runtime: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PIP) -e .
 	touch $@
 
-run: $(VENV)/.installed
+$(VENV)/.test: $(VENV)/.runtime
+	$(PIP) -e '.[test]'
+	touch $@
+
+run: $(VENV)/.runtime
 	$(OFFLINE) $(PY) jobs/tokenize_laion.py $(ARGS)
 
-test: $(VENV)/.installed
-	$(OFFLINE) $(PY) -m pytest -q $(PYTEST_ARGS)
+# the suite without the multi-node simulations (under 15 min on 2 cores); .ci/run runs both
+test: $(VENV)/.test
+	$(OFFLINE) $(PY) -m pytest -q -m "not cluster" $(PYTEST_ARGS)
 
-bench: $(VENV)/.installed
-	$(OFFLINE) $(PY) bench/tokenize.py
+# simulated multi-node clusters (ray.cluster_utils): a node removed mid-job, an autoscaler adding GPU nodes
+test-cluster: $(VENV)/.test
+	$(OFFLINE) $(PY) -m pytest -q -m cluster $(PYTEST_ARGS)
+
+bench: $(VENV)/.runtime
+	$(OFFLINE) $(PY) -m bench.tokenize
+
+# Re-resolve the newest versions within pyproject.toml's ranges (all extras) in a scratch venv and pin them in
+# constraints.txt; then run `make clean test` and commit both. torch's local label (+cpu) is dropped so that
+# the pin also admits the CUDA build of the same release. LOCK_TORCH: the CPU wheel on the development machines.
+LOCK_TORCH ?= 2.13.0
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip
+	.venv-lock/bin/python -m pip install -q 'torch==$(LOCK_TORCH)' -e '.[test,diffusion]'
+	{ echo "# Exact versions of the tested environment, made by \`make lock\`; \`make run/test\` install through it."; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.txt
+	rm -rf .venv-lock
+
+# The lowest transformers this machine can install, with the model tests that use it (an overlay folder on
+# PYTHONPATH shadows the venv's transformers, tokenizers and huggingface_hub; diffusers is not exercised).
+LOWEST_TRANSFORMERS ?= transformers==4.57.3 tokenizers==0.22.2 huggingface_hub==0.36.2
+test-lowest: $(VENV)/.test
+	rm -rf .venv-lowest && $(PY) -m pip install -q --no-deps --target .venv-lowest $(LOWEST_TRANSFORMERS)
+	$(OFFLINE) PYTHONPATH=$$PWD/.venv-lowest $(PY) -m pytest -q -p no:cacheprovider \
+	    tests/test_tatok.py tests/test_mllm.py tests/test_generation.py
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) .venv-lowest out .pytest_cache
+
+# The whole chain on the bundled sample with the RANDOM demo models (~5 min on 2 CPUs): tokenize (with the demo
+# pixel VQ), train a tiny Tar MLLM until it gives back the sample's captions, caption, generate, train the AR
+# de-tokenizer a few steps; prints where each output is (out/demo/). ARGS="--output DIR" to write elsewhere.
+.PHONY: demo
+demo: $(VENV)/.runtime
+	$(OFFLINE) $(PY) jobs/demo.py $(ARGS)

@@ -1,13 +1,15 @@
 """GPU benchmark of MLLM training steps (issue: MFU >= 40% with packed sequences of 2048 on one H200).
 
-    python bench/gpu_train.py          # H200: Tar-1.5B shape (Qwen2.5-1.5B, vocab 217206), random weights, bf16
+    python bench/gpu_train.py          # H200: Tar-1.5B shape (Qwen2.5-1.5B, vocab 217206), random weights
     python bench/gpu_train.py --tiny   # any machine: a tiny Qwen2 with Tar's vocabulary, on CPU
 
-Same synthetic samples (lengths like Tar's tasks: T2I/I2T with 729/169/81 image tokens plus text) trained two
-ways in one run: packed into rows of 2048 (tarflow: positions restart, block-diagonal attention) and padded
-per batch without packing (the reference's way). Prints useful (non-padding) tokens/s and model FLOPs
-utilisation against 790 TFLOP/s (the bf16 matmul rate measured on the H200); writes JSON to --json or
-$OUT/gpu_train.json.
+A step as tarflow's MLLM trainer takes it (tarflow/train/mllm.py): fp32 weights under bf16 autocast,
+packed_loss, AdamW (tarflow.train.common.make_optimizer), gradient clipping. The same synthetic samples
+(lengths like Tar's tasks: T2I/I2T with 729/169/81 image tokens plus text) trained two ways in one run: packed
+into rows of 2048 (tarflow: positions restart, block-diagonal attention) and padded per batch without packing
+(the reference's way). Prints useful (non-padding) tokens/s and model FLOPs utilisation against the bf16
+matmul rate measured in the same run; writes JSON to --json or $OUT/gpu_train.json. bench/gpu_check.py runs
+the packed measurement.
 """
 from __future__ import annotations
 
@@ -21,16 +23,16 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # bench/tokenize.py shadows stdlib
 sys.path.insert(0, os.path.dirname(_HERE))
 
-from bench.common import write_results  # noqa: E402
-
-PEAK_FLOPS = 790e12
+from bench.common import Budget, Results, device_name, results_path, sync, timed  # noqa: E402
 
 
-def samples(n: int, seed: int = 0) -> list[tuple[list[int], list[int], int]]:
+def samples(n: int, seed: int = 0, image_tokens=(729, 729, 169, 81)) -> list[tuple[list[int], list[int], int]]:
+    """(ids, labels, task) like Tar's: an image of one of `image_tokens` lengths, 15-120 tokens of text, 30 of
+    chat template; every token learned."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        image = rng.choice([729, 729, 169, 81])
+        image = rng.choice(image_tokens)
         text = rng.randrange(15, 120)
         ids = [rng.randrange(1000, 200000) for _ in range(image + text + 30)]
         out.append((ids, list(ids), rng.randrange(2)))
@@ -53,6 +55,84 @@ def padded(batch_samples, pad_id: int) -> dict:
             "position_ids": pos, "padding": float((seg < 0).mean())}
 
 
+def matmul_peak(device, n: int = 8192, repeats: int = 10) -> tuple[float, str]:
+    """FLOP/s of an n x n x n matrix product on `device` in the dtype training computes in there (bf16 on GPU
+    under autocast; float32 on CPU, where the trainer does not autocast): the peak MFU is measured against.
+    Returns (FLOP/s, dtype)."""
+    import torch
+
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    s = timed(lambda: [a @ b for _ in range(repeats)], device)
+    return 2 * n**3 * repeats / s, str(dtype).removeprefix("torch.")
+
+
+def model_flops(cfg, n_params: int, batch: dict) -> float:
+    """Training FLOPs of a batch: 6 per parameter per token (forward and backward; the tied head counted once
+    as the matmul it is) plus causal attention within each sample, 6 * layers * hidden * length^2."""
+    import numpy as np
+
+    seg = batch["segments"]
+    tokens = int((seg >= 0).sum())
+    attn = 0
+    for row in seg:
+        _, lengths = np.unique(row[row >= 0], return_counts=True)
+        attn += int((lengths.astype(np.int64) ** 2).sum())
+    return 6 * n_params * tokens + 6 * cfg.num_hidden_layers * cfg.hidden_size * attn
+
+
+def train_throughput(model, make_batch, pool, steps: int, res: Results, tag: str, peak: float,
+                     budget: Budget | None = None) -> None:
+    """Useful tokens/s and MFU of `steps` training steps (after one warm-up step), as the trainer takes them;
+    fewer steps when the budget runs out (at least one). Figures go into `res` under `tag`."""
+    import torch
+
+    from tarflow.train.common import OptimConfig, autocast, make_optimizer
+    from tarflow.train.mllm import packed_loss
+
+    dev = next(model.parameters()).device
+    n_params = sum(p.numel() for p in model.parameters())
+    optim = OptimConfig()
+    opt, sched = make_optimizer(model, optim)
+    model.train()
+    pending = list(pool)
+
+    def step():
+        nonlocal pending
+        batch, pending = make_batch(pending)
+        with autocast(dev, optim.bf16):
+            loss, _ = packed_loss(model, batch, dev)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return batch
+
+    warm = timed(step, dev)
+    tokens, flops, pad, s, done = 0, 0.0, 0.0, 0.0, 0
+    while done < steps:
+        t0 = time.perf_counter()
+        batch = step()
+        sync(dev)
+        s += time.perf_counter() - t0
+        done += 1
+        tokens += int((batch["segments"] >= 0).sum())
+        flops += model_flops(model.config, n_params, batch)
+        pad += batch["padding"]
+        if budget is not None and not budget.fits(2 * s / done):
+            break
+    res.figure(**{f"{tag}_tokens_per_s": tokens / s, f"{tag}_step_seconds": s / done,
+                  f"{tag}_padding_fraction": pad / done, f"{tag}_mfu": flops / s / peak,
+                  f"{tag}_warmup_step_seconds": warm})
+    res.set(**{f"{tag}_steps": done, "params": n_params, "rows_shape": list(batch["input_ids"].shape)})
+    print(f"{tag}: {tokens / s:10.1f} useful tokens/s, {s / done:.3f} s per step, padding {pad / done:.2f}, "
+          f"MFU {flops / s / peak * 100:.1f}% (against {peak / 1e12:.3g} TFLOP/s matmul, measured)",
+          flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true")
@@ -64,54 +144,22 @@ def main():
     import torch
 
     from bench.gpu_mllm import build
-    from tarflow.train.mllm import _take_rows, packed_loss
+    from tarflow.train.mllm import _take_rows
 
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
-    model = build(args.tiny, device, torch.float32)  # fp32 master weights, bf16 autocast
-    model.train()
-    if device == "cuda":
-        model.gradient_checkpointing_enable()
-    n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
     steps, rows = args.steps or (3 if args.tiny else 10), args.rows or (1 if args.tiny else 8)
-    dev = torch.device(device)
+    res = Results("mllm_train_step", results_path(args.json, "gpu_train.json"), device=device_name(device),
+                  max_length=args.max_length, rows=rows, tiny=args.tiny, date=time.strftime("%Y-%m-%d"))
+    peak, peak_dtype = matmul_peak(device, 8192 if device == "cuda" else 512)
+    res.figure(matmul_peak_tflops=peak / 1e12)
+    res.set(matmul_dtype=peak_dtype)
+    model = build(args.tiny, device, torch.float32)  # fp32 weights under bf16 autocast, as the trainer
     pool = samples(4000)
-    res = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "params": n_params,
-           "max_length": args.max_length, "rows": rows, "tiny": args.tiny, "date": time.strftime("%Y-%m-%d")}
-
-    def run(make_batch, name):
-        pending = list(pool)
-        for i in range(steps + 1):  # the first step warms up
-            if i == 1:
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                t0, tokens, pad = time.time(), 0, 0.0
-            batch, pending = make_batch(pending)
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-                loss, _ = packed_loss(model, batch, dev)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if i >= 1:
-                tokens += int((batch["segments"] >= 0).sum())
-                pad += batch["padding"]
-        if device == "cuda":
-            torch.cuda.synchronize()
-        s = time.time() - t0
-        res[f"{name}_tokens_per_s"] = tokens / s
-        res[f"{name}_padding_fraction"] = pad / steps
-        res[f"{name}_mfu"] = 6 * n_params * tokens / s / PEAK_FLOPS
-        print(f"{name:7s}: {tokens / s:10.1f} useful tokens/s, padding {pad / steps:.2f}, "
-              f"MFU {res[f'{name}_mfu'] * 100:.1f}% (6*N*tokens against 790 TFLOP/s)", flush=True)
-
-    run(lambda pend: _take_rows(pend, rows, args.max_length, 0), "packed")
+    train_throughput(model, lambda pend: _take_rows(pend, rows, args.max_length, 0), pool, steps, res, "packed",
+                     peak)
     per_batch = max(1, rows * args.max_length // 1000)  # about the same tokens per step, unpacked
-
-    def padded_batch(pend):
-        return padded(pend[:per_batch], 0), pend[per_batch:]
-
-    run(padded_batch, "padded")
-    write_results(res, args.json, "gpu_train.json")
+    train_throughput(model, lambda pend: (padded(pend[:per_batch], 0), pend[per_batch:]), pool, steps, res,
+                     "padded", peak)
 
 
 if __name__ == "__main__":

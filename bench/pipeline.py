@@ -27,9 +27,10 @@ from tarflow.pipelines.tokenize import TATokEncoder, encoded_schema
 class NoopEncoder(TATokEncoder):
     """Zeros for codes, no model: what is left is the pipeline itself."""
 
-    def __init__(self, checkpoint, scales, codebook_size: int = 512, num_tokens: int = 81, **_):
+    def __init__(self, checkpoint, scales, codebook_size: int = 512, num_tokens: int = 81, row_bytes: int = 0, **_):
         from tarflow.data import schema
 
+        self.ballast = b"x" * row_bytes  # what a generated image or a long caption adds to a row
         self.scales = [int(s) for s in scales]
         self.schema = encoded_schema(self.scales, codebook_size)
         self.code_type = schema.code_value_type(codebook_size)
@@ -46,7 +47,8 @@ class NoopEncoder(TATokEncoder):
             codes = np.zeros((len(idx_ok), self.num_tokens), np.int64)
             out = out.append_column(schema.code_column(s), _code_lists(codes, idx_ok, ok, self.num_tokens,
                                                                        self.code_type))
-        return out.select(self.schema.names).cast(self.schema)
+        out = out.select(self.schema.names).cast(self.schema)
+        return out.append_column("ballast", pa.array([self.ballast] * len(out), pa.binary())) if self.ballast else out
 
 
 def _free_port() -> int:
@@ -60,17 +62,17 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_workers_write(cfg, facts) -> dict:
+def run_workers_write(cfg, facts, row_bytes: int) -> dict:
     from tarflow.pipelines.tokenize import run_tokenize
 
     t, c = time.time(), _cpu_seconds()
-    s = run_tokenize(cfg, encoder_cls=NoopEncoder)
+    s = run_tokenize(cfg, encoder_cls=NoopEncoder, encoder_kwargs={"row_bytes": row_bytes})
     wall = time.time() - t
     return {"images": s.samples_ok, "seconds": wall, "images_per_s": s.samples_ok / wall,
             "driver_cpu_share": (_cpu_seconds() - c) / wall, "driver_bytes": s.driver_bytes}
 
 
-def run_driver_writes(cfg, facts) -> dict:
+def run_driver_writes(cfg, facts, row_bytes: int) -> dict:
     """The first round's design: the same stages, then every row into the driver, which assembles each shard
     and writes it (outputs, then manifest) before taking the next batch."""
     import pyarrow.compute as pc
@@ -84,7 +86,8 @@ def run_driver_writes(cfg, facts) -> dict:
     layout = code_shard_layout(cfg.output)
     spec = ShardJob(job="tokenize", layout=layout, facts=facts.facts(), sources={}, writer=CodeShardWriter(facts))
     t, c = time.time(), _cpu_seconds()
-    ds = build_dataset(shards, cfg, facts, parts_dir=None, encoder_cls=NoopEncoder)
+    ds = build_dataset(shards, cfg, facts, parts_dir=None, encoder_cls=NoopEncoder,
+                       encoder_kwargs={"row_bytes": row_bytes})
     parts, ends, n, driver_bytes = {}, {}, 0, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         driver_bytes += batch.nbytes
@@ -112,13 +115,15 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=256, help="JPEG side in pixels")
     p.add_argument("--nodes", type=int, default=2, help="worker nodes besides the (driver-only) head")
     p.add_argument("--cpus-per-node", type=float, default=1)
+    p.add_argument("--row-bytes", type=int, default=200_000,
+                   help="payload added to each row after the encoder, as a generated PNG or a caption would")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
     import ray
     from ray.cluster_utils import Cluster
 
-    from bench.common import photo_like_jpegs, write_results, write_shards
+    from bench.common import photo_like_jpegs, results_path, write_shards
     from tarflow.data.sample import ensure_random_tatok
     from tarflow.pipelines.tokenize import TokenizeConfig, model_facts
 
@@ -142,7 +147,7 @@ def main(argv=None) -> int:
                                  tatok=str(ensure_random_tatok()), scales=[3], decode_batch_size=16,
                                  encode_batch_size=32, progress_every_s=1e9, cpus_per_encoder=0.25,
                                  decode_cpus=0.5, num_encoders=1)
-            results[design] = fn(cfg, model_facts(cfg))
+            results[design] = fn(cfg, model_facts(cfg), args.row_bytes)
             print(design, json.dumps({k: round(v, 3) if isinstance(v, float) else v
                                       for k, v in results[design].items()}), file=sys.stderr)
     finally:
@@ -153,7 +158,11 @@ def main(argv=None) -> int:
     results["ratio_driver_cpu_share"] = new["driver_cpu_share"] / max(old["driver_cpu_share"], 1e-9)
     results["ratio_driver_bytes"] = new["driver_bytes"] / max(old["driver_bytes"], 1)
     results["setup"] = vars(args)
-    write_results(results, args.json, "pipeline.json")
+    out = results_path(args.json, "pipeline.json")
+    if out:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=2)
+    print(json.dumps(results))
     return 0
 
 

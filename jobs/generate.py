@@ -18,12 +18,18 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from tarflow.pipelines.runtime import add_actor_pool_args
+
     p = argparse.ArgumentParser(prog="generate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", required=True, help="prompt table: .parquet, .csv or .jsonl (local or s3://)")
-    p.add_argument("--output", required=True, help="output folder or s3:// prefix")
-    p.add_argument("--mllm", required=True, help="Tar checkpoint folder (Qwen2 + tokenizer)")
-    p.add_argument("--tatok", required=True, help="TA-Tok checkpoint (its decoder conditions the de-tokenizer)")
+    p.add_argument("--prompts", default=None,
+                   help="prompt table: .parquet, .csv or .jsonl (local or s3://) [default: the sample's captions]")
+    p.add_argument("--output", default="out/generate-sample",
+                   help="output folder or s3:// prefix [%(default)s]; under `ray job submit` an absolute path or s3://")
+    p.add_argument("--mllm", default=None,
+                   help="Tar checkpoint folder (Qwen2 + tokenizer). Default, with no model argument at all: the "
+                        "RANDOM-weight demo family (Tar, TA-Tok, AR de-tokenizer, VQ), whose images are noise")
+    p.add_argument("--tatok", default=None, help="TA-Tok checkpoint (its decoder conditions the de-tokenizer)")
     p.add_argument("--detok", choices=["ar", "diffusion"], default="ar", help="de-tokenizer [ar]")
     p.add_argument("--ar-detok", default=None, help="AR de-tokenizer checkpoint (ar_dtok_*.pth)")
     p.add_argument("--vq", default=None, help="pixel VQ checkpoint (vq_ds16_t2i.pt)")
@@ -41,17 +47,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--guidance-scale", type=float, default=4.0, help="diffusion de-tokenizer guidance")
     g.add_argument("--steps", type=int, default=20, help="diffusion de-tokenizer steps")
     add_reflect_args(p)
-    r = p.add_argument_group("resources")
-    r.add_argument("--address", default=None)
-    r.add_argument("--num-workers", type=int, default=None, help="generator actors (default: one per GPU, or 1)")
-    r.add_argument("--gpus-per-worker", type=float, default=None)
-    r.add_argument("--batch-size", type=int, default=None, help="images per batch (32 GPU / 4 CPU)")
-    r.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
-    r.add_argument("--compile", action="store_true")
+    add_actor_pool_args(p, "generator actors", "images per batch (32 GPU / 4 CPU)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--summary-json", default=None)
     args = p.parse_args(argv)
+    models = (args.mllm, args.tatok, args.ar_detok, args.vq, args.diffusion_detok)
+    args.demo = all(m is None for m in models) and args.detok == "ar"
+    if args.demo:
+        return args
+    if not (args.mllm and args.tatok):
+        p.error("give --mllm and --tatok (or no model argument at all, for the RANDOM demo models)")
     if args.detok == "ar" and not (args.ar_detok and args.vq):
         p.error("--detok ar needs --ar-detok and --vq")
     if args.detok == "diffusion" and not args.diffusion_detok:
@@ -82,20 +88,40 @@ def reflect_kwargs(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import logging
+
+    from tarflow.data import sample
+    from tarflow.pipelines import checks
     from tarflow.pipelines.generate import GenerateConfig, PromptTableError, run_generate
-    from tarflow.pipelines.runtime import init_ray, run_job, setup_logging
+    from tarflow.pipelines.runtime import absolute_output, init_ray, run_job, setup_logging
 
     setup_logging()
+    log = logging.getLogger("tarflow.generate")
+    if args.demo:
+        args.mllm, args.tatok = str(sample.ensure_demo_tar()), str(sample.ensure_random_tatok())
+        args.ar_detok, args.vq = str(sample.ensure_demo_ar_detok()), str(sample.ensure_demo_vq())
+        log.warning("%s", sample.demo_warning("model arguments", sample.demo_model_folder("*")))
+    if args.prompts is None:
+        args.prompts = str(sample.ensure_demo_prompts())
+        log.info("no --prompts: using the sample's captions %s", args.prompts)
     cfg = GenerateConfig(
         prompts=args.prompts, output=args.output, mllm=args.mllm, tatok=args.tatok, detok=args.detok,
         ar_detok=args.ar_detok, vq=args.vq, diffusion_detok=args.diffusion_detok, scale=args.scale, seed=args.seed,
         n=args.n, samples_per_shard=args.samples_per_shard, image_format=args.image_format,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
         guidance_scale=args.guidance_scale, num_inference_steps=args.steps, overwrite=args.overwrite,
-        batch_size=args.batch_size, num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
-        dtype=args.dtype, compile=args.compile, **reflect_kwargs(args))
-    init_ray(args.address, progress_bars=not args.no_progress)
-    return run_job(run_generate, cfg, args.summary_json, (PromptTableError,))
+        batch_size=args.batch_size, num_workers=args.num_workers, min_workers=args.min_workers,
+        max_writers=args.max_writers, gpus_per_worker=args.gpus_per_worker, dtype=args.dtype, compile=args.compile,
+        **reflect_kwargs(args))
+
+    def check():
+        problems = checks.generate_problems(cfg)
+        cfg.reflect_problems(problems)
+        problems.raise_if_any()
+        cfg.output = absolute_output(cfg.output)
+
+    return run_job(run_generate, cfg, args.summary_json, (PromptTableError,), check=check,
+                   start=lambda: init_ray(args.address, progress_bars=not args.no_progress))
 
 
 if __name__ == "__main__":

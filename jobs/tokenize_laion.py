@@ -13,6 +13,7 @@ import logging
 import sys
 
 from tarflow.data.images import DEFAULT_MAX_PIXELS
+from tarflow.data.img2dataset import DEFAULT_MAX_MEMBER_BYTES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -25,7 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     io.add_argument("--input-format", choices=["auto", "webdataset", "parquet"], default="auto",
                     help="img2dataset output format (auto: tars if present, else parquet with image bytes)")
     io.add_argument("--output", default="out/tokenize-sample",
-                    help="output folder or s3:// prefix (codes/, errors/, _manifest/) [%(default)s]")
+                    help="output folder or s3:// prefix (codes/, errors/, _manifest/) [%(default)s]; under `ray job "
+                         "submit` an absolute path or s3://, since the job runs in Ray's copy of the working dir")
     io.add_argument("--overwrite", action="store_true",
                     help="redo shards whose outputs were made with another checkpoint, scales or options")
     io.add_argument("--max-shards", type=int, default=None, help="only the first N shards (for trials)")
@@ -37,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="pool scales to store, comma-separated (1 -> 729, 2 -> 169, 3 -> 81 tokens) [%(default)s]")
     m.add_argument("--vq", default=None,
                    help="pixel VQ-16 checkpoint (vq_ds16_t2i.pt), local or s3://: also store each image's VQ codes "
-                        "at --vq-resolution in a column vq16_{resolution} (training data for the AR de-tokenizer)")
+                        "at --vq-resolution in a column vq16_{resolution} (training data for the AR de-tokenizer); "
+                        "'demo': the RANDOM demo VQ (with the demo TA-Tok)")
     m.add_argument("--vq-resolution", type=int, default=256,
                    help="with --vq: the de-tokenizer's resolution; images are resized to this square (RGB, PIL "
                         "bicubic on uint8, aspect not kept, as for TA-Tok) before VQ encoding [%(default)s]")
@@ -48,13 +51,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--exif-transpose", action="store_true",
                    help="rotate images upright by their EXIF orientation (default: pixels as stored, as Tar and "
                         "img2dataset do)")
+    d.add_argument("--max-member-bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
+                   help="tar members declaring more are recorded as member_too_large without being read: bounds "
+                        "a reader's memory whatever a tar declares [%(default)s]")
     d.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="refuse images above this many pixels (decompression bombs) [%(default)s]")
     r = p.add_argument_group("resources")
     r.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a private local Ray)")
     r.add_argument("--num-encoders", type=int, default=None,
-                   help="encoder actors (default: one per GPU in the cluster, 1 without GPUs)")
-    r.add_argument("--gpus-per-encoder", type=float, default=None, help="default: 1 with GPUs, else 0")
+                   help="most encoder actors of the autoscaling pool (default: every GPU the cluster has or its "
+                        "autoscaler declares, 1 without GPUs)")
+    r.add_argument("--min-encoders", type=int, default=1, help="the pool never shrinks below this [%(default)s]")
+    r.add_argument("--gpus-per-encoder", type=float, default=None,
+                   help="GPUs per encoder (default: 1 when the cluster has or can add GPUs, or with --device cuda; "
+                        "else 0). Set it (or --device cuda) on an autoscaling cluster that starts with no GPU node")
+    r.add_argument("--max-concurrent-shards", type=int, default=8, help="shards read at once [%(default)s]")
+    r.add_argument("--max-writers", type=int, default=8,
+                   help="shards assembled and written at once, by tasks on the workers [%(default)s]")
     r.add_argument("--encode-batch-size", type=int, default=None, help="images per encoder call (256 GPU / 32 CPU)")
     r.add_argument("--decode-batch-size", type=int, default=32, help="images per decode task batch [%(default)s]")
     r.add_argument("--read-chunk", type=int, default=64, help="samples per block read from a shard [%(default)s]")
@@ -75,8 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from tarflow.data.img2dataset import InputError
-    from tarflow.data.sample import ensure_random_tatok, ensure_sample_shards
-    from tarflow.pipelines.runtime import init_ray, run_job, setup_logging
+    from tarflow.data.sample import demo_warning, ensure_demo_vq, ensure_random_tatok, ensure_sample_shards
+    from tarflow.pipelines import checks
+    from tarflow.pipelines.runtime import absolute_output, init_ray, run_job, setup_logging
     from tarflow.pipelines.tokenize import TokenizeConfig, run_tokenize
 
     setup_logging()
@@ -86,16 +100,26 @@ def main(argv=None) -> int:
         log.info("no --input: using the bundled sample %s", args.input[0])
     if args.tatok is None:
         args.tatok = str(ensure_random_tatok())
-        log.warning("no --tatok: using a RANDOM, UNTRAINED demo TA-Tok (%s); its codes are meaningless", args.tatok)
+        log.warning("%s", demo_warning("--tatok", args.tatok))
+    if args.vq == "demo":
+        args.vq = str(ensure_demo_vq())
+        log.warning("%s", demo_warning("real --vq", args.vq))
     cfg = TokenizeConfig(
         input=args.input, output=args.output, tatok=args.tatok, scales=args.scales, input_format=args.input_format,
         overwrite=args.overwrite, exif_transpose=args.exif_transpose, max_pixels=args.max_pixels,
         read_chunk=args.read_chunk, decode_batch_size=args.decode_batch_size,
-        encode_batch_size=args.encode_batch_size, num_encoders=args.num_encoders,
+        encode_batch_size=args.encode_batch_size, num_encoders=args.num_encoders, min_encoders=args.min_encoders,
+        max_concurrent_shards=args.max_concurrent_shards, max_writers=args.max_writers,
+        max_member_bytes=args.max_member_bytes,
         gpus_per_encoder=args.gpus_per_encoder, dtype=args.dtype, device=args.device, max_shards=args.max_shards,
         vq=args.vq, vq_resolution=args.vq_resolution)
-    init_ray(args.address, progress_bars=not args.no_progress)
-    return run_job(run_tokenize, cfg, args.summary_json, (InputError,))
+
+    def check():
+        checks.tokenize_problems(cfg).raise_if_any()
+        cfg.output = absolute_output(cfg.output)
+
+    return run_job(run_tokenize, cfg, args.summary_json, (InputError,), check=check,
+                   start=lambda: init_ray(args.address, progress_bars=not args.no_progress))
 
 
 if __name__ == "__main__":

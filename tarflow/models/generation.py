@@ -12,6 +12,7 @@ baseline: with greedy decoding both give the same tokens (tests).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +40,8 @@ class Generated:
 class BatchedDecoder:
     def __init__(self, model, pad_id: int, compile: bool = False):
         self.model, self.pad_id = model, pad_id
+        # transformers renamed forward's `past_key_values` to `cache` during 5.x (the old name warns, then goes)
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.forward = torch.compile(model.forward, mode="reduce-overhead", dynamic=False) if compile else model.forward
 
     @property
@@ -72,9 +75,9 @@ class BatchedDecoder:
         lo, hi = allowed_range if allowed_range is not None else (0, None)
         cache = StaticCache(config=self.model.config, max_cache_len=P + N)
 
-        logits = self.model(input_ids=ids, attention_mask=mask[:, :P], position_ids=pos, past_key_values=cache,
-                            cache_position=torch.arange(P, device=dev), use_cache=True,
-                            logits_to_keep=1).logits[:, -1]  # vocab-wide logits for the last position only
+        logits = self.model(input_ids=ids, attention_mask=mask[:, :P], position_ids=pos,
+                            cache_position=torch.arange(P, device=dev), use_cache=True, logits_to_keep=1,
+                            **{self.cache_arg: cache}).logits[:, -1]  # vocab-wide logits for the last position only
         out = torch.full((B, N), self.pad_id, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         next_pos = pos[:, -1] + 1
@@ -92,8 +95,8 @@ class BatchedDecoder:
                 break
             mask[:, P + t] = 1
             logits = self.forward(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                                  past_key_values=cache, cache_position=torch.tensor([P + t], device=dev),
-                                  use_cache=True).logits[:, -1]
+                                  cache_position=torch.tensor([P + t], device=dev), use_cache=True,
+                                  **{self.cache_arg: cache}).logits[:, -1]
             next_pos = next_pos + 1
         tokens, stopped = [], []
         stop_set = set(stop_ids)

@@ -311,6 +311,18 @@ def fetch_model_folder(url: str, cache_dir: str | os.PathLike | None = None) -> 
                               "check the URL and the AWS_* credentials / AWS_ENDPOINT_URL") from None
 
 
+def tokenizer_kwargs() -> dict:
+    """Extra AutoTokenizer.from_pretrained arguments for Tar / Qwen2 folders under this transformers.
+
+    transformers 4.57.3..4.x mistakes any folder saved by those releases for a Mistral one and warns that its
+    (Qwen2) split regex is wrong: fix_mistral_regex=False keeps the regex as saved and the log quiet. 5.x tells
+    Qwen2 folders apart by model_type, and 5.0 raises a TypeError when the flag is passed at all.
+    """
+    import transformers
+
+    return {"fix_mistral_regex": False} if int(transformers.__version__.split(".")[0]) < 5 else {}
+
+
 def load_tar(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
              cache_dir: str | os.PathLike | None = None):
     """Load a Tar checkpoint folder (Qwen2ForCausalLM + its tokenizer): returns (model, tokenizer, vocab).
@@ -351,9 +363,7 @@ def load_tar(path: str, dtype: torch.dtype = torch.float32, device: str | torch.
         raise CheckpointError(source, f"config.json describes a {config.model_type!r} model, not 'qwen2'",
                               "Tar checkpoints are Qwen2ForCausalLM folders")
     try:
-        # fix_mistral_regex=False: transformers 4.57.3+ mistakes any folder saved by 4.57.3..4.x for a Mistral
-        # one and warns that its (Qwen2) split regex is wrong; False keeps the regex as saved and the log quiet
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, fix_mistral_regex=False)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **tokenizer_kwargs())
     except Exception as e:  # the tokenizers library and transformers raise many kinds; all mean broken files
         raise CheckpointError(source, f"its tokenizer does not load ({type(e).__name__}: {e})") from None
     try:

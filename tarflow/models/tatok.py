@@ -14,7 +14,9 @@
       -> Siglip2-style decoder (patch 1, D channels, 16x16 position table resized to sqrt(n)) + post-LN
       -> decode_task_layer: Linear, Tanh, Linear                           (B, n, C)  "rec" features
 
-The checkpoint format is the reference's: `{'model': {'args': ARGS, 'sd': state_dict}}`. Module and parameter
+The encoder's and decoder's transformer layers (and the encoder's patch and position embeddings) are
+transformers' own SigLIP / Siglip2 modules; only the decoder's position-table resize is written here (see
+Siglip2Embeddings for why). The checkpoint format is the reference's: `{'model': {'args': ARGS, 'sd': state_dict}}`. Module and parameter
 names below follow that state dict so it loads strictly, key for key.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -132,109 +135,71 @@ def resolve_teacher(teacher: str, ckpt_path: str | None = None) -> VisionConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Transformer blocks shared by the SigLIP encoder and the Siglip2-style decoder
+# Encoder and decoder: transformers' own SigLIP / Siglip2 vision modules (embeddings, encoder layers, heads),
+# held in containers named as the reference's state dict names them. transformers' top-level vision models are
+# not used as such: their module layout (and so their state-dict keys) differs across transformers releases,
+# and they always run every layer, where TA-Tok needs only the first `select_layer_id` ones. transformers is
+# imported when a model is built, not with this module: the CPU decoders import resize_uint8 from here.
 
 
-def _act(name: str):
-    if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
-        return lambda x: F.gelu(x, approximate="tanh")
-    if name == "gelu":
-        return F.gelu
-    raise ValueError(f"unsupported activation {name!r}")
+def _hf_vision_config(cfg: VisionConfig, siglip2: bool):
+    """The transformers (Siglip|Siglip2)VisionConfig of `cfg`, with SDPA attention, as the reference ran."""
+    if siglip2:
+        from transformers import Siglip2VisionConfig as Config
+    else:
+        from transformers import SiglipVisionConfig as Config
+    fields = dict(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                  num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                  num_channels=cfg.num_channels, patch_size=cfg.patch_size, layer_norm_eps=cfg.layer_norm_eps,
+                  hidden_act=cfg.hidden_act)
+    hf = Config(**fields, **({"num_patches": cfg.num_patches} if siglip2 else {"image_size": cfg.image_size}))
+    hf._attn_implementation = "sdpa"  # F.scaled_dot_product_attention, no mask: full bidirectional attention
+    return hf
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, n_heads: int):
-        super().__init__()
-        self.n_heads = n_heads
-        self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(self, x):  # (B, T, C)
-        B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, h, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v)  # full bidirectional attention, scale hd^-0.5
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, act: str):
-        super().__init__()
-        self.fc1, self.fc2, self.act = nn.Linear(dim, hidden), nn.Linear(hidden, dim), _act(act)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class EncoderLayer(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
-
-    def forward(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+def _run_layers(layers: Iterable[nn.Module], h: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+    for layer in layers:
+        h = layer(h, None)  # no attention mask: every image has all its tokens
+        if isinstance(h, tuple):  # transformers 4.x's layers return (hidden_states, ...)
+            h = h[0]
+    return h
 
 
 class LayerStack(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, layers: Iterable[nn.Module]):
         super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-
-
-class PoolingHead(nn.Module):
-    """SigLIP's attention-pooling head. Present in the checkpoints, never used by TA-Tok's outputs."""
-
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.probe = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
-        self.attention = nn.MultiheadAttention(cfg.hidden_size, cfg.num_attention_heads, batch_first=True)
-        self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Encoder: SigLIP vision tower
-
-
-class SiglipEmbeddings(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
-        self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2, cfg.hidden_size)
-
-    def forward(self, x):  # (B, 3, S, S)
-        x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # (B, C, g, g)
-        x = x.flatten(2).transpose(1, 2)  # (B, g*g, C), row-major
-        return x + self.position_embedding.weight
+        self.layers = nn.ModuleList(layers)
 
 
 class SiglipEncoder(nn.Module):
+    """SigLIP vision tower: (B, 3, S, S) -> (B, g*g, C), the output of its first n layers (no post-LN)."""
+
     def __init__(self, cfg: VisionConfig, with_head: bool = True):
         super().__init__()
+        from transformers.models.siglip.modeling_siglip import (
+            SiglipEncoderLayer, SiglipMultiheadAttentionPoolingHead, SiglipVisionEmbeddings)
+
         self.cfg = cfg
-        self.embeddings = SiglipEmbeddings(cfg)
-        self.encoder = LayerStack(cfg)
+        hf = _hf_vision_config(cfg, siglip2=False)
+        self.embeddings = SiglipVisionEmbeddings(hf)  # conv patchify, learned positions (g*g, C)
+        self.encoder = LayerStack(SiglipEncoderLayer(hf) for _ in range(cfg.num_hidden_layers))
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         if with_head:
-            self.head = PoolingHead(cfg)
+            self.head = SiglipMultiheadAttentionPoolingHead(hf)  # in the checkpoints, never used by TA-Tok
 
-    def forward(self, x, n_layers: int):  # (B, 3, S, S) -> (B, g*g, C), output of layer n_layers (no post-LN)
-        h = self.embeddings(x)
-        for layer in self.encoder.layers[:n_layers]:
-            h = layer(h)
-        return h
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Decoder: Siglip2 vision tower over codebook vectors (patch size 1, bottleneck_dim channels)
+    def forward(self, x, n_layers: int):  # (B, 3, S, S) -> (B, g*g, C)
+        return _run_layers(self.encoder.layers[:n_layers], self.embeddings(x))
 
 
 class Siglip2Embeddings(nn.Module):
+    """Siglip2's embeddings for a square grid of n "patches" (here codebook vectors, patch size 1): a linear
+    patch embedding plus the 16 x 16 position table resized to sqrt(n) x sqrt(n).
+
+    Kept by hand, not transformers' Siglip2VisionEmbeddings: the reference (transformers 4.50) resizes the table
+    with F.interpolate(bilinear, antialias); transformers 5.x computes the same resize as a weight-matrix
+    product, which rounds differently, and which version does what changes within tarflow's transformers range.
+    """
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.patch_embedding = nn.Linear(cfg.num_channels * cfg.patch_size**2, cfg.hidden_size)
@@ -257,18 +222,21 @@ class Siglip2Embeddings(nn.Module):
 
 
 class Siglip2Decoder(nn.Module):
+    """Siglip2 vision tower over codebook vectors: (B, n, D) -> (B, n, C), all layers, then post-LN."""
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
+        from transformers.models.siglip2.modeling_siglip2 import (
+            Siglip2EncoderLayer, Siglip2MultiheadAttentionPoolingHead)
+
+        hf = _hf_vision_config(cfg, siglip2=True)
         self.embeddings = Siglip2Embeddings(cfg)
-        self.encoder = LayerStack(cfg)
+        self.encoder = LayerStack(Siglip2EncoderLayer(hf) for _ in range(cfg.num_hidden_layers))
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.head = PoolingHead(cfg)
+        self.head = Siglip2MultiheadAttentionPoolingHead(hf)  # in the checkpoints, never used by TA-Tok
 
     def forward(self, x):  # (B, n, D) -> (B, n, C)
-        h = self.embeddings(x)
-        for layer in self.encoder.layers:
-            h = layer(h)
-        return self.post_layernorm(h)
+        return self.post_layernorm(_run_layers(self.encoder.layers, self.embeddings(x)))
 
 
 class DecoderWrapper(nn.Module):
@@ -534,10 +502,12 @@ def random_tatok(seed: int = 0, *, input_size: int = 224, patch_size: int = 14, 
         "pool_scale": 1, "decoder_depth": decoder_depth, "select_layer_id": -2,
     }
     args = TATokArgs.from_ckpt_args(raw)
-    g = torch.Generator().manual_seed(seed)
     model = TATok(args, enc)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            # one generator per parameter, seeded by its name: the weights do not depend on the order in which
+            # transformers' modules register their parameters (q/k/v differ between releases)
+            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             if p.dim() == 1:
                 p.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
             else:

@@ -414,16 +414,21 @@ class GenerateConfig:
         return (ReflectSettings(self.candidates, self.keep, self.reflect_question, self.keep_all_scores)
                 if self.reflect else None)
 
-    def check(self) -> None:
-        """Settings checks before Ray starts (UsageError: one line per problem)."""
-        from tarflow.preflight import Problems
-
-        problems = Problems()
+    def reflect_problems(self, problems) -> None:
+        """Adds what is wrong with the reflect settings to `problems` (tarflow.preflight.Problems)."""
         problems.check(self.reflect or (self.candidates == 1 and self.keep == 1 and not self.keep_all_scores),
                        "--candidates/--keep/--keep-all-scores", "best-of-N needs the scores",
                        "add --reflect (or drop these flags)")
         if self.reflect:
             self.reflect_settings.problems(problems)
+
+    def check(self) -> None:
+        """The settings checks run_generate makes itself (UsageError: one line per problem); jobs/generate.py
+        adds reflect_problems to its checks before Ray starts."""
+        from tarflow.preflight import Problems
+
+        problems = Problems()
+        self.reflect_problems(problems)
         problems.raise_if_any()
 
     @property

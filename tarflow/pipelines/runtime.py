@@ -1,28 +1,98 @@
-"""Connecting to Ray the way a job expects.
+"""What every job shares around its pipeline: connecting to Ray, quiet logs, one-line errors, clean interrupts.
 
 Under `ray job submit` (or with RAY_ADDRESS / --address) the job joins that cluster. Otherwise it starts a
 private local Ray with no dashboard, which is what `make run` and a laptop want.
+
+`run_job` runs a job's driver-side checks (before Ray starts), then the job, and turns what can go wrong into
+an exit status and a few readable lines:
+
+    0  done          1  shards failed, or an unexpected error (one line; traceback in a log file)
+    2  bad usage: arguments, paths, checkpoints, settings (one line per problem, before any work)
+    130 / 143        interrupted by SIGINT / SIGTERM (Ctrl-C, `ray job stop`): the summary of what finished
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import signal
+import sys
+import time
+import traceback
+
+log = logging.getLogger("tarflow")
+
+# SIGINT -> 130, SIGTERM -> 143 (128 + signal number, as shells report it)
+_stop_signal: dict = {"signum": None}
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, progress_bars: bool = True) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, progress_bars: bool | None = None) -> None:
+    """Join the cluster at `address` / RAY_ADDRESS, or start a private local Ray.
+
+    Progress bars (Ray Data's tqdm bars) only when stdout is a terminal: a log file or `ray job logs` would get
+    their control codes. Ray Data logs progress lines instead; `progress_bars=False` turns both off.
+    """
     import ray
     import ray.data
 
+    quiet_progress_bars_unless_tty()
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            _token_auth_without_warning()
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                      object_store_memory=_local_object_store_bytes())
+    _pass_small_actor_arguments_by_value()
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress_bars
+    ctx.enable_progress_bars = progress_bars is not False
+    if not ctx.enable_progress_bars:
+        from ray.util.debug import log_once
+
+        log_once("ray_data_progress_manager_disabled")  # asked for (--no-progress): no warning that they are off
+    if not _is_tty():
+        # Ray Data logs progress lines instead of bars when stdout is not a terminal, except inside Ray workers
+        # (Ray Train's data coordinator), where its default ray-tqdm bars would still write control codes
+        ctx.use_ray_tqdm = False
+
+
+def _token_auth_without_warning() -> None:
+    """Ray 2.60 turns token authentication on for a new local cluster when RAY_AUTH_MODE is unset, and warns
+    about it on every run. Asking for it explicitly, as Ray itself does (environment variable plus a refresh of
+    this process's cached config), keeps it on, the token in ~/.ray/auth_token created once, and the warning
+    away. An explicit RAY_AUTH_MODE (token or disabled) is left as it is."""
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    except ImportError:  # another Ray: its defaults apply
+        return
+    _enable_token_auth()
+
+
+def _is_tty() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def quiet_progress_bars_unless_tty() -> None:
+    """No tqdm bars (Hugging Face downloads and shard loading, Ray Data, Ray Train) when stdout is not a terminal.
+
+    Environment variables, so that Ray workers started from this process inherit them too."""
+    if _is_tty():
+        return
+    for k in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
+        os.environ.setdefault(k, "1")
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # transformers absent or changed: its bars are cosmetic
+        pass
 
 
 def _local_object_store_bytes() -> int | None:
@@ -34,28 +104,272 @@ def _local_object_store_bytes() -> int | None:
     return int(min(2 << 30, max(256 << 20, total // 10)))
 
 
+_INLINE_ARG_BYTES = 64 << 10
+
+
+def _pass_small_actor_arguments_by_value() -> None:
+    """Stop the `core_worker.cc ... has constructor arguments in the object store and max_restarts > 0` ERROR line
+    that Ray 2.60 logs for every actor of a Ray Data actor pool.
+
+    Ray Data puts each operator's transform and DataContext in the object store and hands the references to the
+    MapWorker actors it creates with max_restarts=-1; the core worker then warns that a restart would fail if
+    those objects were lost (ray-project/ray#53727). The operator holds both for its whole life, so nothing can
+    be done about it but read it. Both are a few KB: passing them by value (Ray inlines arguments this small)
+    removes the cause. Larger ones still go by reference, as before. Only for actor pools; tasks are unchanged.
+    """
+    try:
+        import ray
+        from ray.data._internal.execution.operators.actor_pool_map_operator import ActorPoolMapOperator
+        from ray.data._internal.execution.operators.map_operator import MapOperator
+    except ImportError:
+        return
+    names = {"_map_transformer_ref": "_map_transformer", "_data_context_ref": "data_context"}
+    if getattr(ActorPoolMapOperator, "_tarflow_small_args_by_value", False) or not all(
+            isinstance(MapOperator.__dict__.get(n), functools.cached_property) for n in names):
+        return  # another Ray version: leave it alone
+
+    def by_value(ref_name: str, attr: str):
+        by_ref = MapOperator.__dict__[ref_name].func
+
+        def get(self):
+            obj = getattr(self, attr)
+            try:
+                small = len(ray.cloudpickle.dumps(obj)) <= _INLINE_ARG_BYTES
+            except Exception:
+                small = False
+            return obj if small else by_ref(self)
+
+        prop = functools.cached_property(get)
+        prop.__set_name__(ActorPoolMapOperator, ref_name)
+        return prop
+
+    for ref_name, attr in names.items():
+        setattr(ActorPoolMapOperator, ref_name, by_value(ref_name, attr))
+    ActorPoolMapOperator._tarflow_small_args_by_value = True
+
+
 def setup_logging(verbose: bool = False) -> None:
+    """INFO lines from tarflow (a line per finished shard, progress) on stderr, with the time."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("tarflow").setLevel(logging.DEBUG if verbose else logging.INFO)
+    quiet_progress_bars_unless_tty()
 
 
-def run_job(run, cfg, summary_json: str | None, user_errors: tuple = ()) -> int:
-    """Run a sharded job, print its summary (and keep it as JSON); exit status 2 for bad input or settings
-    (the message says what and how to fix it), 1 when shards failed, 0 otherwise."""
-    import json
-    import sys
+# ----------------------------------------------------------------------------------------------------------
+# Interrupts
 
-    from tarflow.data import storage
-    from tarflow.models.checkpoint import CheckpointError
-    from tarflow.pipelines.sharded import OutputConflict
+
+def install_signal_handlers() -> dict:
+    """SIGINT and SIGTERM (Ctrl-C, `ray job stop`) raise KeyboardInterrupt in the main thread; the signal is kept
+    for the exit status. The pipelines catch it, stop, and return what they finished. Returns the handlers it
+    replaced (none outside the main thread)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum, frame):
+        if _stop_signal["signum"] is not None:  # a second Ctrl-C while stopping: stop now
+            os._exit(128 + signum)
+        _stop_signal["signum"] = signum
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    return {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def interrupted_exit_code() -> int:
+    return 128 + (_stop_signal["signum"] or signal.SIGINT)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Errors
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The exception a job's code raised, out of Ray's wrappers (RayTaskError, Ray Data's UserCodeException,
+    ActorDiedError, ...): Ray's own errors are followed through `.cause`, `__cause__` and `__context__`."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        nxt = None
+        if _is_ray_error(e):
+            cause = getattr(e, "cause", None)
+            nxt = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
+        elif type(e).__name__ == "UserCodeException" or (type(e).__module__ or "").startswith("ray."):
+            nxt = e.__cause__ or e.__context__
+        if nxt is None or _is_empty_marker(nxt):
+            break
+        e = nxt
+    return e
+
+
+def _is_empty_marker(e: BaseException) -> bool:
+    """Ray Data raises the user's error `from SystemException()`: an empty marker, not a cause."""
+    return (type(e).__module__ or "").startswith("ray.") and not str(e) and e.__cause__ is None \
+        and e.__context__ is None
+
+
+def _is_ray_error(e: BaseException) -> bool:
+    try:
+        from ray.exceptions import RayError
+    except ImportError:
+        return False
+    return isinstance(e, RayError)
+
+
+def _named_line(e: BaseException) -> tuple[str, str] | None:
+    """For Ray's own errors that carry a remote error only as text (an actor that died in its constructor):
+    the last `module.SomethingError: message` line, as (class name, message)."""
+    for line in reversed([ln.strip() for ln in str(e).splitlines()]):
+        head, sep, message = line.partition(": ")
+        name = head.rsplit(".", 1)[-1]
+        if sep and head.replace(".", "").replace("_", "").isalnum() and name.endswith(("Error", "Exception")):
+            return name, message
+    return None
+
+
+def one_line(e: BaseException) -> str:
+    """`Type: message`, on one line and cut to a readable length; for Ray's own errors (an actor that died,
+    a worker that crashed), the remote error their text names, else their first line."""
+    from tarflow.preflight import shorten
+
+    if _is_ray_error(e):
+        named = _named_line(e)
+        if named:
+            return shorten(f"{named[0]}: {named[1]}")
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        return shorten(f"{type(e).__name__}: {first}" if first else type(e).__name__)
+    text = str(e).strip()
+    return shorten(f"{type(e).__name__}: {text}" if text else type(e).__name__)
+
+
+def is_usage_error(e: BaseException, usage: tuple) -> bool:
+    """Bad input or settings, raised here or (named in a Ray error's text) in an actor."""
+    if isinstance(e, usage):
+        return True
+    named = _named_line(e) if _is_ray_error(e) else None
+    return bool(named) and named[0] in {c.__name__ for c in usage}
+
+
+def write_error_log(job: str, e: BaseException) -> str | None:
+    """Keep the full traceback (with Ray's remote one) in $TARFLOW_HOME/logs; return the file's path."""
+    from tarflow.data.sample import tarflow_home
 
     try:
+        folder = tarflow_home() / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{job}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        path.write_text("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+        return str(path)
+    except OSError:
+        return None
+
+
+def _usage_errors(user_errors: tuple) -> tuple:
+    from tarflow.data.schema import SchemaError
+    from tarflow.models.checkpoint import CheckpointError
+    from tarflow.pipelines.sharded import OutputConflict
+    from tarflow.preflight import UsageError
+
+    return (UsageError, CheckpointError, OutputConflict, SchemaError, FileNotFoundError, PermissionError,
+            NotADirectoryError, IsADirectoryError, ValueError, *user_errors)
+
+
+def print_usage_error(e: BaseException) -> None:
+    from tarflow.preflight import shorten
+
+    lines = getattr(e, "lines", None) or [ln for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+    for line in lines:
+        print(f"error: {shorten(line)}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running a job
+
+
+def absolute_output(output: str) -> str:
+    """A local output as an absolute path (what the summary prints); URLs unchanged."""
+    from tarflow.data import storage
+
+    if not output or storage.is_remote(output):
+        return output
+    return os.path.abspath(os.path.expanduser(output.removeprefix("file://")))
+
+
+def run_job(run, cfg, summary_json: str | None, user_errors: tuple = (), check=None, start=None,
+            job: str | None = None) -> int:
+    """Check, start Ray, run a sharded job, print its summary (and keep it as JSON); return the exit status.
+
+    `check()` runs first, on the driver, before Ray starts or a model loads: it raises preflight.UsageError with
+    every problem found. `start()` connects to Ray. Errors of the job's own (bad input or settings) and errors
+    that Ray brings back from an actor or task are printed as one line each (the traceback goes to a log file
+    whose path is printed); an interrupt prints the summary of what finished.
+    """
+    job = job or str(getattr(run, "__name__", "tarflow")).removeprefix("run_")
+    _stop_signal["signum"] = None
+    previous = install_signal_handlers()
+    try:
+        return _run_job(run, cfg, summary_json, _usage_errors(user_errors), check, start, job)
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def _run_job(run, cfg, summary_json, usage, check, start, job) -> int:
+    try:
+        if check is not None:
+            check()
+        if start is not None:
+            start()
+            install_signal_handlers()  # again: ray.init installs its own SIGTERM handler (sys.exit)
         summary = run(cfg)
-    except (CheckpointError, OutputConflict, FileNotFoundError, ValueError, *user_errors) as e:
-        logging.getLogger("tarflow").error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        code = interrupted_exit_code()
+        print(f"tarflow {job}: interrupted ({signal.Signals(code - 128).name}) before any shard was written; "
+              "nothing is lost: rerun the same command to start again", file=sys.stderr)
+        return code
+    except usage as e:  # raised on the driver: the message is already the one line to show
+        print_usage_error(e)
         return 2
+    except Exception as e:  # an actor or task failed, or something unexpected: one line + where the traceback is
+        cause = root_cause(e)
+        path = write_error_log(job, e)
+        where = f" (traceback: {path})" if path else ""
+        print(f"error: {one_line(cause)}{where}", file=sys.stderr)
+        return 2 if is_usage_error(cause, usage) else 1
     print(summary.render())
+    if summary.output:
+        print(f"  output: {absolute_output(summary.output)}")
     if summary_json:
+        import json
+
+        from tarflow.data import storage
+
         storage.write_bytes_atomic(summary_json, json.dumps(summary.as_dict(), indent=2).encode())
+    if summary.interrupted:
+        left = max(summary.shards_total - summary.shards_done - summary.shards_skipped, 0)
+        print(f"  interrupted ({signal.Signals(interrupted_exit_code() - 128).name}): {left} shards not finished; "
+              "rerun the same command to resume (finished shards are skipped)")
+        return interrupted_exit_code()
     return 1 if summary.shards_failed else 0
+
+
+def add_actor_pool_args(p, what: str, batch_help: str):
+    """The resource flags of a job whose model runs in an autoscaling actor pool (caption, generate)."""
+    r = p.add_argument_group("resources")
+    r.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a private local Ray)")
+    r.add_argument("--num-workers", type=int, default=None,
+                   help=f"most {what} of the autoscaling pool (default: every GPU the cluster has or its "
+                        "autoscaler declares, 1 without GPUs)")
+    r.add_argument("--min-workers", type=int, default=1, help="the pool never shrinks below this [%(default)s]")
+    r.add_argument("--max-writers", type=int, default=8,
+                   help="shards assembled and written at once, by tasks on the workers [%(default)s]")
+    r.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPUs per actor (default: 1 when the cluster has or can add GPUs, else 0); set it on an "
+                        "autoscaling cluster that starts with no GPU node")
+    r.add_argument("--batch-size", type=int, default=None, help=batch_help)
+    r.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    r.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU)")
+    return r

@@ -6,41 +6,35 @@
           frozen TA-Tok decoder: codes -> condition (B, n_cond, C)                       (no grad)
           condition dropout: a dropped row gets the all-zero condition, the null condition CFG samples with
           teacher forcing: logits = AR(vq[:, :-1], cond); cross-entropy over every VQ token (row j -> token j)
-          AdamW + cosine warmup (tarflow.train.common), grad accumulation, bf16 autocast on GPU
-      --> checkpoints in Ray Train's storage: ar_dtok.pth (reference format) + trainer_state.pt + ar_detok_train.json
+          the step loop, DDP / FSDP, schedule, metrics and checkpoints: tarflow.train.core
+      --> checkpoints in Ray Train's storage: ar_dtok.pth (reference format) + the core's trainer state
       --> the final ar_dtok.pth copied to `output` (local or s3://)
 
-Resume: a rerun with the same name and storage path (or a Ray Train retry after a failure) continues from the
-latest checkpoint: weights, optimiser and schedule, step, and each worker's data position (rows it consumed in
-the current epoch are skipped). Randomness comes from the global generator reseeded from (seed, rank, step) at
-every step, and the data order is reproducible (files in order, Ray Data's split with preserve_order, the local
-shuffle seeded by seed + epoch), so a resumed run reaches the weights of an uninterrupted one (tested with 2
-workers on CPU). It holds for the same number of workers and batch size only.
+This module holds only what is the AR de-tokenizer's: the data plan (which columns, checked on the driver), the
+model (new or fine-tuned), the batch and the loss. Resume, retention and step flags are the core's (a resumed
+run reaches the weights of an uninterrupted one: tested with 2 workers on CPU, for the same workers and batch
+size).
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
-import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from tarflow.data import schema, storage
+from tarflow.preflight import Problems
 from tarflow.train.common import OptimConfig
+from tarflow.train.core import Task, TrainConfig, TrainSummary, check_one_tatok, fit, read_footers
+from tarflow.train.core import refuse_other_data, worker_loop
 
 log = logging.getLogger("tarflow.train.ar_detok")
 
 MODEL_FILE = "ar_dtok.pth"  # the reference format, loadable by ARDetokenizer.from_checkpoint
-META_FILE = "ar_detok_train.json"  # data facts, skip counters, metrics history
 SKIP_REASONS = ("missing", "length", "range")
-HISTORY_MAX = 10_000  # metrics kept in the checkpoint (the last ones)
 
 
 def default_optim() -> OptimConfig:
@@ -48,10 +42,10 @@ def default_optim() -> OptimConfig:
     return OptimConfig(lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95))
 
 
-@dataclass
-class ARTrainConfig:
+@dataclass(kw_only=True)
+class ARTrainConfig(TrainConfig):
     data: list[str]  # tokenize outputs made with --vq (finished shards), folders of code shards, or shard files
-    tatok: str  # the TA-Tok that made the codes: its decoder (frozen) makes the condition
+    tatok: str | None = None  # the TA-Tok that made the codes: its decoder (frozen) makes the condition
     scale: int = 1  # which tatok_s{scale} column conditions
     vq_column: str | None = None  # default: the shards' VQ column
     init: str | None = None  # an AR checkpoint to fine-tune; else a new model:
@@ -60,30 +54,15 @@ class ARTrainConfig:
     n_head: int | None = None
     dim: int | None = None
     output: str | None = None  # where the final model goes (.pth, local or s3://)
-    name: str = "ar-detok"  # Ray Train run name; a rerun with the same name resumes
-    storage_path: str = "out/train-ar-detok"
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
     batch_size: int = 32  # rows per worker per micro-batch (skipped rows make it smaller)
-    optim: OptimConfig = field(default_factory=default_optim)
     cond_dropout: float | None = None  # default: the model's class_dropout_prob (reference 0.1)
-    seed: int = 0
-    shuffle_buffer: int = 1024  # rows; 0 = file order
+    # the core's settings, with this trainer's defaults
+    name: str = "ar-detok"
+    storage_path: str = "out/train-ar-detok"
+    optim: OptimConfig = field(default_factory=default_optim)
+    shuffle_buffer: int = 1024
     checkpoint_every: int = 500
-    keep_checkpoints: int | None = 2
-    stop_at_step: int | None = None  # end this run early (checkpointed); the schedule still spans total_steps
     max_failures: int = 3
-    log_every: int = 10
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ARTrainConfig:
-        d = dict(d)
-        d["optim"] = OptimConfig(**{**d["optim"], "betas": tuple(d["optim"]["betas"])})
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -105,46 +84,62 @@ class DataPlan:
 
     def facts(self) -> dict:
         """What a checkpoint was trained on; a resumed run must match."""
-        return {k: v for k, v in asdict(self).items() if k != "files"}
+        return asdict(self)
 
 
-def _read_shard_meta(path: str) -> dict:
-    import pyarrow.parquet as pq
-
-    fs, p = storage.filesystem(path)
-    with fs.open(p, "rb") as f:
-        return schema.check_code_shard(pq.read_schema(f), path)
-
-
-def plan_data(cfg: ARTrainConfig, tatok) -> DataPlan:
-    """Every code shard must come from this TA-Tok, hold the scale and VQ codes from one VQ; errors name the
-    shard and the fix."""
+def resolve_data(specs: list[str], problems: Problems) -> list[str]:
+    """The code shard files of --data (a tokenize output: its finished shards), one problem line per bad spec."""
     from tarflow.pipelines.caption import resolve_code_shards
 
-    files = [c.path for spec in cfg.data for c in resolve_code_shards(spec)]
-    with ThreadPoolExecutor(16) as pool:  # one footer read per shard; many shards on S3 want parallel reads
-        metas = list(pool.map(_read_shard_meta, files))
+    files = []
+    for spec in specs:
+        try:
+            files += [c.path for c in resolve_code_shards(spec)]
+        except FileNotFoundError:
+            problems.add(f"--data {spec}", "not found, or holds no code shards",
+                         "give the tokenize job's output folder, a folder of code shards or shard files")
+    return files
+
+
+def plan_data(cfg: ARTrainConfig, tatok, problems: Problems | None = None) -> DataPlan | None:
+    """Every code shard must come from this TA-Tok and hold the scale and the VQ codes of one VQ. Problems (each
+    naming the shards and the fix) go to `problems`; without it they are raised (UsageError) at the end."""
+    own = problems is None
+    problems = problems if problems is not None else Problems()
+    files = resolve_data(cfg.data, problems)
+    footers = read_footers(files)
     col = schema.code_column(cfg.scale)
-    vq0, first = None, None
-    for path, meta in zip(files, metas):
-        if meta["model"]["sha256"] != tatok.sha256:
-            raise ValueError(f"{path}: its codes come from TA-Tok {meta['model']['checkpoint']} (sha256 "
-                             f"{meta['model']['sha256'][:12]}), not {cfg.tatok} ({tatok.sha256[:12]}); pass that "
-                             "checkpoint as --tatok (its decoder makes the condition)")
-        if cfg.scale not in meta["scales"]:
-            raise ValueError(f"{path}: no {col} column (scales {meta['scales']}); choose another --scale or "
-                             "tokenize at this scale")
-        vq = meta.get("vq")
-        if not vq:
-            raise ValueError(f"{path}: no VQ codes; re-run the tokenize job with --vq PATH --vq-resolution RES "
-                             "--overwrite to make training data")
-        if cfg.vq_column and vq["column"] != cfg.vq_column:
-            raise ValueError(f"{path}: VQ column is {vq['column']}, not --vq-column {cfg.vq_column}")
-        if vq0 is None:
-            vq0, first = vq, path
-        elif (vq["sha256"], vq["column"]) != (vq0["sha256"], vq0["column"]):
-            raise ValueError(f"{path} has {vq['column']} from VQ {vq['sha256'][:12]} but {first} has "
-                             f"{vq0['column']} from VQ {vq0['sha256'][:12]}; train on shards of one VQ setting")
+    for f in footers:
+        if f.error or f.meta is None:
+            problems.add(f.path, f.error or "not a code shard (no tarflow metadata in its footer)",
+                         "give code shards written by the tokenize job (with --vq)")
+    shards = [f for f in footers if f.meta]
+    check_one_tatok(shards, problems, (tatok.sha256, f"--tatok {cfg.tatok}"))
+    no_scale = [f.path for f in shards if cfg.scale not in f.meta["scales"]]
+    if no_scale:
+        problems.add(", ".join(no_scale[:5]), f"no {col} column (the shards hold scales "
+                     f"{shards[0].meta['scales'] if shards else []})", "choose another --scale or tokenize at it")
+    no_vq = [f.path for f in shards if not f.meta.get("vq")]
+    if no_vq:
+        problems.add(", ".join(no_vq[:5]) + (f" and {len(no_vq) - 5} more" if len(no_vq) > 5 else ""),
+                     "no VQ codes (no vq16_* column)",
+                     "re-run the tokenize job with --vq PATH --vq-resolution RES --overwrite to make training data")
+    vqs = [(f.path, f.meta["vq"]) for f in shards if f.meta.get("vq")]
+    if cfg.vq_column:
+        wrong = [path for path, vq in vqs if vq["column"] != cfg.vq_column]
+        if wrong:
+            problems.add(", ".join(wrong[:5]), f"no --vq-column {cfg.vq_column} (they hold {vqs[0][1]['column']})",
+                         "leave out --vq-column to use the shards' own")
+    settings = {(vq["sha256"], vq["column"]): path for path, vq in vqs}
+    if len(settings) > 1:
+        problems.add("--data", "shards of several VQ settings: " + "; ".join(
+            f"{path} has {col_} from VQ {sha[:12]}" for (sha, col_), path in settings.items()),
+            "train on shards of one VQ setting")
+    if own:
+        problems.raise_if_any()
+    if problems or not vqs:
+        return None
+    vq0 = vqs[0][1]
     return DataPlan(files=files, cond_column=col, n_cond=tatok.num_tokens(cfg.scale),
                     cond_codebook=tatok.codebook_size, cond_dim=tatok.encoder_cfg.hidden_size,
                     tatok_sha256=tatok.sha256, vq_column=vq0["column"], n_vq=int(vq0["num_tokens"]),
@@ -189,17 +184,22 @@ def model_spec(cfg: ARTrainConfig, plan: DataPlan) -> dict:
     from tarflow.models.ar_detok import PRESETS, ARArgs
     from tarflow.models.checkpoint import read_checkpoint, unwrap_model_entry
 
+    problems = Problems()
     if cfg.init:
         entry = unwrap_model_entry(read_checkpoint(cfg.init), ("args", "sd"))
-        check_fits(ARArgs.from_ckpt(str(entry.get("name", "")), entry["args"], cfg.init), plan, cfg.init)
+        check_fits(ARArgs.from_ckpt(str(entry.get("name", "")), entry["args"], cfg.init), plan, cfg.init, problems)
+        problems.raise_if_any()
         return {"init": cfg.init}
     sizes = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "dim") if getattr(cfg, k) is not None}
     if cfg.preset:
         if cfg.preset not in PRESETS:
-            raise ValueError(f"--preset {cfg.preset!r} is not one of {', '.join(PRESETS)}")
+            problems.add(f"--preset {cfg.preset}", "unknown size preset", f"choose one of {', '.join(PRESETS)}")
+            problems.raise_if_any()
         sizes = {**dict(zip(("n_layer", "n_head", "dim"), PRESETS[cfg.preset])), **sizes}
     if len(sizes) != 3:
-        raise ValueError("a new model needs --preset or all of --n-layer/--n-head/--dim (or --init CHECKPOINT)")
+        problems.add("model", "a new model needs --preset or all of --n-layer/--n-head/--dim",
+                     "or give --init CHECKPOINT to fine-tune")
+        problems.raise_if_any()
     args = ARArgs.from_ckpt("", {**sizes, "model_type": "clip_cond", "cond_dim": plan.cond_dim,
                                  "vocab_size": plan.vq_codebook, "cls_token_num": plan.n_cond,
                                  "max_seq_len": plan.n_vq})
@@ -207,19 +207,19 @@ def model_spec(cfg: ARTrainConfig, plan: DataPlan) -> dict:
     return {"args": asdict(args), "name": name or "llama-abs-custom"}
 
 
-def check_fits(args, plan: DataPlan, path: str) -> None:
-    problems = []
+def check_fits(args, plan: DataPlan, path: str, problems: Problems) -> None:
+    wrong = []
     if args.cond_dim != plan.cond_dim:
-        problems.append(f"cond_dim {args.cond_dim} != the TA-Tok's hidden size {plan.cond_dim}")
+        wrong.append(f"cond_dim {args.cond_dim} != the TA-Tok's hidden size {plan.cond_dim}")
     if args.vocab_size < plan.vq_codebook:
-        problems.append(f"vocab_size {args.vocab_size} < the VQ codebook {plan.vq_codebook}")
+        wrong.append(f"vocab_size {args.vocab_size} < the VQ codebook {plan.vq_codebook}")
     if args.max_seq_len != plan.n_vq:
-        problems.append(f"max_seq_len {args.max_seq_len} != {plan.n_vq} VQ tokens per image ({plan.vq_column})")
+        wrong.append(f"max_seq_len {args.max_seq_len} != {plan.n_vq} VQ tokens per image ({plan.vq_column})")
     if plan.n_cond > args.cls_token_num:
-        problems.append(f"{plan.n_cond} condition tokens ({plan.cond_column}) > cls_token_num {args.cls_token_num}")
-    if problems:
-        raise ValueError(f"{path}: this AR de-tokenizer does not fit the data: {'; '.join(problems)}; pick a "
-                         "matching checkpoint, --scale or VQ resolution, or train a new model")
+        wrong.append(f"{plan.n_cond} condition tokens ({plan.cond_column}) > cls_token_num {args.cls_token_num}")
+    if wrong:
+        problems.add(f"--init {path}", f"this AR de-tokenizer does not fit the data: {'; '.join(wrong)}",
+                     "pick a matching checkpoint, --scale or VQ resolution, or train a new model")
 
 
 def init_weights(model, seed: int) -> None:
@@ -254,34 +254,7 @@ def reference_checkpoint(model) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The worker loop
-
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def _row_batches(shard, cfg: ARTrainConfig, state):
-    """This worker's raw row batches (pa.Table), epoch after epoch, fixed-size (drop_last) so that every worker
-    takes the same number per epoch; on resume the rows already consumed in the current epoch are skipped.
-    Keeps state.epoch / state.samples_seen current: a checkpoint records exactly the rows trained on."""
-    while True:
-        skip, got = state.samples_seen, 0
-        shuffle = {"local_shuffle_buffer_size": cfg.shuffle_buffer, "local_shuffle_seed": cfg.seed + state.epoch} \
-            if cfg.shuffle_buffer else {}
-        for b in shard.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=True,
-                                    prefetch_batches=2, **shuffle):
-            got += 1
-            if skip >= len(b):
-                skip -= len(b)
-                continue
-            b, skip = b.slice(skip), 0
-            state.samples_seen += len(b)
-            yield b
-        if not got:
-            raise RuntimeError(f"a worker's share of the data holds no full batch of {cfg.batch_size} rows; lower "
-                               "--batch-size or --num-workers, or add data")
-        state.epoch, state.samples_seen = state.epoch + 1, 0
+# The worker side: model, batch, loss (the loop is tarflow.train.core's)
 
 
 def teacher_forced_loss(model, tatok, cond_codes: np.ndarray, vq_codes: np.ndarray, p_drop: float, device):
@@ -298,214 +271,141 @@ def teacher_forced_loss(model, tatok, cond_codes: np.ndarray, vq_codes: np.ndarr
     return F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
 
 
+class ARTask(Task):
+    """Micro-batches of `batch_size` rows as read (fixed size: every worker takes as many per epoch); bad rows
+    are dropped from a batch and counted."""
+
+    sum_keys = ("loss_sum", "rows_trained", "rows", *(f"skipped_{r}" for r in SKIP_REASONS))
+    total_keys = tuple(f"skipped_{r}" for r in SKIP_REASONS)
+    drop_last = True
+
+    def __init__(self, cfg: ARTrainConfig, config: dict, device):
+        import torch
+
+        from tarflow.models.tatok import TATok
+
+        super().__init__(cfg, config, device)
+        self.read_rows = cfg.batch_size
+        self.plan = DataPlan(**config["plan"])
+        bf16 = device.type == "cuda" and cfg.optim.bf16
+        tatok = TATok.from_checkpoint(cfg.tatok)
+        tatok.encoder = None  # decode only: the SigLIP encoder never runs here, so it takes no memory
+        self.tatok = tatok.to(device, torch.bfloat16 if bf16 else torch.float32).requires_grad_(False).eval()
+
+    def load_model(self, checkpoint_dir):
+        from tarflow.models.ar_detok import ARArgs, ARDetokenizer
+
+        spec = self.config["model"]
+        if checkpoint_dir:  # a retry or a rerun of this run: its latest checkpoint
+            model = ARDetokenizer.from_checkpoint(os.path.join(checkpoint_dir, MODEL_FILE))
+        elif "init" in spec:
+            model = ARDetokenizer.from_checkpoint(spec["init"])
+        else:
+            model = ARDetokenizer(ARArgs(**spec["args"]))
+            model.name = spec["name"]
+            init_weights(model, self.cfg.seed)
+        self.p_drop = model.args.class_dropout_prob if self.cfg.cond_dropout is None else self.cfg.cond_dropout
+        return model
+
+    def batches(self, rows, epoch):
+        for pos, table in rows:
+            yield table, pos + len(table)
+
+    def loss(self, model, table):
+        cond_codes, vq_codes, skipped = split_rows(table, self.plan)
+        sums = {"rows_trained": len(vq_codes), "rows": len(table), **{f"skipped_{r}": n for r, n in skipped.items()}}
+        if not len(vq_codes):  # every row bad: a zero loss still runs backward, so the collectives match
+            return self.zero_loss(model), sums
+        loss = teacher_forced_loss(model, self.tatok, cond_codes, vq_codes, self.p_drop, self.device)
+        return loss, {**sums, "loss_sum": float(loss.detach()) * len(vq_codes)}
+
+    def zero_loss(self, model):
+        import torch
+
+        tgt = torch.zeros(1, self.plan.n_vq, dtype=torch.long, device=self.device)
+        cond = torch.zeros(1, self.plan.n_cond, self.plan.cond_dim, device=self.device)
+        return model(tgt[:, :-1], cond).sum() * 0.0
+
+    def save_model(self, model, folder, state_dict=None):
+        import torch
+
+        ckpt = reference_checkpoint(model)
+        if state_dict is not None:  # FSDP: the gathered whole tensors
+            ckpt["model"]["sd"] = state_dict
+        torch.save(ckpt, os.path.join(folder, MODEL_FILE))
+
+    def metrics(self, sums, totals, seconds):
+        skipped = {k: int(v) for k, v in totals.items()}
+        return {"loss": sums["loss_sum"] / sums["rows_trained"] if sums["rows_trained"] else float("nan"),
+                "rows": int(sums["rows"]), "rows_trained": int(sums["rows_trained"]),
+                "tokens_per_s": sums["rows_trained"] * self.plan.n_vq / max(seconds, 1e-9),
+                **skipped, "skipped_total": sum(skipped.values())}
+
+
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
-    import ray.train
-    import ray.train.torch
-    import torch
-    import torch.distributed as dist
-
-    from tarflow.models.ar_detok import ARArgs, ARDetokenizer
-    from tarflow.models.tatok import TATok
-    from tarflow.train.common import (
-        ModelParallel,
-        TrainState,
-        autocast,
-        load_trainer_state,
-        make_optimizer,
-        report,
-        unwrap,
-    )
-
-    cfg = ARTrainConfig.from_dict(config["cfg"])
-    plan = DataPlan(**config["plan"])
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    device = ray.train.torch.get_device()
-    bf16 = device.type == "cuda" and cfg.optim.bf16
-
-    tatok = TATok.from_checkpoint(cfg.tatok)
-    tatok.encoder = None  # decode only: the SigLIP encoder never runs here, so it takes no memory
-    tatok = tatok.to(device, torch.bfloat16 if bf16 else torch.float32).requires_grad_(False).eval()
-
-    meta = {"skipped": dict.fromkeys(SKIP_REASONS, 0), "history": [], "starts": []}
-    ckpt = ray.train.get_checkpoint()
-    ckpt_dir = ckpt.as_directory() if ckpt else contextlib.nullcontext()
-    with ckpt_dir as d:
-        if d:  # a retry or a rerun of this run: its latest checkpoint
-            model = ARDetokenizer.from_checkpoint(os.path.join(d, MODEL_FILE))
-            with open(os.path.join(d, META_FILE)) as f:
-                meta = json.load(f)
-        elif "init" in config["model"]:
-            model = ARDetokenizer.from_checkpoint(config["model"]["init"])
-        else:
-            model = ARDetokenizer(ARArgs(**config["model"]["args"]))
-            model.name = config["model"]["name"]
-            init_weights(model, cfg.seed)
-        model.train()
-        name = model.name
-        p_drop = model.args.class_dropout_prob if cfg.cond_dropout is None else cfg.cond_dropout
-        parallel = ModelParallel("ddp")
-        model = parallel.wrap(model)  # to the device; DDP with several workers
-        opt, sched = make_optimizer(model, cfg.optim)
-        state = load_trainer_state(d, opt, sched, rank, parallel) if d else TrainState()
-    unwrap(model).name = name
-    meta["starts"].append(state.step)  # 0 for a fresh run, else the step a rerun or retry resumed from
-
-    def save_model(folder: str) -> None:
-        torch.save(reference_checkpoint(unwrap(model)), os.path.join(folder, MODEL_FILE))
-        with open(os.path.join(folder, META_FILE), "w") as f:
-            json.dump({**meta, "step": state.step, "epoch": state.epoch, "facts": plan.facts(),
-                       "config": cfg.to_dict()}, f)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    batches = _row_batches(ray.train.get_dataset_shard("train"), cfg, state)
-    end = min(cfg.optim.total_steps, cfg.stop_at_step or cfg.optim.total_steps)
-    accum = max(1, cfg.optim.grad_accum)
-    while state.step < end:
-        t0 = time.perf_counter()
-        torch.manual_seed(step_seed(cfg.seed, rank, state.step))  # dropout and condition dropout
-        sums = np.zeros(3 + len(SKIP_REASONS))  # loss * good rows, good rows, raw rows, skipped by reason
-        loss_sum = torch.zeros((), device=device)  # stays on the device: no sync per micro-batch
-        for micro in range(accum):
-            table = next(batches)
-            cond_codes, vq_codes, skipped = split_rows(table, plan)
-            sums[1:] += [len(vq_codes), len(table), *skipped.values()]
-            with parallel.micro_batch(sync=micro == accum - 1):
-                if len(vq_codes):
-                    with autocast(device, cfg.optim.bf16):
-                        loss = teacher_forced_loss(model, tatok, cond_codes, vq_codes, p_drop, device)
-                    loss_sum += loss.detach() * len(vq_codes)
-                else:  # every row bad: a zero loss still runs backward, so DDP's gradient all-reduce matches
-                    loss = sum(p.sum() for p in params) * 0.0
-                (loss / accum).backward()
-        if cfg.optim.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        state.step += 1
-        sums[0] = float(loss_sum)
-        if dist.is_available() and dist.is_initialized():  # totals over the workers
-            t = torch.tensor(sums, dtype=torch.float64, device=device)
-            dist.all_reduce(t)
-            sums = t.cpu().numpy()
-        for r, n in zip(SKIP_REASONS, sums[3:]):
-            meta["skipped"][r] += int(n)
-        dt = time.perf_counter() - t0
-        metrics = {"step": state.step, "epoch": state.epoch, "lr": lr,
-                   "loss": float(sums[0] / sums[1]) if sums[1] else float("nan"),
-                   "rows": int(sums[2]), "rows_trained": int(sums[1]),
-                   "tokens_per_s": float(sums[1] * plan.n_vq / dt),
-                   **{f"skipped_{r}": n for r, n in meta["skipped"].items()},
-                   "skipped_total": sum(meta["skipped"].values())}
-        meta["history"] = (meta["history"] + [metrics])[-HISTORY_MAX:]
-        save = state.step % max(1, cfg.checkpoint_every) == 0 or state.step == end
-        # Every step's metrics go to the history kept in checkpoints; Ray Train gets them every log_every steps
-        # (a report is a barrier across the workers through the controller: not free at every step).
-        if save or state.step % max(1, cfg.log_every) == 0:
-            if rank == 0:
-                sys.stdout.write(f"step {state.step}/{end} loss {metrics['loss']:.4f} lr {lr:.3g} "
-                                 f"{metrics['tokens_per_s']:.0f} tok/s skipped {metrics['skipped_total']}\n")
-                sys.stdout.flush()
-            report(metrics, save_model, opt, sched, state, checkpoint=save, parallel=parallel)
+    worker_loop(ARTask, ARTrainConfig, config)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Driver
 
 
-@dataclass
-class TrainSummary:
-    steps: int
-    metrics: dict  # the last step's
-    history: list[dict]  # per step, since the run began (across resumes)
-    starts: list[int]  # the step each start of the workers began from: [0] for a run that never resumed
-    checkpoint: str  # the latest Ray Train checkpoint folder
-    output: str | None
-
-    def render(self) -> str:
-        m = self.metrics
-        return (f"AR de-tokenizer: {self.steps} steps, loss {m.get('loss', float('nan')):.4f}, skipped rows "
-                f"{m.get('skipped_total', 0)} (missing {m.get('skipped_missing', 0)}, length "
-                f"{m.get('skipped_length', 0)}, range {m.get('skipped_range', 0)})\n"
-                f"checkpoint: {self.checkpoint}\nmodel: {self.output or '(no --output)'}")
-
-
-def _previous_facts(cfg: ARTrainConfig) -> dict | None:
-    """The data facts of this run's latest checkpoint, if the run exists (refuse to resume onto other data)."""
-    run = storage.join(_abs(cfg.storage_path), cfg.name)
-    fs, p = storage.filesystem(run)
-    fs.invalidate_cache(p)  # s3fs caches listings per process: a run of this process may have added checkpoints
-    metas = fs.glob(p.rstrip("/") + "/*/" + META_FILE) if fs.exists(p) else []
-    if not metas:
-        return None
-    with fs.open(max(metas), "rb") as f:  # checkpoint folders are named by time: the last is the latest
-        return json.load(f)["facts"]
-
-
-def _abs(path: str) -> str:
-    return path if storage.is_remote(path) else os.path.abspath(path)
-
-
-def run_train(cfg: ARTrainConfig, loop=None, loop_extra: dict | None = None) -> TrainSummary:
-    """Train with Ray Train. `loop` replaces the per-worker loop (e.g. one wrapping `train_loop`), with
-    `loop_extra` added to its config."""
-    import ray.data
-    from ray.data import ExecutionOptions
-    from ray.train import (
-        CheckpointConfig,
-        DataConfig,
-        FailureConfig,
-        RunConfig,
-        ScalingConfig,
-    )
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+def preflight(cfg: ARTrainConfig) -> dict:
+    """Every check that needs no Ray, on the driver, all problems at once (UsageError, one line each): the
+    settings, --tatok, --data (one TA-Tok, the scale, VQ codes of one VQ), --init or the new model's size
+    against the data, and a rerun's data against its run's. Returns the plan the workers get."""
+    from tarflow.models.checkpoint import CheckpointError
     from tarflow.models.tatok import TATok
 
-    if cfg.batch_size < 1 or cfg.num_workers < 1 or cfg.optim.total_steps < 1:
-        raise ValueError("--batch-size, --num-workers and --steps must be >= 1")
-    tatok = TATok.from_checkpoint(cfg.tatok)
-    plan = plan_data(cfg, tatok)
+    problems = Problems()
+    cfg.check(problems)
+    problems.check(cfg.batch_size >= 1, "--batch-size", f"is {cfg.batch_size}", "give a whole number >= 1")
+    tatok = None
+    if not cfg.tatok:
+        problems.add("--tatok", "missing", "give the TA-Tok checkpoint that made the codes")
+    elif not storage.exists(cfg.tatok):
+        problems.add(f"--tatok {cfg.tatok}", "not found", "give the TA-Tok checkpoint (ta_tok.pth) that made the codes")
+    else:
+        try:
+            tatok = TATok.from_checkpoint(cfg.tatok)
+        except CheckpointError as e:
+            problems.add(f"--tatok {cfg.tatok}", str(e).removeprefix(f"{cfg.tatok}: "))
+    if cfg.init and not storage.exists(cfg.init):
+        problems.add(f"--init {cfg.init}", "not found", "give an AR de-tokenizer checkpoint (ar_dtok_*.pth)")
+    if tatok is None:
+        resolve_data(cfg.data, problems)
+        problems.raise_if_any()
+    plan = plan_data(cfg, tatok, problems)
     del tatok
-    spec = model_spec(cfg, plan)
-    previous = _previous_facts(cfg)
-    if previous is not None and previous != plan.facts():
-        diff = sorted(k for k in plan.facts() if previous.get(k) != plan.facts()[k])
-        raise ValueError(f"run {cfg.name!r} in {cfg.storage_path} was trained on other data ({', '.join(diff)} "
-                         "differ); use another --name to start a new run")
+    problems.raise_if_any()
+    try:
+        spec = model_spec(cfg, plan)
+    except CheckpointError as e:
+        problems.add(f"--init {cfg.init}", str(e).removeprefix(f"{cfg.init}: "))
+        spec = None
+    except ValueError as e:  # UsageError included
+        problems.lines += getattr(e, "lines", [str(e)])
+        spec = None
+    refuse_other_data(cfg, plan.facts(), problems)
+    problems.raise_if_any()
     log.info("%d code shards: %s (%d tokens) -> %s (%d tokens, codebook %d)", len(plan.files), plan.cond_column,
              plan.n_cond, plan.vq_column, plan.n_vq, plan.vq_codebook)
-    # Only the two columns travel. preserve_order makes Ray Data's split deterministic (blocks in file order, each
-    # to the worker with the fewest rows so far), so every run hands each worker the same rows.
-    ds = ray.data.read_parquet(plan.files).select_columns([plan.cond_column, plan.vq_column])  # pushed into the read
-    trainer = TorchTrainer(
-        loop or train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "plan": asdict(plan), "model": spec, **(loop_extra or {})},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker,
-                                                           **({"GPU": 1} if cfg.use_gpu else {})}),
-        # gloo beside NCCL: tarflow.train.common gathers CPU tensors (samples seen per worker) on checkpoints
-        torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl") if cfg.use_gpu else None,
-        run_config=RunConfig(name=cfg.name, storage_path=_abs(cfg.storage_path),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
-        datasets={"train": ds},
-        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"run {cfg.name!r} ended without a checkpoint")
-    with result.checkpoint.as_directory() as d:
-        with open(os.path.join(d, META_FILE)) as f:
-            meta = json.load(f)
-        if cfg.output:
-            with open(os.path.join(d, MODEL_FILE), "rb") as f:
-                storage.write_bytes_atomic(cfg.output, f.read())
-    return TrainSummary(steps=meta["step"], metrics=meta["history"][-1] if meta["history"] else {},
-                        history=meta["history"], starts=meta["starts"], output=cfg.output,
-                        checkpoint=storage.protocol_prefix(cfg.storage_path) + result.checkpoint.path)
+    return {"plan": asdict(plan), "model": spec, "facts": plan.facts()}
+
+
+def run_train(cfg: ARTrainConfig, plan: dict | None = None, loop=None, loop_extra: dict | None = None) -> TrainSummary:
+    """Train with Ray Train (after `preflight`, run here when `plan` is None). `loop` replaces the per-worker loop
+    (e.g. one wrapping `train_loop`), with `loop_extra` added to its config."""
+    import ray.data
+
+    plan = plan or preflight(cfg)
+    data = DataPlan(**plan["plan"])
+    # Only the two columns travel. preserve_order (the core's) makes Ray Data's split deterministic (blocks in file
+    # order, each to the worker with the fewest rows so far), so every run hands each worker the same rows.
+    ds = ray.data.read_parquet(data.files).select_columns([data.cond_column, data.vq_column])  # pushed into the read
+    summary = fit(cfg, loop or train_loop, {**plan, **(loop_extra or {})}, ds)
+    if cfg.output:
+        storage.write_bytes_atomic(cfg.output, storage.read_bytes(storage.join(summary.checkpoint, MODEL_FILE)))
+        summary.output = cfg.output
+    return summary

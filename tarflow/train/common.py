@@ -1,15 +1,13 @@
-"""What the Ray Train loops share: optimiser and schedule, checkpoint state, resuming the data position.
+"""The trainer core's parts: optimiser and schedule, how workers share a model (ModelParallel), the trainer
+state in a checkpoint. The loop itself is tarflow.train.core.
 
-A checkpoint is a folder: the model in the format its users load (a Hugging Face folder for the MLLM, the
-reference `.pth` for the AR de-tokenizer) plus `trainer_state.pt` (optimiser, schedule, step, samples consumed
-per worker, RNG), loadable with `torch.load(weights_only=True)`. Ray Train persists it to `storage_path`
-(local or s3://) and hands the latest back to the workers after a failure or on a rerun.
+`trainer_state.pt` (optimiser, schedule, step, epoch, rows consumed per worker, RNG) sits beside the model in
+each checkpoint folder, loadable with `torch.load(weights_only=True)`. Ray Train persists the folder to
+`storage_path` (local or s3://) and hands the latest back to the workers after a failure or on a rerun.
 """
 from __future__ import annotations
 
-import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
@@ -32,21 +30,20 @@ class OptimConfig:
         return asdict(self)
 
 
-def cosine_with_warmup(total_steps: int, warmup_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return factor
-
-
 def make_optimizer(model: torch.nn.Module, cfg: OptimConfig):
+    """AdamW over the trainable parameters, and transformers' cosine schedule with linear warmup (what the
+    reference's HF Trainer runs: factor step / warmup during warmup, so the first step runs at lr 0, then a
+    cosine from 1 to 0 at total_steps). A LambdaLR: its state (the step) resumes exactly."""
+    from transformers import get_cosine_schedule_with_warmup
+
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    warmup = int(round(cfg.warmup_ratio * cfg.total_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(cfg.total_steps, warmup))
+    sched = get_cosine_schedule_with_warmup(opt, warmup_steps(cfg), cfg.total_steps)
     return opt, sched
+
+
+def warmup_steps(cfg: OptimConfig) -> int:
+    return int(round(cfg.warmup_ratio * cfg.total_steps))
 
 
 def autocast(device: torch.device, bf16: bool):
@@ -65,15 +62,14 @@ class TrainState:
 def save_trainer_state(folder: str, optimizer_state: dict, sched, state: TrainState,
                        per_rank_samples: list[int]) -> None:
     torch.save({"optimizer": optimizer_state, "scheduler": sched.state_dict(), "step": state.step,
-                "epoch": state.epoch, "samples_seen": per_rank_samples,
-                "torch_rng": torch.get_rng_state()}, os.path.join(folder, TRAINER_STATE))
+                "epoch": state.epoch, "samples_seen": per_rank_samples}, os.path.join(folder, TRAINER_STATE))
 
 
 def load_trainer_state(folder: str, opt, sched, rank: int, parallel: ModelParallel | None = None) -> TrainState:
     blob = torch.load(os.path.join(folder, TRAINER_STATE), map_location="cpu", weights_only=True)
     (parallel or ModelParallel()).load_optimizer(opt, blob["optimizer"])
     sched.load_state_dict(blob["scheduler"])
-    torch.set_rng_state(blob["torch_rng"])
+    # no RNG state: the loop reseeds every step from (seed, rank, step)
     seen = blob["samples_seen"]
     return TrainState(step=int(blob["step"]), epoch=int(blob["epoch"]),
                       samples_seen=int(seen[rank] if rank < len(seen) else 0))
@@ -89,31 +85,6 @@ def gather_ints(value: int) -> list[int]:
     out = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
     dist.all_gather(out, torch.tensor([int(value)], dtype=torch.long, device=device))
     return [int(t) for t in out]
-
-
-def report(metrics: dict, save_model, opt, sched, state: TrainState, checkpoint: bool,
-           parallel: ModelParallel | None = None) -> None:
-    """ray.train.report from every worker; with `checkpoint`, rank 0 writes model + trainer state and attaches
-    them (the samples each worker consumed are gathered first, so the data position resumes per worker).
-
-    `save_model(folder)` writes the model; under FSDP it is `save_model(folder, full_state_dict)`, the shards
-    having been gathered by every worker first."""
-    import ray.train
-
-    rank = ray.train.get_context().get_world_rank()
-    if not checkpoint:
-        ray.train.report(metrics)
-        return
-    seen = gather_ints(state.samples_seen)
-    parallel = parallel or ModelParallel()
-    model_state, optimizer_state = parallel.full_state(opt)  # a collective under FSDP: every worker calls it
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = None
-        if rank == 0:
-            save_model(tmp) if model_state is None else save_model(tmp, model_state)
-            save_trainer_state(tmp, optimizer_state, sched, state, seen)
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=ckpt)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

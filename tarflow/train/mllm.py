@@ -1,8 +1,11 @@
 """Training the Tar MLLM on code shards with Ray Train: codes in, never a JPEG or SigLIP again.
 
-    code shards / conversation Parquet --Ray Data: SampleBuilder (CPU: pick task and scale, build ids + labels)
-        --> Ray Train workers (get_dataset_shard): pack samples into rows of max_length (positions restart per
-            sample, attention block-diagonal), AdamW + cosine, DDP, checkpoints in Hugging Face format
+    code shards / conversation Parquet --Ray Data--> Ray Train workers (get_dataset_shard):
+        SampleBuilder (pick task and scale, build ids + labels) --> pack samples into rows of max_length
+        (positions restart per sample, attention block-diagonal) --> next-token loss on the learned labels
+    The step loop, DDP / FSDP, schedule, metrics, checkpoints (Hugging Face Tar folders in the base's dtype) and
+    resume are tarflow.train.core's; this module holds the model's preparation, the batches and the loss. The
+    driver only reads the data's footers: the workers build the initial model.
 
 Tasks, as the reference builds them from a row:
     I2T   user: image tokens + "\\n" + question        assistant: caption
@@ -14,17 +17,13 @@ sample).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import random
-import sys
-import time
-from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -32,24 +31,25 @@ import torch
 import torch.nn.functional as F
 
 from tarflow.data import schema, storage
-from tarflow.train.common import OptimConfig
+from tarflow.preflight import Problems
+from tarflow.train.core import Task, TrainConfig, TrainSummary, check_one_tatok, file_sha256, fit, read_footers
+from tarflow.train.core import refuse_other_data, worker_loop
 
 log = logging.getLogger("tarflow.train.mllm")
 
 IGNORE = -100
 TASK_IDS = {"i2t": 0, "t2i": 1, "text": 2}
 DEFAULT_QUESTIONS = ("Describe the image shortly.", "What is in this image?", "Write a short caption for the image.")
-SKIP_REASONS = ("missing_codes", "wrong_code_length", "codes_out_of_range", "empty_caption", "too_long")
+# why a row gives no sample: bad rows, and rows the task mix leaves out (task_mix: not counted as bad)
+SKIP_REASONS = ("missing_codes", "wrong_code_length", "codes_out_of_range", "empty_caption", "too_long", "task_mix")
 SAMPLE_SCHEMA = pa.schema([pa.field("input_ids", pa.list_(pa.int32())), pa.field("labels", pa.list_(pa.int32())),
                            pa.field("task", pa.int8()), pa.field("skip", pa.string())])
 
 
-@dataclass
-class MLLMTrainConfig:
+@dataclass(kw_only=True)
+class MLLMTrainConfig(TrainConfig):
     data: list[str]  # code shard folders/files, or Parquet with `conversations` (+ tatok_s* columns)
-    storage_path: str  # where Ray Train keeps runs and checkpoints (local or s3://)
-    name: str = "tar-mllm"
-    base: str | None = None  # base Qwen2 folder: Tar's vocabulary is added
+    base: str | None = None  # base Qwen2 folder (local or s3://): Tar's vocabulary is added
     resume_from: str | None = None  # or a Tar checkpoint folder to continue from
     tatok: str | None = None  # TA-Tok checkpoint: image-token rows start from its codebook when widths match
     num_image_tokens: int = 65536  # <I{k}> tokens added to a base (Tar: 65536, TA-Tok's codebook size)
@@ -59,20 +59,11 @@ class MLLMTrainConfig:
     system: str = "You are a helpful assistant."
     max_length: int = 2048
     rows_per_step: int = 1  # packed rows per micro-batch per worker
-    strategy: str = "ddp"  # or "fsdp": parameters, gradients and optimiser state sharded over the workers
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 100
-    stop_after_steps: int | None = None  # end this run (with a checkpoint) after so many steps; rerun resumes
-    max_failures: int = 1
-    shuffle_buffer: int = 256
-    log_every: int = 10  # steps per metrics report (averaged over them)
+    # the core's settings, with this trainer's defaults
+    name: str = "tar-mllm"
 
-    def as_dict(self) -> dict:
-        d = asdict(self)
+    def to_dict(self) -> dict:
+        d = super().to_dict()
         d["questions"] = list(self.questions)
         return d
 
@@ -87,10 +78,16 @@ def _key_rng(seed: int, key: str, epoch: int) -> random.Random:
 
 
 class SampleBuilder:
-    """Ray Data stage: rows -> (input_ids, labels, task) per sample, or a skip reason (never trained on)."""
+    """Rows -> (input_ids, labels, task) per sample, or a skip reason (never trained on).
+
+    The task mix: a caption row becomes I2T or T2I, drawn with the i2t : t2i weights; a conversation row is I2T
+    when it has an <image>, else text-only. Text-only rows are kept with probability `text_keep`, which the
+    driver sets from the data's row counts so that text-only samples are text / (i2t + t2i + text) of all
+    (`text_keep` 1 when the data has too few for the weight). A task of weight 0 is never built. Every draw is
+    seeded by (seed, epoch, row key): a resumed run builds the same samples."""
 
     def __init__(self, tokenizer, task_mix: dict, scales: list[int], tokens_per_scale: dict,
-                 questions, system: str, max_length: int, seed: int, codebook_size: int):
+                 questions, system: str, max_length: int, seed: int, codebook_size: int, text_keep: float = 1.0):
         from tarflow.models.mllm import TarVocab
 
         # a Tar tokenizer, or its folder (loading Tar's 217,206 tokens takes seconds: pass one when at hand)
@@ -100,6 +97,7 @@ class SampleBuilder:
         self.tokens_per_scale = {int(k): int(v) for k, v in tokens_per_scale.items()}
         self.questions, self.system, self.max_length, self.seed = list(questions), system, max_length, seed
         self.codebook_size = min(codebook_size, self.vocab.num_image_tokens)
+        self.text_keep = text_keep if task_mix.get("text", 0) > 0 else 0.0
         t = self.tokenizer
         self.im_start, self.im_end = t.convert_tokens_to_ids("<|im_start|>"), t.convert_tokens_to_ids("<|im_end|>")
         self.newline = t("\n", add_special_tokens=False)["input_ids"]
@@ -148,6 +146,8 @@ class SampleBuilder:
         if conv is not None:
             has_image = any("<image>" in (t.get("value") or "") for t in conv)
             task = "i2t" if has_image else "text"
+            if (rng.random() >= self.text_keep) if task == "text" else self.task_mix.get("i2t", 0) <= 0:
+                return [], [], task, "task_mix"
             turns = []
             scale = rng.choice(self.scales)
             image = None
@@ -168,6 +168,8 @@ class SampleBuilder:
         else:
             caption = row.get("caption")
             tasks = {t: w for t, w in self.task_mix.items() if t in ("i2t", "t2i") and w > 0}
+            if not tasks:
+                return [], [], "i2t", "task_mix"
             task = rng.choices(list(tasks), weights=list(tasks.values()))[0]
             if not caption or not str(caption).strip():
                 return [], [], task, "empty_caption"
@@ -201,10 +203,10 @@ class SampleBuilder:
 def _load_tokenizer(folder: str):
     from transformers import AutoTokenizer
 
-    from tarflow.models.mllm import fetch_model_folder
+    from tarflow.models.mllm import fetch_model_folder, tokenizer_kwargs
 
     local = fetch_model_folder(folder) if storage.is_remote(folder) else folder
-    return AutoTokenizer.from_pretrained(local, local_files_only=True, fix_mistral_regex=False)
+    return AutoTokenizer.from_pretrained(local, local_files_only=True, **tokenizer_kwargs())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -286,183 +288,158 @@ def packed_loss(model, batch: dict, device) -> tuple[torch.Tensor, dict]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The Ray Train loop
+# The worker side: model, batches, loss (the loop is tarflow.train.core's)
+
+
+class MLLMTask(Task):
+    """Samples built from the rows (SampleBuilder), packed into `rows_per_step` rows of `max_length` per
+    micro-batch; the next-token loss over the learned labels."""
+
+    sum_keys = ("loss_sum", "loss_count", *(f"{k}_{t}" for t in TASK_IDS for k in ("loss_sum", "loss_count")),
+                "tokens", "padding", "micro_batches", *(f"skipped_{r}" for r in SKIP_REASONS))
+    total_keys = tuple(f"skipped_{r}" for r in SKIP_REASONS)
+
+    def load_model(self, checkpoint_dir):
+        from tarflow.models.mllm import load_tar
+
+        cfg = self.cfg
+        if checkpoint_dir or cfg.resume_from:  # every worker loads the whole model; FSDP then keeps its shard
+            folder = checkpoint_dir or cfg.resume_from
+            model, self.tokenizer, self.vocab = load_tar(folder)  # float32 master weights
+            self.save_dtype = folder_dtype(folder)
+        else:
+            model, self.tokenizer, self.save_dtype = initial_model(cfg)
+            from tarflow.models.mllm import TarVocab
+
+            self.vocab = TarVocab.from_tokenizer(self.tokenizer)
+        c = self.config
+        self.builder = SampleBuilder(self.tokenizer, cfg.task_mix, cfg.scales, c["tokens_per_scale"], cfg.questions,
+                                     cfg.system, cfg.max_length, cfg.seed, c["codebook_size"], c["text_keep"])
+        return model.to(self.device)
+
+    def fsdp_layers(self, model):
+        return list(model.model.layers)
+
+    def batches(self, rows, epoch):
+        n_rows, max_length, pad_id = self.cfg.rows_per_step, self.cfg.max_length, self.vocab.pad_id
+        pending, end = [], 0
+        skipped = self.skipped = getattr(self, "skipped", {})  # counted with the next batch, even the next epoch's
+
+        def take():
+            nonlocal pending
+            batch, pending = _take_rows(pending, n_rows, max_length, pad_id)
+            batch["skipped"] = dict(skipped)
+            skipped.clear()
+            return batch
+
+        for pos, table in rows:
+            built = self.builder(table, epoch=epoch)
+            for k, (ids, labels, task, skip) in enumerate(zip(*(built.column(c).to_pylist()
+                                                               for c in ("input_ids", "labels", "task", "skip")))):
+                if skip:
+                    skipped[skip] = skipped.get(skip, 0) + 1
+                    continue
+                pending.append((ids, labels, task, pos + k))
+                if _rows_closed(pending, n_rows, max_length):
+                    batch = take()
+                    # a checkpoint after this batch resumes at the first sample not trained on yet
+                    yield batch, pending[0][3] if pending else pos + k + 1
+            end = pos + len(table)
+        while pending:  # the epoch's last, partly filled rows
+            batch = take()
+            yield batch, pending[0][3] if pending else end
+
+    def loss(self, model, batch):
+        loss, per_task = packed_loss(model, batch, self.device)
+        sums = {"tokens": int((batch["segments"] >= 0).sum()), "padding": batch["padding"], "micro_batches": 1,
+                **{f"skipped_{r}": n for r, n in batch["skipped"].items()}}
+        for t, (total, n) in per_task.items():
+            sums[f"loss_sum_{t}"], sums[f"loss_count_{t}"] = total, n
+        sums["loss_sum"], sums["loss_count"] = sum(v[0] for v in per_task.values()), sum(v[1] for v in per_task.values())
+        return loss, sums
+
+    def zero_loss(self, model):
+        ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        return model(input_ids=ids, logits_to_keep=1).logits.sum() * 0.0
+
+    def save_model(self, model, folder, state_dict=None):
+        save_tar(model, self.tokenizer, folder, self.save_dtype, state_dict)
+
+    def metrics(self, sums, totals, seconds):
+        n = sums["loss_count"]
+        return {"loss": sums["loss_sum"] / n if n else float("nan"),
+                **{f"loss_{t}": sums[f"loss_sum_{t}"] / sums[f"loss_count_{t}"] for t in TASK_IDS
+                   if sums[f"loss_count_{t}"]},
+                "tokens_per_s": sums["tokens"] / max(seconds, 1e-9),
+                "padding_fraction": sums["padding"] / max(sums["micro_batches"], 1),
+                **{k: int(v) for k, v in totals.items() if v}}
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import ray.train
-    import ray.train.torch
-
-    from tarflow.models.mllm import load_tar
-    from tarflow.train.common import ModelParallel, OptimConfig, TrainState, autocast, gather_ints
-    from tarflow.train.common import load_trainer_state, make_optimizer, report, unwrap
-
-    cfg = config["cfg"]
-    optim = OptimConfig(**cfg["optim"])
-    rank = ray.train.get_context().get_world_rank()
-    torch.manual_seed(cfg["seed"] + rank)
-    device = ray.train.torch.get_device()
-    parallel = ModelParallel(cfg["strategy"])
-    ckpt = ray.train.get_checkpoint()
-    with ckpt.as_directory() if ckpt is not None else contextlib.nullcontext(config["init_model"]) as d:
-        # every worker loads the whole model; FSDP then keeps only its shard
-        model, tokenizer, vocab = load_tar(d, device=str(device))
-        model.train()
-        model = parallel.wrap(model, layers=model.model.layers)
-        opt, sched = make_optimizer(model, optim)
-        state = load_trainer_state(d, opt, sched, rank, parallel) if ckpt is not None else TrainState()
-
-    def save_model(folder, state_dict=None):
-        m = unwrap(model)
-        if state_dict is not None and m.config.tie_word_embeddings:
-            # gathered shards are separate copies; a tied head is the embedding, saved once as DDP saves it
-            state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
-        m.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
-
-    builder = SampleBuilder(tokenizer, cfg["task_mix"], cfg["scales"], config["tokens_per_scale"],
-                            cfg["questions"], cfg["system"], cfg["max_length"], cfg["seed"], config["codebook_size"])
-    shard = ray.train.get_dataset_shard("train")
-    skipped: Counter = Counter()
-
-    def micro_batches():
-        """Packed micro-batches, epoch after epoch; `state` records the data position for checkpoints."""
-        while True:
-            to_skip, pending = state.samples_seen, []
-            pos = state.samples_seen  # rows of this epoch read so far
-            for rb in shard.iter_batches(batch_size=64, batch_format="pyarrow",
-                                         local_shuffle_buffer_size=cfg["shuffle_buffer"] or None,
-                                         local_shuffle_seed=cfg["seed"] + state.epoch):
-                if to_skip >= len(rb):  # resuming: these rows were consumed before the checkpoint
-                    to_skip -= len(rb)
-                    continue
-                rb, to_skip = rb.slice(to_skip), 0
-                built = builder(rb, epoch=state.epoch)
-                for ids, labels, task, skip in zip(*(built.column(c).to_pylist()
-                                                     for c in ("input_ids", "labels", "task", "skip"))):
-                    pos += 1
-                    if skip:
-                        skipped[skip] += 1
-                        continue
-                    pending.append((ids, labels, task, pos - 1))
-                    if _rows_closed(pending, cfg["rows_per_step"], cfg["max_length"]):
-                        batch, pending = _take_rows(pending, cfg["rows_per_step"], cfg["max_length"], vocab.pad_id)
-                        # a checkpoint after this batch resumes at the first sample not trained on yet
-                        state.samples_seen = pending[0][3] if pending else pos
-                        yield batch
-            while pending:  # the epoch's last, partly filled rows
-                batch, pending = _take_rows(pending, cfg["rows_per_step"], cfg["max_length"], vocab.pad_id)
-                state.samples_seen = pending[0][3] if pending else pos
-                yield batch
-            yield None  # this worker's epoch is over; the next one starts when every worker got here
-            state.epoch += 1
-            state.samples_seen = 0
-
-    batches = LockstepBatches(micro_batches(), device)
-    first_step = state.step
-    task_sum, task_n = Counter(), Counter()
-    t_last, tok_count, pad_acc, pad_n = time.time(), 0, 0.0, 0
-    while state.step < optim.total_steps:
-        opt.zero_grad(set_to_none=True)
-        step_sum, step_n, t_step = 0.0, 0, time.time()
-        for micro in range(optim.grad_accum):
-            batch = batches.next()
-            with parallel.micro_batch(sync=micro == optim.grad_accum - 1):
-                with autocast(device, optim.bf16):
-                    if batch is None:  # out of data while others are not: a no-op step keeps DDP in lockstep
-                        loss, per_task = zero_loss(model, device), {}
-                    else:
-                        loss, per_task = packed_loss(model, batch, device)
-                (loss / optim.grad_accum).backward()
-            if batch is None:
-                continue
-            for k, (s_, n_) in per_task.items():
-                task_sum[k] += s_
-                task_n[k] += n_
-                step_sum, step_n = step_sum + s_, step_n + n_
-            tok_count += int((batch["segments"] >= 0).sum())
-            pad_acc += batch["padding"]
-            pad_n += 1
-        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
-        opt.step()
-        sched.step()
-        state.step += 1
-        last = state.step >= optim.total_steps or (cfg["stop_after_steps"] is not None
-                                                   and state.step - first_step >= cfg["stop_after_steps"])
-        save = last or state.step % cfg["checkpoint_every"] == 0
-        if rank == 0:  # every step in the job's log (this worker's share of the batch)
-            sys.stdout.write(f"step {state.step}/{optim.total_steps} loss {step_sum / max(step_n, 1):.4f} "
-                             f"lr {sched.get_last_lr()[0]:.3g} {time.time() - t_step:.2f}s\n")
-            sys.stdout.flush()
-        # Ray Train takes one report per worker per poll of its controller (every 2 s by default) and blocks the
-        # next until then: reporting every step would cap training at a step per poll. So metrics are averaged
-        # over the steps since the last report, made every log_every steps and at checkpoints.
-        if not (save or state.step % max(1, cfg["log_every"]) == 0):
-            continue
-        n_learned = sum(task_n.values())
-        metrics = {"step": state.step, "loss": sum(task_sum.values()) / n_learned if n_learned else float("nan"),
-                   "lr": sched.get_last_lr()[0], "epoch": state.epoch,
-                   **{f"loss_{k}": task_sum[k] / task_n[k] for k in task_n if task_n[k]},
-                   "tokens_per_s": tok_count / max(time.time() - t_last, 1e-9),
-                   "padding_fraction": pad_acc / max(pad_n, 1)}
-        for reason in SKIP_REASONS:  # every worker's count (a collective: all workers report at the same steps)
-            total = sum(gather_ints(skipped[reason]))
-            if total:
-                metrics[f"skipped_{reason}"] = total
-        task_sum.clear()
-        task_n.clear()
-        t_last, tok_count, pad_acc, pad_n = time.time(), 0, 0.0, 0
-        report(metrics, save_model, opt, sched, state, checkpoint=save, parallel=parallel)
-        if last:
-            return
+    """Runs on every Ray Train worker."""
+    worker_loop(MLLMTask, MLLMTrainConfig, config)
 
 
-class LockstepBatches:
-    """Micro-batches that keep DDP workers in step across epochs.
-
-    Packing makes the number of micro-batches per epoch differ between workers, and Ray Data starts a new
-    epoch of a split dataset only when every worker asks for it; a worker that runs out first would wait
-    there while the others wait for it in the gradient all-reduce. So each micro-batch, the workers agree
-    whether any of them still has data: if none has, all start the next epoch together; if some have, those
-    without train a no-op batch (None) until all are done. The next batch is fetched only when it is about
-    to be trained, so the recorded data position never runs ahead of training.
-    """
-
-    _UNFETCHED = object()
-
-    def __init__(self, gen, device):
-        self.gen, self.device, self.cur = gen, device, self._UNFETCHED
-
-    def _any(self, flag: bool) -> bool:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return flag
-        t = torch.tensor([int(flag)], device=self.device if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    def next(self):
-        idle_epochs = 0
-        while True:
-            if self.cur is self._UNFETCHED:
-                self.cur = next(self.gen)
-            if self._any(self.cur is not None):
-                break
-            idle_epochs += 1  # every worker is at its epoch's end: all begin the next epoch
-            if idle_epochs > 2:
-                raise RuntimeError("no trainable sample in the data: every row was skipped (see skipped_* metrics)")
-            self.cur = self._UNFETCHED
-        batch = self.cur
-        if batch is not None:
-            self.cur = self._UNFETCHED
-        return batch
+def folder_dtype(folder: str) -> torch.dtype:
+    """The dtype a Hugging Face folder's config.json records (its weights'); float32 when it records none."""
+    raw = storage.read_bytes(storage.join(str(folder), "config.json"))
+    conf = json.loads(raw)
+    name = conf.get("dtype") or conf.get("torch_dtype") or "float32"
+    return getattr(torch, str(name).removeprefix("torch."), torch.float32)
 
 
-def zero_loss(model, device) -> torch.Tensor:
-    """A loss of exactly zero that still touches every parameter (DDP expects gradients from all)."""
-    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
-    return model(input_ids=ids, logits_to_keep=1).logits.sum() * 0.0
+def local_folder(path: str) -> str:
+    """A local copy of a (remote) model folder's top-level files; a local folder as it is."""
+    from tarflow.models.mllm import fetch_model_folder
+
+    return str(fetch_model_folder(path)) if storage.is_remote(path) else path
+
+
+def initial_model(cfg: MLLMTrainConfig):
+    """(model in float32, Tar tokenizer, the base's dtype): `base` + Tar's vocabulary, image rows from the TA-Tok
+    codebook when widths match, else the mean embedding. Built on the workers (never on the driver), the same on
+    each: nothing in it is random. The base loads in its own dtype and is then trained in float32 master weights;
+    checkpoints are saved in the base's dtype again."""
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    from tarflow.models.mllm import add_tar_tokens, new_tar_model, tokenizer_kwargs
+
+    base = local_folder(cfg.base)
+    tok = AutoTokenizer.from_pretrained(base, local_files_only=True, **tokenizer_kwargs())
+    add_tar_tokens(tok, num_image_tokens=cfg.num_image_tokens)
+    model = Qwen2ForCausalLM.from_pretrained(base, local_files_only=True, dtype="auto", use_safetensors=True)
+    dtype = next(model.parameters()).dtype
+    codebook = None
+    if cfg.tatok:
+        from tarflow.models.tatok import TATok
+
+        codebook = TATok.from_checkpoint(cfg.tatok).bottleneck.regularizer.codebook().detach()
+        n_image, hidden = len(tok) - tok.convert_tokens_to_ids("<I0>"), model.get_input_embeddings().weight.shape[1]
+        if tuple(codebook.shape) != (n_image, hidden):
+            log.info("TA-Tok codebook %s does not match (%d image tokens, hidden %d): image rows start from the "
+                     "mean embedding", tuple(codebook.shape), n_image, hidden)
+            codebook = None
+    new_tar_model(model, tok, codebook)
+    return model.float(), tok, dtype
+
+
+def save_tar(model, tokenizer, folder: str, dtype: torch.dtype, state_dict: dict | None = None) -> None:
+    """A Tar folder (safetensors in `dtype`, config.json saying so, the tokenizer); `state_dict`: whole tensors
+    gathered under FSDP, else the model's own."""
+    sd = state_dict if state_dict is not None else model.state_dict()
+    if model.config.tie_word_embeddings:  # the head is the embedding: saved once
+        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    model.save_pretrained(folder, state_dict=sd, safe_serialization=True)
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        conf = json.load(f)
+    name = str(dtype).removeprefix("torch.")
+    for key in [k for k in ("dtype", "torch_dtype") if k in conf] or ["torch_dtype"]:
+        conf[key] = name  # save_pretrained records the float32 master weights' dtype
+    with open(path, "w") as f:
+        json.dump(conf, f, indent=2, sort_keys=True)
+    tokenizer.save_pretrained(folder)
 
 
 def _fill(pending, n_rows, max_length) -> list[list]:
@@ -497,7 +474,7 @@ def _rows_closed(pending, n_rows, max_length) -> bool:
 # Driver
 
 
-def code_inputs(data: list[str]) -> list[str]:
+def code_inputs(data: list[str], problems: Problems) -> list[str]:
     """Parquet files of code shards (a tokenize output folder: finished shards only) or conversation tables."""
     from tarflow.pipelines.caption import resolve_code_shards
 
@@ -505,104 +482,165 @@ def code_inputs(data: list[str]) -> list[str]:
     for d in data:
         if d.endswith(".parquet") and storage.exists(d):
             files.append(d)
-        else:
+            continue
+        try:
             files += [c.path for c in resolve_code_shards(d)]
-    if not files:
-        raise FileNotFoundError(f"no training data found in {data}")
+        except FileNotFoundError:
+            problems.add(f"--data {d}", "not found, or holds no Parquet files",
+                         "give the tokenize job's output folder, folders of code shards or Parquet files")
     return files
 
 
 TAR_TATOK_FACTS = ({1: 729, 2: 169, 3: 81}, 65536)  # Tar's TA-Tok: 27 x 27 codes at scale 1, 65,536 codes
 
 
-def data_facts(files: list[str]) -> tuple[dict, int]:
-    """Tokens per pool scale and the TA-Tok codebook size, from the first file with a code shard's metadata;
-    Parquet without it (conversation tables made elsewhere) is taken to hold Tar's TA-Tok codes (rows whose
-    codes do not fit are skipped and counted, never trained on)."""
+def data_facts(footers, problems: Problems | None = None, tatok_sha256: tuple[str, str] | None = None) -> dict:
+    """What the workers need to know of the data, from the files' footers: tokens per pool scale and the TA-Tok
+    codebook size, and the rows per kind for the task mix. Every code shard must come from one TA-Tok (else a
+    problem listing the offenders), the one given as `tatok_sha256` = (sha256, its flag and path) when given.
+    Parquet without a code shard's metadata (conversation tables made elsewhere) is taken to hold Tar's TA-Tok
+    codes (rows whose codes do not fit are skipped and counted, never trained on)."""
+    own = problems is None
+    problems = problems if problems is not None else Problems()
+    for f in footers:
+        if f.error:
+            problems.add(f.path, f.error, "give code shards written by the tokenize job, or conversation Parquet")
+        elif f.meta is None and "conversations" not in f.columns:
+            problems.add(f.path, "neither a code shard nor a conversation table (no `conversations` column)",
+                         "give the tokenize job's output or Parquet with LLaVA-style `conversations`")
+    shards = [f for f in footers if f.meta]
+    sha = check_one_tatok(shards, problems, tatok_sha256)
+    if own:
+        problems.raise_if_any()
+    if shards:
+        meta = next((f.meta for f in shards if f.meta["model"]["sha256"] == sha), shards[0].meta)
+        g = math.isqrt(int(meta["model"]["args"]["bottleneck_token_num"]))
+        tokens_per_scale, codebook = {s: (g // s) ** 2 for s in (1, 2, 3)}, int(meta["model"]["codebook_size"])
+    else:
+        if footers:
+            log.info("no file in the data has a code shard's metadata: image codes are taken as Tar's TA-Tok's "
+                     "(%s tokens per pool scale, %d codes)", TAR_TATOK_FACTS[0], TAR_TATOK_FACTS[1])
+        tokens_per_scale, codebook = TAR_TATOK_FACTS
+    return {"tokens_per_scale": tokens_per_scale, "codebook_size": codebook, "tatok_sha256": sha,
+            "rows": count_row_kinds([f for f in footers if not f.error])}
+
+
+def count_row_kinds(footers) -> dict:
+    """Rows per kind: `caption` (code shard rows: I2T or T2I), `image_chat` (conversations with an <image>: I2T)
+    and `text` (conversations without: text-only). Only the `conversations` column of conversation tables is
+    read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    for path in files:
-        fs, p = storage.filesystem(path)
-        with fs.open(p, "rb") as f:
-            arrow_schema = pq.ParquetFile(f).schema_arrow
-        if (arrow_schema.metadata or {}).get(schema.PARQUET_META_KEY) is None:
-            continue
-        meta = schema.read_metadata(arrow_schema, path)
-        n1 = int(meta["model"]["args"]["bottleneck_token_num"])
-        g = math.isqrt(n1)
-        return {s: (g // s) ** 2 for s in (1, 2, 3)}, int(meta["model"]["codebook_size"])
-    log.info("no file in the data has a code shard's metadata: image codes are taken as Tar's TA-Tok's "
-             "(%s tokens per pool scale, %d codes)", TAR_TATOK_FACTS[0], TAR_TATOK_FACTS[1])
-    return TAR_TATOK_FACTS
+    def count(f) -> dict:
+        if "conversations" not in f.columns:
+            return {"caption": f.num_rows}
+        fs, p = storage.filesystem(f.path)
+        with fs.open(p, "rb") as fh:
+            conv = pq.read_table(fh, columns=["conversations"]).column("conversations").combine_chunks()
+        values = pc.struct_field(pc.list_flatten(conv), "value")
+        hit = pc.fill_null(pc.match_substring(values, "<image>"), False).cast(pa.int32())
+        parent = pc.list_parent_indices(conv).to_numpy(zero_copy_only=False)
+        has_image = np.bincount(parent, weights=hit.to_numpy(zero_copy_only=False), minlength=len(conv)) > 0
+        return {"image_chat": int(has_image.sum()), "text": int(len(conv) - has_image.sum())}
+
+    with ThreadPoolExecutor(8) as pool:
+        counts = list(pool.map(count, footers))
+    return {k: sum(c.get(k, 0) for c in counts) for k in ("caption", "image_chat", "text")}
 
 
-def prepare_initial_model(cfg: MLLMTrainConfig, folder: str) -> str:
-    """A Tar model folder to start from: `resume_from` as is, or `base` + Tar's vocabulary (image rows from
-    the TA-Tok codebook when widths match, else the mean embedding)."""
-    if cfg.resume_from:
-        return cfg.resume_from
-    if not cfg.base:
-        raise ValueError("give --base (a Qwen2 folder) or --resume-from (a Tar checkpoint)")
-    from transformers import AutoTokenizer, Qwen2ForCausalLM
+def text_keep_probability(task_mix: dict, rows: dict) -> float:
+    """The probability that a text-only row is kept, so that text-only samples are text / (i2t + t2i + text) of
+    all samples (each caption or image-chat row gives one image sample); 1 when there are too few text rows."""
+    w_image, w_text = task_mix.get("i2t", 0) + task_mix.get("t2i", 0), task_mix.get("text", 0)
+    image_rows = rows.get("caption", 0) + rows.get("image_chat", 0)
+    if w_text <= 0:
+        return 0.0
+    if not rows.get("text") or w_image <= 0 or not image_rows:
+        return 1.0
+    keep = w_text / w_image * image_rows / rows["text"]
+    if keep > 1:
+        log.info("text-only rows are %.1f%% of the samples, fewer than the task mix's %.1f%%: all are kept",
+                 100 * rows["text"] / (rows["text"] + image_rows), 100 * w_text / (w_text + w_image))
+    return min(1.0, keep)
 
-    from tarflow.models.mllm import add_tar_tokens, new_tar_model
 
-    tok = AutoTokenizer.from_pretrained(cfg.base, local_files_only=True, fix_mistral_regex=False)
-    add_tar_tokens(tok, num_image_tokens=cfg.num_image_tokens)
-    model = Qwen2ForCausalLM.from_pretrained(cfg.base, local_files_only=True)
-    codebook = None
+def is_tar_folder(path: str) -> bool:
+    """A model folder whose tokenizer already has Tar's tokens (an `<im_start>` added token)."""
+    for name in ("tokenizer_config.json", "tokenizer.json"):
+        p = storage.join(path, name)
+        if storage.exists(p):
+            return b'"<im_start>"' in storage.read_bytes(p)
+    return False
+
+
+def check_model_folder(flag: str, path: str, problems: Problems) -> bool:
+    """A Hugging Face model folder (local or s3://) with config.json, safetensors weights and a tokenizer."""
+    if not storage.isdir(path):
+        return problems.check(False, f"{flag} {path}", "folder not found",
+                              "give a Hugging Face model folder (config.json, *.safetensors, tokenizer files)")
+    names = {p.rstrip("/").rsplit("/", 1)[-1] for p in storage.listdir(path)}
+    missing = [what for what, ok in (("config.json", "config.json" in names),
+                                     ("*.safetensors weights", any(n.endswith(".safetensors") for n in names)),
+                                     ("tokenizer files", bool({"tokenizer.json", "tokenizer_config.json"} & names)))
+               if not ok]
+    return problems.check(not missing, f"{flag} {path}", f"not a Hugging Face model folder: no {', '.join(missing)}",
+                          "save it with save_pretrained(folder, safe_serialization=True) and its tokenizer beside")
+
+
+def preflight(cfg: MLLMTrainConfig) -> dict:
+    """Every check that needs no Ray, on the driver, all problems at once (UsageError, one line each): the
+    settings, --base / --resume-from, --tatok, --data (readable, one TA-Tok, the TA-Tok given), the codebook
+    against --num-image-tokens, and a rerun's data against its run's. A --base that is already a Tar folder is
+    continued from (its image rows as they are), as --resume-from would. Nothing is built here: the workers
+    prepare the model. Returns what the workers get."""
+    problems = Problems()
+    cfg.check(problems)
+    problems.check(bool(cfg.base) != bool(cfg.resume_from), "--base/--resume-from", "give exactly one",
+                   "--base QWEN2_FOLDER to add Tar's vocabulary, --resume-from TAR_FOLDER to continue")
+    problems.check(bool(cfg.scales) and all(s in (1, 2, 3) for s in cfg.scales), "--scales", f"is {cfg.scales}",
+                   "pool scales are 1, 2 or 3")
+    problems.check(cfg.max_length >= 16 and cfg.rows_per_step >= 1, "--max-length/--rows-per-step",
+                   f"are {cfg.max_length}/{cfg.rows_per_step}", "give a row length >= 16 and >= 1 rows per step")
+    bad_mix = [k for k, w in cfg.task_mix.items() if k not in TASK_IDS or w < 0]
+    problems.check(not bad_mix and sum(cfg.task_mix.values()) > 0, "--task-mix", f"is {cfg.task_mix}",
+                   "give non-negative weights of i2t, t2i and text, e.g. i2t=2,t2i=4,text=1")
+    for flag, path in (("--base", cfg.base), ("--resume-from", cfg.resume_from)):
+        if path and check_model_folder(flag, path, problems) and flag == "--base" and is_tar_folder(path):
+            log.info("--base %s is a Tar folder (its tokenizer has Tar's tokens): training continues from its rows, "
+                     "as with --resume-from", path)
+            cfg.base, cfg.resume_from = None, path
+    tatok_sha = None
     if cfg.tatok:
-        from tarflow.models.tatok import TATok
+        if storage.exists(cfg.tatok) and not storage.isdir(cfg.tatok):
+            tatok_sha = (file_sha256(cfg.tatok), f"--tatok {cfg.tatok}")
+        else:
+            problems.add(f"--tatok {cfg.tatok}", "not found",
+                         "give the TA-Tok checkpoint (ta_tok.pth) that made the codes")
+    files = code_inputs(cfg.data, problems)
+    facts = data_facts(read_footers(files), problems, tatok_sha)
+    if not cfg.resume_from and facts["codebook_size"] > cfg.num_image_tokens:
+        problems.add("--num-image-tokens", f"the code shards' TA-Tok has {facts['codebook_size']} codes but only "
+                     f"{cfg.num_image_tokens} image tokens would be added to the base",
+                     f"set --num-image-tokens to at least {facts['codebook_size']}")
+    text_keep = text_keep_probability(cfg.task_mix, facts["rows"])
+    run_facts = {"data_files": files, "tatok_sha256": facts["tatok_sha256"],
+                 "tokens_per_scale": facts["tokens_per_scale"], "codebook_size": facts["codebook_size"]}
+    refuse_other_data(cfg, run_facts, problems)
+    problems.raise_if_any()
+    return {"files": files, "tokens_per_scale": facts["tokens_per_scale"], "codebook_size": facts["codebook_size"],
+            "text_keep": text_keep, "facts": run_facts}
 
-        codebook = TATok.from_checkpoint(cfg.tatok).bottleneck.regularizer.codebook().detach()
-        n_image, hidden = len(tok) - tok.convert_tokens_to_ids("<I0>"), model.get_input_embeddings().weight.shape[1]
-        if tuple(codebook.shape) != (n_image, hidden):
-            log.info("TA-Tok codebook %s does not match (%d image tokens, hidden %d): image rows start from the "
-                     "mean embedding", tuple(codebook.shape), n_image, hidden)
-            codebook = None
-    new_tar_model(model, tok, codebook)
-    model.save_pretrained(folder, safe_serialization=True)
-    tok.save_pretrained(folder)
-    return folder
 
-
-def run_train_mllm(cfg: MLLMTrainConfig, train_loop=None, loop_extra: dict | None = None):
-    """Train with Ray Train; returns the ray.train.Result (its checkpoint is a Hugging Face Tar folder).
-    `train_loop` replaces the per-worker loop (e.g. one wrapping `train_loop_per_worker`), with `loop_extra`
-    added to its config."""
+def run_train_mllm(cfg: MLLMTrainConfig, plan: dict | None = None, train_loop=None,
+                   loop_extra: dict | None = None) -> TrainSummary:
+    """Train with Ray Train (after `preflight`, run here when `plan` is None); returns the summary (its checkpoint
+    is a Hugging Face Tar folder). `train_loop` replaces the per-worker loop (e.g. one wrapping
+    `train_loop_per_worker`), with `loop_extra` added to its config."""
     import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
-    from tarflow.train.common import ModelParallel
-
-    ModelParallel(cfg.strategy)  # an unknown strategy fails here, not in every worker
-    files = code_inputs(cfg.data)
-    tokens_per_scale, codebook_size = data_facts(files)
-    if not cfg.resume_from and codebook_size > cfg.num_image_tokens:
-        raise ValueError(f"the code shards' TA-Tok has {codebook_size} codes but only {cfg.num_image_tokens} image "
-                         f"tokens would be added to the base; set num_image_tokens (--num-image-tokens) to at least "
-                         f"{codebook_size}")
-    init_dir = storage.join(cfg.storage_path, cfg.name, "init_model")
-    if not cfg.resume_from and not storage.exists(storage.join(init_dir, "config.json")):
-        local = init_dir if not storage.is_remote(init_dir) else os.path.join(
-            os.environ.get("TMPDIR", "/tmp"), f"tarflow-init-{cfg.name}")
-        prepare_initial_model(cfg, local)
-        if storage.is_remote(init_dir):
-            fs, p = storage.filesystem(init_dir)
-            fs.put(local + "/", p + "/", recursive=True)
-    init_model = prepare_initial_model(cfg, init_dir) if cfg.resume_from else init_dir
-    ds = ray.data.read_parquet(files, shuffle=None)
-    trainer = TorchTrainer(
-        train_loop or train_loop_per_worker,
-        train_loop_config={"cfg": cfg.as_dict(), "init_model": init_model, "tokens_per_scale": tokens_per_scale,
-                           "codebook_size": codebook_size, **(loop_extra or {})},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=ray.train.RunConfig(name=cfg.name, storage_path=cfg.storage_path,
-                                       failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
-        datasets={"train": ds},
-        # a deterministic order (and split across workers) is what makes resuming exact
-        dataset_config=ray.train.DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True)),
-    )
-    return trainer.fit()
+    plan = plan or preflight(cfg)
+    ds = ray.data.read_parquet(plan["files"], shuffle=None)
+    return fit(cfg, train_loop or train_loop_per_worker, {**plan, **(loop_extra or {})}, ds)

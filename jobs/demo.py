@@ -1,0 +1,118 @@
+"""The whole chain on the bundled sample with the RANDOM demo models, in one process (`make demo`).
+
+    python jobs/demo.py [--output out/demo]
+
+1. tokenize the sample (demo TA-Tok, and the demo pixel VQ at 128 px: AR de-tokenizer training data)
+2. train a tiny Tar MLLM on those codes (image-to-text, scale 3) until it gives back each photo's caption
+3. caption the codes with it            4. generate images from the sample's captions with it
+5. train the demo AR de-tokenizer a few steps
+Each step is the job script of the same name with its own arguments, so the printed commands can be rerun one by
+one. Every model is small and random (or trained for a minute on 8 images): this shows the jobs working, not
+results. Real results need the released checkpoints (see the README).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import sys
+import time
+
+JOBS = os.path.dirname(os.path.abspath(__file__))
+MLLM_STEPS = 300
+COPIES = 75  # training rows per epoch = 8 photos x 75: Ray Data restarts each epoch, which costs seconds
+
+
+def job(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(JOBS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def step(title: str, name: str, argv: list[str]) -> None:
+    print(f"\n=== {title}\n$ python jobs/{name}.py {shlex.join(argv)}", flush=True)
+    rc = job(name).main(argv)
+    if rc:
+        print(f"demo: jobs/{name}.py ended with exit status {rc}; stopping", file=sys.stderr)
+        sys.exit(rc)
+
+
+def repeated_rows(codes_dir: str, path: str, times: int) -> None:
+    """The code shards' rows `times` over under distinct keys, as one code shard (schema and footer kept)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tarflow.data.codeshard import read_code_shard
+
+    shards = sorted(os.path.join(codes_dir, f) for f in os.listdir(codes_dir) if f.endswith(".parquet"))
+    tables = [read_code_shard(s) for s in shards]
+    rows = [r for t in tables for r in t.to_pylist()]
+    copies = [{**r, "key": f"{r['key']}/{k}"} for k in range(times) for r in rows]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(copies, schema=tables[0].schema), path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", default="out/demo", help="where every step writes [%(default)s]")
+    p.add_argument("--mllm-steps", type=int, default=MLLM_STEPS, help="MLLM training steps [%(default)s]")
+    args = p.parse_args(argv)
+    out = os.path.abspath(args.output)
+    t0 = time.time()
+    from tarflow.data.sample import DEMO_VQ_RESOLUTION, SAMPLE_PHOTOS, ensure_demo_prompts
+
+    codes = os.path.join(out, "codes")
+    step("1/5 tokenize the sample (demo TA-Tok + demo VQ)", "tokenize_laion",
+         ["--output", codes, "--vq", "demo", "--vq-resolution", str(DEMO_VQ_RESOLUTION), "--scales", "1,3"])
+
+    train_rows = os.path.join(out, "train-mllm-data", f"sample-x{COPIES}.parquet")
+    repeated_rows(os.path.join(codes, "codes"), train_rows, COPIES)
+    mllm_json = os.path.join(out, "train-mllm.json")
+    step("2/5 train the demo Tar MLLM (image -> caption, scale 3)", "train_mllm",
+         ["--data", train_rows, "--storage-path", os.path.join(out, "runs"), "--name", "tar-demo",
+          "--task-mix", "i2t=1", "--scales", "3", "--max-length", "256", "--steps", str(args.mllm_steps),
+          "--lr", "2e-2", "--warmup-ratio", "0.05", "--num-workers", "2", "--cpus-per-worker", "0.5",
+          "--log-every", "25", "--checkpoint-every", str(args.mllm_steps), "--summary-json", mllm_json])
+    with open(mllm_json) as f:
+        tar = json.load(f)["checkpoint"]
+
+    captions = os.path.join(out, "captions")
+    step("3/5 caption the codes with it", "caption",
+         ["--input", codes, "--model", tar, "--scale", "3", "--output", captions, "--max-new-tokens", "40"])
+    got = _read_captions(captions)
+    want = {c for _, c in SAMPLE_PHOTOS}
+    print(f"captions equal to the sample's own: {sum(c in want for c in got)}/{len(got)}")
+
+    images = os.path.join(out, "images")
+    from tarflow.data import sample
+
+    step("4/5 generate images from the sample's captions (demo AR de-tokenizer and VQ: noise)", "generate",
+         ["--prompts", str(ensure_demo_prompts()), "--mllm", tar, "--tatok", str(sample.ensure_random_tatok()),
+          "--ar-detok", str(sample.ensure_demo_ar_detok()), "--vq", str(sample.ensure_demo_vq()), "--scale", "3",
+          "--output", images])
+
+    ar = os.path.join(out, "ar_dtok_demo.pth")
+    step("5/5 train the demo AR de-tokenizer a few steps", "train_ar_detok",
+         ["--data", codes, "--storage-path", os.path.join(out, "runs"), "--name", "ar-demo", "--steps", "4",
+          "--batch-size", "4", "--log-every", "2", "--checkpoint-every", "4", "--cpus-per-worker", "1",
+          "--output", ar])
+
+    print(f"\ndemo done in {time.time() - t0:.0f} s (RANDOM-UNTRAINED models: the outputs show the jobs, not results)")
+    for what, where in [("code shards", codes), ("trained demo Tar MLLM", tar), ("captions", captions),
+                        ("generated images (WebDataset shards)", images), ("trained AR de-tokenizer", ar)]:
+        print(f"  {what:<38} {where}")
+    return 0
+
+
+def _read_captions(folder: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    d = os.path.join(folder, "captions")
+    return [c for f in sorted(os.listdir(d)) for c in pq.read_table(os.path.join(d, f)).column("caption").to_pylist()]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

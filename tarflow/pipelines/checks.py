@@ -1,0 +1,295 @@
+"""The bulk jobs' checks on the driver, before Ray starts or a model loads (see tarflow/preflight.py).
+
+Each `check_*` adds every problem it finds to a `Problems` and returns what it learnt (so one bad path does not
+hide the next); the jobs call `tokenize_problems`, `caption_problems` or `generate_problems` and raise once.
+They look at files, not models: existence, readability, a checkpoint's container (a torch.save zip, complete),
+a model folder's files, an input's format, whether the output can be written, and the shards' scales.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+
+from tarflow.data import schema, storage
+from tarflow.preflight import Problems
+
+ZIP_MAGIC = b"PK\x03\x04"
+MIN_CHECKPOINT_BYTES = 1024  # an empty torch.save() is ~1 KB: anything smaller is a stub or an error page
+
+
+def under_ray_job_submit() -> bool:
+    """True in the driver of a `ray job submit` job: it runs in Ray's temporary copy of the working dir, not in
+    the directory the user submitted from."""
+    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")) or "_ray_pkg_" in os.getcwd()
+
+
+def check_output(p: Problems, output: str, flag: str = "--output") -> None:
+    """A relative path under `ray job submit` (it would land in Ray's temporary copy of the working dir, and
+    vanish), an output that is a file, or a folder that cannot be written."""
+    if not output:
+        p.add(flag, "is empty", "give an output folder or s3:// prefix")
+        return
+    if storage.is_remote(output):
+        return
+    path = output.removeprefix("file://")
+    if not os.path.isabs(os.path.expanduser(path)) and under_ray_job_submit():
+        p.add(f"{flag} {output}",
+              "is relative: under `ray job submit` it would land in Ray's temporary copy of the working dir and "
+              "vanish", "give an absolute path, e.g. --output \"$PWD/" + os.path.normpath(path)
+              + "\" in the submitting shell, or an s3:// prefix")
+        return
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        p.add(f"{flag} {output}", "is a file, not a folder", "give a folder (created if missing)")
+        return
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        p.add(f"{flag} {output}", f"{existing} is a file, so the folder cannot be created", "give another path")
+    elif not _can_create_in(existing):
+        p.add(f"{flag} {output}", f"{existing} is not writable by this user (or is on a read-only file system)",
+              "give a folder you can write to (or fix its permissions)")
+
+
+def _can_create_in(folder: str) -> bool:
+    """Try it (os.access says yes to root on a read-only mount, and no on some network file systems that would
+    accept the write): create and remove a probe file."""
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tarflow-write-check-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+def check_checkpoint(p: Problems, path: str | None, flag: str, what: str) -> bool:
+    """A `torch.save` file: exists, readable, not tiny, a zip with its central directory (not truncated)."""
+    if not path:
+        return False
+    where = f"{flag} {path}"
+    try:
+        fs, inner = storage.filesystem(path)
+        if not fs.exists(inner):
+            p.add(where, "not found", f"check the path ({what}); s3:// paths need AWS credentials")
+            return False
+        if fs.isdir(inner):
+            p.add(where, f"is a folder; {flag} takes the {what} file")
+            return False
+        size = fs.size(inner)
+        with fs.open(inner, "rb") as f:
+            head = f.read(4)
+            if size < MIN_CHECKPOINT_BYTES:
+                p.add(where, f"is only {size} bytes", f"not a {what}; copy or download it again")
+                return False
+            if head != ZIP_MAGIC:
+                p.add(where, f"is not a torch checkpoint (a torch.save zip file starts with PK, this with {head!r})",
+                      f"give the {what}")
+                return False
+            if storage.is_remote(path):
+                return True  # reading the whole file from object storage here would double its download
+            try:
+                names = zipfile.ZipFile(f).namelist()
+            except zipfile.BadZipFile:
+                p.add(where, "is truncated or damaged (its zip directory is missing)", "copy or download it again")
+                return False
+    except PermissionError:
+        p.add(where, "is not readable by this user", "fix its permissions")
+        return False
+    except OSError as e:
+        p.add(where, f"cannot be read ({type(e).__name__}: {e})")
+        return False
+    if not any(n.endswith("/data.pkl") for n in names):
+        p.add(where, "is a zip file but not a torch checkpoint (no data.pkl)", f"give the {what}")
+        return False
+    return True
+
+
+MODEL_FILES = ("config.json",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def check_model_folder(p: Problems, path: str | None, flag: str, what: str = "Tar checkpoint folder",
+                       tokenizer: bool = True) -> bool:
+    """A Hugging Face folder: exists, is a folder, has config.json, *.safetensors and tokenizer files."""
+    if not path:
+        return False
+    where = f"{flag} {path}"
+    try:
+        if storage.is_remote(path):
+            if not storage.exists(storage.join(path, "config.json")):
+                p.add(where, "has no config.json (or does not exist)",
+                      f"give the {what} (config.json, *.safetensors, tokenizer files); s3:// needs AWS credentials")
+                return False
+            return True
+        local = path.removeprefix("file://")
+        if not os.path.exists(local):
+            p.add(where, "not found", f"give the {what}")
+            return False
+        if not os.path.isdir(local):
+            p.add(where, "is a file, not a folder", f"give the {what} (config.json, *.safetensors, tokenizer files)")
+            return False
+        if not os.access(local, os.R_OK | os.X_OK):
+            p.add(where, "is not readable by this user", "fix its permissions")
+            return False
+        files = set(os.listdir(local))
+    except OSError as e:
+        p.add(where, f"cannot be read ({type(e).__name__}: {e})")
+        return False
+    ok = True
+    if "config.json" not in files:
+        p.add(where, "has no config.json: not a Hugging Face model folder", f"give the {what}")
+        return False
+    try:
+        with open(os.path.join(local, "config.json")) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        ok = p.check(False, f"{where}/config.json", f"does not parse ({type(e).__name__})", "copy it again")
+    if not any(f.endswith(".safetensors") for f in files):
+        hint = " (it has pickled *.bin weights, which tarflow does not load)" if any(
+            f.endswith(".bin") for f in files) else ""
+        ok = p.check(False, where, f"has no *.safetensors weights{hint}",
+                     "save the model with save_pretrained(folder, safe_serialization=True)")
+    if tokenizer and not files & set(TOKENIZER_FILES):
+        ok = p.check(False, where, "has no tokenizer files (tokenizer.json / tokenizer_config.json)",
+                     "save the tokenizer into the same folder")
+    return ok
+
+
+def _looks_like_tokenize_output(path: str) -> bool:
+    return storage.isdir(storage.join(path, schema.CODES_DIR))
+
+
+def check_img2dataset_input(p: Problems, inputs: list[str], input_format: str) -> list:
+    """The tokenize job's input: img2dataset shards; the tokenize job's own output is said to be the wrong one."""
+    from tarflow.data.img2dataset import InputError, resolve_inputs
+
+    for s in inputs:
+        if not storage.is_remote(s) and os.path.isdir(s) and _looks_like_tokenize_output(s):
+            p.add(f"--input {s}", "is a tokenize job's output (code shards), not img2dataset shards",
+                  "give img2dataset's output folder (its .tar files)")
+            return []
+    try:
+        shards = resolve_inputs(inputs, input_format)
+    except InputError as e:
+        p.add("--input", str(e))
+        return []
+    except PermissionError as e:
+        p.add(f"--input {e.filename or inputs}", "is not readable by this user", "fix its permissions")
+        return []
+    for s in shards:
+        if s.format == "parquet" and _is_code_shard(s.path):
+            p.add(f"--input {s.path}", "is a tarflow code shard, not img2dataset output",
+                  "give img2dataset's output (.tar, or .parquet with image bytes)")
+            break
+    return shards
+
+
+def _parquet_schema(path: str):
+    import pyarrow.parquet as pq
+
+    fs, inner = storage.filesystem(path)
+    with fs.open(inner, "rb") as f:
+        return pq.read_schema(f)
+
+
+def _is_code_shard(path: str) -> bool:
+    try:
+        raw = (_parquet_schema(path).metadata or {}).get(schema.PARQUET_META_KEY)
+        return raw is not None and json.loads(raw).get("format") == schema.CODE_SHARD_FORMAT
+    except Exception:
+        return False
+
+
+def check_code_shard_input(p: Problems, inputs: list[str], scale: int | None = None, flag: str = "--input") -> list:
+    """The tokenize job's output (or code shards): present, in the code shard format, with the asked scale."""
+    from tarflow.pipelines.caption import resolve_code_shards
+
+    fix = "give the tokenize job's output folder (it holds codes/ and _manifest/)"
+    for s in inputs:
+        if storage.isdir(s) and not _looks_like_tokenize_output(s):
+            names = storage.listdir(s)
+            if any(n.endswith(".tar") for n in names):
+                p.add(f"{flag} {s}", "holds img2dataset shards (.tar), not code shards", fix)
+                return []
+    try:
+        shards = resolve_code_shards(inputs)
+    except (FileNotFoundError, ValueError) as e:
+        p.add(flag, str(e))
+        return []
+    first = shards[0].path
+    try:
+        meta = schema.check_code_shard(_parquet_schema(first), first)
+    except schema.SchemaError as e:
+        p.add(f"{flag} {first}", str(e).removeprefix(f"{first}: "), fix)
+        return []
+    except Exception as e:  # not Parquet at all
+        p.add(f"{flag} {first}", f"is not a code shard ({type(e).__name__})", fix)
+        return []
+    scales = sorted(meta.get("scales", []))
+    if scale is not None and scale not in scales:
+        p.add(f"--scale {scale}", f"the code shards in {inputs[0]} hold scales {scales}",
+              f"pass --scale {scales[0]}" if scales else "tokenize at this scale")
+    return shards
+
+
+def check_prompt_table(p: Problems, path: str) -> bool:
+    if not path:
+        return False
+    if not path.endswith((".parquet", ".csv", ".jsonl", ".json")):
+        p.add(f"--prompts {path}", "is not a .parquet, .csv or .jsonl file", "give a prompt table (id, prompt, ...)")
+        return False
+    try:
+        if not storage.exists(path):
+            p.add(f"--prompts {path}", "not found", "check the path")
+            return False
+        if storage.isdir(path):
+            p.add(f"--prompts {path}", "is a folder", "give one prompt table file")
+            return False
+        if not storage.is_remote(path) and not os.access(path, os.R_OK):
+            p.add(f"--prompts {path}", "is not readable by this user", "fix its permissions")
+            return False
+    except OSError as e:
+        p.add(f"--prompts {path}", f"cannot be read ({type(e).__name__}: {e})")
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per job
+
+
+def tokenize_problems(cfg) -> Problems:
+    p = Problems()
+    check_img2dataset_input(p, list(cfg.input), cfg.input_format)
+    check_checkpoint(p, cfg.tatok, "--tatok", "TA-Tok checkpoint (ta_tok.pth)")
+    if cfg.vq:
+        check_checkpoint(p, cfg.vq, "--vq", "pixel VQ checkpoint (vq_ds16_t2i.pt)")
+    check_output(p, cfg.output)
+    return p
+
+
+def caption_problems(cfg) -> Problems:
+    p = Problems()
+    check_code_shard_input(p, list(cfg.input), cfg.scale)
+    check_model_folder(p, cfg.model, "--model")
+    check_output(p, cfg.output)
+    return p
+
+
+def generate_problems(cfg) -> Problems:
+    p = Problems()
+    check_prompt_table(p, cfg.prompts)
+    check_model_folder(p, cfg.mllm, "--mllm")
+    check_checkpoint(p, cfg.tatok, "--tatok", "TA-Tok checkpoint (ta_tok.pth)")
+    if cfg.detok == "ar":
+        check_checkpoint(p, cfg.ar_detok, "--ar-detok", "AR de-tokenizer checkpoint (ar_dtok_*.pth)")
+        check_checkpoint(p, cfg.vq, "--vq", "pixel VQ checkpoint (vq_ds16_t2i.pt)")
+    elif cfg.diffusion_detok and not storage.exists(cfg.diffusion_detok):
+        p.add(f"--diffusion-detok {cfg.diffusion_detok}", "not found", "give the SANA de-tokenizer folder (diffusers)")
+    check_output(p, cfg.output)
+    return p
