@@ -45,8 +45,7 @@ class TokenizeFacts:
         the same model; one replaced at the same path is another)."""
         d = self.as_dict()
         d["model"].pop("checkpoint")
-        if "vq" in d:
-            d["vq"].pop("checkpoint")
+        d["vq"] = {k: v for k, v in self.vq.items() if k != "checkpoint"} if self.vq else None  # None: compared too
         return d
 
     def sources(self) -> dict:

@@ -568,11 +568,12 @@ def text_keep_probability(task_mix: dict, rows: dict) -> float:
 
 
 def is_tar_folder(path: str) -> bool:
-    """A model folder whose tokenizer already has Tar's tokens (an `<im_start>` added token)."""
+    """A model folder whose tokenizer already has Tar's tokens (an `<im_start>` added token). transformers 4
+    lists added tokens in tokenizer_config.json, 5 only in tokenizer.json: either counts."""
     for name in ("tokenizer_config.json", "tokenizer.json"):
         p = storage.join(path, name)
-        if storage.exists(p):
-            return b'"<im_start>"' in storage.read_bytes(p)
+        if storage.exists(p) and b'"<im_start>"' in storage.read_bytes(p):
+            return True
     return False
 
 
