@@ -31,7 +31,8 @@ run: $(VENV)/.runtime
 test: $(VENV)/.test
 	$(OFFLINE) $(PY) -m pytest -q -m "not cluster" $(PYTEST_ARGS)
 
-# simulated multi-node clusters (ray.cluster_utils): a node removed mid-job, an autoscaler adding GPU nodes
+# simulated multi-node clusters (ray.cluster_utils: a node removed mid-job, an autoscaler adding GPU nodes) and
+# fault injection (killed drivers and training workers)
 test-cluster: $(VENV)/.test
 	$(OFFLINE) $(PY) -m pytest -q -m cluster $(PYTEST_ARGS)
 

@@ -122,4 +122,5 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "cluster: multi-node simulations (minutes); `make test-cluster` runs them")
+    config.addinivalue_line("markers", "cluster: multi-node simulations and fault injection (minutes each); "
+                                       "`make test-cluster` runs them, and .ci/run after `make test`")

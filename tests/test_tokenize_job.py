@@ -214,6 +214,7 @@ run_tokenize(TokenizeConfig(input={input!r}, output={output!r}, tatok={tatok!r},
 """
 
 
+@pytest.mark.cluster  # fault injection: run by `make test-cluster`
 def test_driver_killed_midway_loses_and_duplicates_nothing(ray_local, i2d_shards, tatok_path, tmp_path):
     """The driver is SIGKILLed once a shard is finished: parts and unfinished shards are left behind. The
     rerun removes the parts, redoes exactly the unfinished shards, and the result equals a clean run."""

@@ -225,6 +225,7 @@ def test_exported_checkpoint_loads_and_generates(family, data, straight):
     assert not torch.equal(ar.output.weight, ARDetokenizer.from_checkpoint(family["ar"]).output.weight)  # trained
 
 
+@pytest.mark.cluster  # fault injection: run by `make test-cluster`
 def test_a_worker_killed_mid_run_is_restarted_and_reaches_the_straight_runs_weights(family, data, straight,
                                                                                     tmp_path):
     import functools

@@ -392,6 +392,7 @@ def test_unknown_strategy_is_refused_before_any_worker_starts(code_shards, base_
         run_train_mllm(_cfg(tmp_path, code_shards, base_folder, strategy="zero3"))
 
 
+@pytest.mark.cluster  # fault injection: run by `make test-cluster`
 def test_a_run_from_a_tar_checkpoint_survives_a_worker_killed_mid_run(ray_local, code_shards, tmp_path):
     """--resume-from a Tar folder (no vocabulary change), and a worker process dying at step 3."""
     import functools
