@@ -29,6 +29,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def short_temp_dir() -> str:
+    """Ray's temp dir: its sockets' paths must stay under the 107 characters of AF_UNIX (pytest's tmp_path does
+    not)."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="tfray-", dir="/tmp")
+
+
 def make_shards(folder: Path, n_shards: int, per_shard: int) -> str:
     """img2dataset-style tars from the bundled photos (unique keys per shard)."""
     from tarflow.data.sample import sample_photos
@@ -75,7 +83,7 @@ def node_removal(work: Path) -> dict:
     tatok = str(ensure_random_tatok())
     cluster = Cluster(initialize_head=True, head_node_args=dict(
         num_cpus=0, gcs_server_port=free_port(), node_ip_address="127.0.0.1", include_dashboard=False,
-        object_store_memory=200 << 20, temp_dir=str(work / "ray")))
+        object_store_memory=200 << 20, temp_dir=short_temp_dir()))
     doomed = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=200 << 20)
     cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=200 << 20)
     try:
@@ -132,6 +140,7 @@ def autoscaling(work: Path) -> dict:
     torch device stays auto, i.e. CPU.) The v1 autoscaler publishes no node types to the GCS, so `offered` is
     reported as found; with autoscaler v2 / KubeRay it lets `--device auto` see GPUs too.)"""
     port = free_port()
+    ray_tmp = short_temp_dir()
     config = {
         "cluster_name": "tarflow-fake", "max_workers": 2, "head_node_type": "ray.head.default",
         "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
@@ -157,7 +166,7 @@ def autoscaling(work: Path) -> dict:
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--num-cpus=1", "--include-dashboard=false", f"--dashboard-agent-listen-port={free_port()}",
-         f"--ray-client-server-port={free_port()}", f"--temp-dir={work / 'ray'}", "--object-store-memory=200000000",
+         f"--ray-client-server-port={free_port()}", f"--temp-dir={ray_tmp}", "--object-store-memory=200000000",
          f"--autoscaling-config={work / 'autoscaling.json'}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     import ray
@@ -209,7 +218,7 @@ def autoscaling(work: Path) -> dict:
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         # the fake nodes' raylets were started by the head's autoscaler monitor: end them by PID too
-        kill_processes_mentioning(f"127.0.0.1:{port}", str(work / "ray"))
+        kill_processes_mentioning(f"127.0.0.1:{port}", ray_tmp)
 
 
 def kill_processes_mentioning(*needles: str) -> None:
