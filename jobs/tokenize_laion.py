@@ -66,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="GPUs per encoder (default: 1 when the cluster has or can add GPUs, or with --device cuda; "
                         "else 0). Set it (or --device cuda) on an autoscaling cluster that starts with no GPU node")
     r.add_argument("--max-concurrent-shards", type=int, default=8, help="shards read at once [%(default)s]")
+    r.add_argument("--encoder-memory", type=int, default=None,
+                   help="bytes of memory each encoder actor reserves (default: 4x the checkpoints, >= 512 MiB; 0: "
+                        "none, for autoscalers whose node types declare no memory)")
     r.add_argument("--max-writers", type=int, default=8,
                    help="shards assembled and written at once, by tasks on the workers [%(default)s]")
     r.add_argument("--encode-batch-size", type=int, default=None, help="images per encoder call (256 GPU / 32 CPU)")
@@ -110,7 +113,7 @@ def main(argv=None) -> int:
         read_chunk=args.read_chunk, decode_batch_size=args.decode_batch_size,
         encode_batch_size=args.encode_batch_size, num_encoders=args.num_encoders, min_encoders=args.min_encoders,
         max_concurrent_shards=args.max_concurrent_shards, max_writers=args.max_writers,
-        max_member_bytes=args.max_member_bytes,
+        max_member_bytes=args.max_member_bytes, encoder_memory=args.encoder_memory,
         gpus_per_encoder=args.gpus_per_encoder, dtype=args.dtype, device=args.device, max_shards=args.max_shards,
         vq=args.vq, vq_resolution=args.vq_resolution)
 

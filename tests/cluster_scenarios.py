@@ -200,7 +200,8 @@ def autoscaling(work: Path) -> dict:
         summary = run_tokenize(
             TokenizeConfig(input=shards, output=str(work / "out"), tatok=str(ensure_random_tatok()), scales=[1],
                            encode_batch_size=2, decode_batch_size=2, read_chunk=2, progress_every_s=0,
-                           cpus_per_encoder=0.25, decode_cpus=0.25, gpus_per_encoder=1.0, num_encoders=2),
+                           cpus_per_encoder=0.25, decode_cpus=0.25, gpus_per_encoder=1.0, num_encoders=2,
+                           encoder_memory=0),  # the fake node type declares no memory: a reservation would hang
             encoder_cls=EncoderReportingPlacement, encoder_kwargs={"log": str(placements), "delay_s": 1.0})
         lines = [json.loads(x) for x in placements.read_text().splitlines()]
         return {"gpus_at_start": gpus_at_start, "offered": offered, "pool": [pool.gpus_per_worker, pool.min_workers,

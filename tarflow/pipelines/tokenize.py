@@ -280,6 +280,9 @@ class TokenizeConfig:
     decode_cpus: float | None = None  # default: 1 with GPUs, 0.5 without
     max_concurrent_shards: int = 8  # shards read at once
     max_writers: int = 8  # shards assembled and written at once (finalize tasks)
+    # memory each encoder actor reserves (bytes); None: 4x the checkpoints' size, at least 512 MiB; 0: none, for
+    # autoscalers whose node types declare no memory (a reservation they cannot see is never satisfied)
+    encoder_memory: int | None = None
     dtype: str = "auto"
     device: str = "auto"
     max_shards: int | None = None
@@ -357,7 +360,8 @@ def build_dataset(shards: list[ShardInput], cfg: TokenizeConfig, facts: Tokenize
     # Stages stay separate because their resource requests differ (Ray Data fuses adjacent map stages whose
     # requests match): reading must not decode, and CPU decoding must overlap accelerator inference. The
     # encoder's memory request (room for its model) makes it distinct even when CPU counts coincide.
-    encoder_memory = max(512 << 20, 4 * (storage.size(cfg.tatok) + (storage.size(cfg.vq) if cfg.vq else 0)))
+    encoder_memory = cfg.encoder_memory if cfg.encoder_memory is not None else max(
+        512 << 20, 4 * (storage.size(cfg.tatok) + (storage.size(cfg.vq) if cfg.vq else 0)))
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(ShardReader(cfg.read_chunk, cfg.max_member_bytes), batch_size=1, batch_format="pyarrow",
                         num_cpus=0.25,
@@ -371,7 +375,8 @@ def build_dataset(shards: list[ShardInput], cfg: TokenizeConfig, facts: Tokenize
                                                                 **(encoder_kwargs or {})),
                         batch_size=enc_bs, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(min_size=pool.min_workers, max_size=pool.max_workers),
-                        num_gpus=pool.gpus_per_worker, num_cpus=cfg.cpus_per_encoder, memory=encoder_memory)
+                        num_gpus=pool.gpus_per_worker, num_cpus=cfg.cpus_per_encoder,
+                        **({"memory": encoder_memory} if encoder_memory else {}))
     if parts_dir is None:
         return ds
     return ds.map_batches(PartWriter(parts_dir), batch_size=None, batch_format="pyarrow", num_cpus=0.25)
