@@ -25,7 +25,6 @@ import functools
 import json
 import logging
 import os
-import sys
 import time
 import uuid
 from collections import Counter
@@ -645,13 +644,3 @@ def autoscaler_max_resources() -> dict:
         return dict(state.get_max_resources_from_cluster_config() or {})
     except Exception:  # noqa: BLE001 - an older Ray, or no GCS-side config: behave as a static cluster
         return {}
-
-
-def data_context(progress_bars: bool | None = None) -> None:
-    """Ray Data settings every job wants: progress bars only on a terminal."""
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    if progress_bars is None:
-        progress_bars = sys.stderr.isatty()
-    ctx.enable_progress_bars = progress_bars and ctx.enable_progress_bars
