@@ -55,6 +55,20 @@ def test_replayed_and_interleaved_parts_assemble_each_index_once(tmp_path):
         sharded.finalize_shard(spec, "b", {}, [m["path"] for m in metas if m["shard"] == "b"], {"n_samples": 3})
 
 
+def test_a_retried_finalize_after_its_manifest_reports_that_shard_once(tmp_path):
+    """Ray retries a finalize task whose node died; if the first attempt had written the manifest and dropped
+    the parts, the retry reports that shard as written (found in a node-removal run: a whole shard was
+    reported `write_failed` although it was finished). A manifest from another run does not count."""
+    parts = [m["path"] for m in PartWriter(str(tmp_path / "parts"))(_rows("a", [0, 1])).to_pylist()]
+    spec = ShardJob(job="t", layout=_layout(tmp_path / "out"), facts={}, sources={}, writer=_write_json, run="r1")
+    first = sharded.finalize_shard(spec, "a", {}, parts, {"n_samples": 2})
+    assert json.loads((tmp_path / "out" / "_manifest" / "a.json").read_text())["run"] == "r1"
+    assert sharded.finalize_shard(spec, "a", {}, parts, {"n_samples": 2}) == first
+    other = ShardJob(job="t", layout=_layout(tmp_path / "out"), facts={}, sources={}, writer=_write_json, run="r2")
+    with pytest.raises(FileNotFoundError):
+        sharded.finalize_shard(other, "a", {}, parts, {"n_samples": 2})
+
+
 def test_planning_lists_once_and_reads_only_existing_manifests(tmp_path, monkeypatch):
     layout = _layout(tmp_path)
     spec = ShardJob(job="t", layout=layout, facts={"f": 1}, sources={}, writer=_write_json)

@@ -28,7 +28,7 @@ import os
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
@@ -311,13 +311,23 @@ class ShardJob:
     sources: dict
     writer: Any
     schema_versions: dict = field(default_factory=dict)
+    run: str = ""  # this run's id (its parts folder's name), recorded in each manifest it writes
 
 
 def finalize_shard(spec: ShardJob, shard: str, shard_input: dict, part_paths: list[str], end: dict) -> dict:
-    """Assemble a shard from its parts, write its outputs, then its manifest, then drop the parts."""
+    """Assemble a shard from its parts, write its outputs, then its manifest, then drop the parts.
+
+    Idempotent: Ray retries this task when its node dies, possibly after the manifest was written and the parts
+    dropped; a retry that finds its parts gone and this run's manifest in place reports that manifest."""
     import tarflow
 
-    rows = dedupe_by_index(read_parts(part_paths)) if part_paths else None
+    try:
+        rows = dedupe_by_index(read_parts(part_paths)) if part_paths else None
+    except FileNotFoundError:
+        done = finished_by_this_run(spec, shard)
+        if done is None:
+            raise
+        return done
     n = end["n_samples"]
     if (len(rows) if rows is not None else 0) != n:
         raise RuntimeError(f"shard {shard}: {0 if rows is None else len(rows)} rows assembled, expected {n}")
@@ -326,7 +336,7 @@ def finalize_shard(spec: ShardJob, shard: str, shard_input: dict, part_paths: li
     complete = bool(end.get("complete", True))
     manifest = {
         "format": spec.layout.manifest_format, "version": spec.layout.manifest_version, "job": spec.job,
-        "shard": shard, "input": dict(shard_input), "complete": complete,
+        "shard": shard, "run": spec.run, "input": dict(shard_input), "complete": complete,
         "incomplete_reason": None if complete else (end.get("detail") or None),
         "counts": written.counts, "totals": written.totals, **spec.facts, "sources": spec.sources,
         "schema": spec.schema_versions, "tarflow_version": tarflow.__version__, "outputs": written.outputs,
@@ -341,8 +351,23 @@ def finalize_shard(spec: ShardJob, shard: str, shard_input: dict, part_paths: li
             storage.remove(p)
         except OSError:
             pass  # the run's parts folder is removed at its end anyway
-    return {"shard": shard, "complete": complete, "counts": written.counts, "totals": written.totals,
-            "bytes": sum(int(o.get("bytes", 0)) for o in written.outputs.values())}
+    return shard_result(shard, complete, written.counts, written.totals, written.outputs)
+
+
+def shard_result(shard: str, complete: bool, counts: dict, totals: dict, outputs: dict) -> dict:
+    return {"shard": shard, "complete": complete, "counts": counts, "totals": totals,
+            "bytes": sum(int(o.get("bytes", 0)) for o in outputs.values())}
+
+
+def finished_by_this_run(spec: ShardJob, shard: str) -> dict | None:
+    """The result of this shard's finalize, if this run already wrote its manifest (else None)."""
+    try:
+        m = json.loads(storage.read_bytes(spec.layout.paths(shard)["manifest"]))
+    except (FileNotFoundError, ValueError):
+        return None
+    if not spec.run or m.get("run") != spec.run:
+        return None
+    return shard_result(shard, bool(m.get("complete")), m["counts"], m.get("totals", {}), m.get("outputs", {}))
 
 
 def split_failed(rows: pa.Table, shard: str) -> tuple[pa.Table, pa.Table, dict]:
@@ -570,7 +595,9 @@ def run_sharded(spec: ShardJob, inputs: Mapping[str, dict], build_stages: Callab
     finalize tasks, then the parts folder removed."""
     warn_if_local_output_on_many_nodes(spec.layout.output)
     storage.remove_tree(spec.layout.parts_root)  # a killed run's leftovers: their shards are redone now
-    parts_dir = storage.join(spec.layout.parts_root, f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
+    run = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    parts_dir = storage.join(spec.layout.parts_root, run)
+    spec = replace(spec, run=run)
     try:
         ds = build_stages(list(inputs), parts_dir)
         execute(ds, spec, inputs, summary, t0, max_writers, progress_every_s, finalize_fn)
