@@ -25,6 +25,7 @@ from tarflow.models.tatok import TATok
 from tarflow.pipelines.tokenize import TokenizeConfig, run_tokenize
 from tarflow.train.ar_detok import (
     ARTrainConfig,
+    TATokHeader,
     init_weights,
     model_spec,
     plan_data,
@@ -131,7 +132,7 @@ def test_two_workers_loss_falls_and_bad_rows_are_counted(straight):
 
 
 def test_bad_rows_are_split_off_and_counted(family, data):
-    plan = plan_data(ARTrainConfig(data=data["specs"], tatok=family["tatok"]), TATok.from_checkpoint(family["tatok"]))
+    plan = plan_data(ARTrainConfig(data=data["specs"], tatok=family["tatok"]), TATokHeader.read(family["tatok"]))
     assert (plan.n_cond, plan.cond_dim, plan.n_vq, plan.vq_codebook, plan.vq_column) == (81, 36, 16, 64, "vq16_64")
     good = data["good"].slice(4, 3)
     bad = _bad_rows(data["good"])
@@ -143,11 +144,11 @@ def test_bad_rows_are_split_off_and_counted(family, data):
     with pytest.raises(ValueError, match=r"no_vq.parquet: no VQ codes \(no vq16_\* column\); re-run the tokenize job "
                                          "with --vq"):
         plan_data(ARTrainConfig(data=[str(data["root"] / "no_vq.parquet")], tatok=family["tatok"]),
-                  TATok.from_checkpoint(family["tatok"]))
+                  TATokHeader.read(family["tatok"]))
 
 
 def test_new_model_takes_its_sizes_from_the_data(family, data):
-    plan = plan_data(ARTrainConfig(data=data["specs"], tatok=family["tatok"]), TATok.from_checkpoint(family["tatok"]))
+    plan = plan_data(ARTrainConfig(data=data["specs"], tatok=family["tatok"]), TATokHeader.read(family["tatok"]))
     spec = model_spec(ARTrainConfig(data=[], tatok="", preset="llama-abs-S", n_layer=2), plan)
     assert spec["name"] == "llama-abs-custom"  # a preset changed in size is no longer that preset
     assert {k: spec["args"][k] for k in ("n_layer", "n_head", "dim", "vocab_size", "cond_dim", "cls_token_num",

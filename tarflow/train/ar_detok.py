@@ -101,7 +101,30 @@ def resolve_data(specs: list[str], problems: Problems) -> list[str]:
     return files
 
 
-def plan_data(cfg: ARTrainConfig, tatok, problems: Problems | None = None) -> DataPlan | None:
+@dataclass
+class TATokHeader:
+    """What the driver needs of a TA-Tok (the attributes of a built TATok it uses), from the checkpoint's header
+    and a streamed hash: a real ta_tok.pth is 2.4 GB, and building it on the driver would hold all of it."""
+
+    sha256: str
+    codebook_size: int
+    grid: int
+    hidden_size: int
+
+    @classmethod
+    def read(cls, path: str) -> "TATokHeader":
+        from tarflow.models.tatok import resolve_teacher
+        from tarflow.pipelines.tokenize import tatok_header
+
+        args, grid = tatok_header(path)
+        return cls(sha256=storage.sha256(path), codebook_size=args.codebook_size, grid=grid,
+                   hidden_size=resolve_teacher(args.teacher, path).hidden_size)
+
+    def num_tokens(self, pool_scale: int) -> int:
+        return (self.grid // pool_scale) ** 2
+
+
+def plan_data(cfg: ARTrainConfig, tatok: TATokHeader, problems: Problems | None = None) -> DataPlan | None:
     """Every code shard must come from this TA-Tok and hold the scale and the VQ codes of one VQ. Problems (each
     naming the shards and the fix) go to `problems`; without it they are raised (UsageError) at the end."""
     own = problems is None
@@ -141,7 +164,7 @@ def plan_data(cfg: ARTrainConfig, tatok, problems: Problems | None = None) -> Da
         return None
     vq0 = vqs[0][1]
     return DataPlan(files=files, cond_column=col, n_cond=tatok.num_tokens(cfg.scale),
-                    cond_codebook=tatok.codebook_size, cond_dim=tatok.encoder_cfg.hidden_size,
+                    cond_codebook=tatok.codebook_size, cond_dim=tatok.hidden_size,
                     tatok_sha256=tatok.sha256, vq_column=vq0["column"], n_vq=int(vq0["num_tokens"]),
                     vq_codebook=int(vq0["codebook_size"]), vq_sha256=vq0["sha256"])
 
@@ -356,7 +379,6 @@ def preflight(cfg: ARTrainConfig) -> dict:
     settings, --tatok, --data (one TA-Tok, the scale, VQ codes of one VQ), --init or the new model's size
     against the data, and a rerun's data against its run's. Returns the plan the workers get."""
     from tarflow.models.checkpoint import CheckpointError
-    from tarflow.models.tatok import TATok
 
     problems = Problems()
     cfg.check(problems)
@@ -368,7 +390,7 @@ def preflight(cfg: ARTrainConfig) -> dict:
         problems.add(f"--tatok {cfg.tatok}", "not found", "give the TA-Tok checkpoint (ta_tok.pth) that made the codes")
     else:
         try:
-            tatok = TATok.from_checkpoint(cfg.tatok)
+            tatok = TATokHeader.read(cfg.tatok)
         except CheckpointError as e:
             problems.add(f"--tatok {cfg.tatok}", str(e).removeprefix(f"{cfg.tatok}: "))
     if cfg.init and not storage.exists(cfg.init):
