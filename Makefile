@@ -12,7 +12,7 @@ PIP := $(PY) -m pip install -q -c constraints.txt
 # On the development machines ../shared/offline.sh keeps Ray and Hugging Face from reaching the network.
 OFFLINE := if [ -f ../shared/offline.sh ]; then . ../shared/offline.sh; fi;
 
-.PHONY: run test test-cluster test-nodeloss bench clean lock test-lowest
+.PHONY: run test test-cluster bench clean lock test-lowest
 
 $(VENV)/.runtime: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,16 +29,12 @@ run: $(VENV)/.runtime
 
 # the suite without the multi-node simulations (under 15 min on 2 cores); .ci/run runs both
 test: $(VENV)/.test
-	$(OFFLINE) $(PY) -m pytest -q -m "not cluster" $(PYTEST_ARGS)
+	$(OFFLINE) $(PY) -m pytest -q -m "not cluster" --durations=15 $(PYTEST_ARGS)
 
 # simulated multi-node clusters (ray.cluster_utils: a node removed mid-job, an autoscaler adding GPU nodes) and
 # fault injection (killed drivers and training workers)
 test-cluster: $(VENV)/.test
-	$(OFFLINE) $(PY) -m pytest -q -m "cluster and not nodeloss" $(PYTEST_ARGS)
-
-# a worker node removed mid-job (passes by itself; hung once in five runs, so not in CI yet)
-test-nodeloss: $(VENV)/.test
-	$(OFFLINE) $(PY) -m pytest -q -m nodeloss $(PYTEST_ARGS)
+	$(OFFLINE) $(PY) -m pytest -q -m cluster --durations=10 $(PYTEST_ARGS)
 
 bench: $(VENV)/.runtime
 	$(OFFLINE) $(PY) -m bench.tokenize

@@ -84,8 +84,12 @@ def node_removal(work: Path) -> dict:
     cluster = Cluster(initialize_head=True, head_node_args=dict(
         num_cpus=0, gcs_server_port=free_port(), node_ip_address="127.0.0.1", include_dashboard=False,
         object_store_memory=200 << 20, temp_dir=short_temp_dir()))
-    doomed = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=200 << 20)
-    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=200 << 20)
+    # 2 CPUs per node: after the loss, the surviving node still has room for the reader, decoder and writer
+    # tasks beside both encoders (0.5 CPU each, restarted there by Ray). With 1 CPU per node the restarted
+    # encoders took the whole survivor (0 CPU available was observed right after the removal), and a run could
+    # wait forever on tasks that had no CPU left: a starved cluster, not the node loss this scenario is about.
+    doomed = cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1", object_store_memory=200 << 20)
+    cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1", object_store_memory=200 << 20)
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         import ray.data

@@ -124,5 +124,3 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_configure(config):
     config.addinivalue_line("markers", "cluster: multi-node simulations and fault injection (minutes each); "
                                        "`make test-cluster` runs them, and .ci/run after `make test`")
-    config.addinivalue_line("markers", "nodeloss: a worker node removed mid-job; `make test-nodeloss` (not in CI: it "
-                                       "hung once in five runs, see the session note of 2026-11-30)")

@@ -24,7 +24,6 @@ def _scenario(name: str, work: Path, timeout: int = 600) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-@pytest.mark.nodeloss  # hung once in five runs (Ray Data after remove_node): `make test-nodeloss`, not CI yet
 def test_a_worker_node_removed_mid_job_loses_and_duplicates_nothing(tmp_path):
     r = _scenario("node-removal", tmp_path)
     assert r["removed_after_manifests"] is not None and r["removed_after_manifests"] < 6

@@ -69,6 +69,25 @@ def test_a_retried_finalize_after_its_manifest_reports_that_shard_once(tmp_path)
         sharded.finalize_shard(other, "a", {}, parts, {"n_samples": 2})
 
 
+def test_a_stalled_job_says_so_with_the_free_resources(caplog):
+    """No row for `after_s`: a warning naming what is free (a pool holding every CPU starves the other stages);
+    rows arriving keep it quiet."""
+    import logging
+    import time
+
+    resources = lambda: ({"CPU": 0.0}, {"CPU": 1.0, "GPU": 2.0})  # noqa: E731
+    with caplog.at_level(logging.WARNING, logger="tarflow"):
+        with sharded.StallWatch("tokenize", 0.4, resources) as busy:
+            for _ in range(8):
+                time.sleep(0.1)
+                busy.beat()
+        assert busy.warnings == 0
+        with sharded.StallWatch("tokenize", 0.4, resources) as stalled:
+            time.sleep(1.0)
+    assert stalled.warnings >= 1
+    assert "tokenize: no rows for" in caplog.text and "CPU 0 free of 1" in caplog.text and "GPU 0 free of 2" in caplog.text
+
+
 def test_planning_lists_once_and_reads_only_existing_manifests(tmp_path, monkeypatch):
     layout = _layout(tmp_path)
     spec = ShardJob(job="t", layout=layout, facts={"f": 1}, sources={}, writer=_write_json)

@@ -491,6 +491,59 @@ class JobSummary:
         return "\n".join(lines)
 
 
+class StallWatch:
+    """Warns, every `after_s` while it lasts, that no row has reached the driver for `after_s` seconds, with the
+    cluster's free and total resources. A Ray Data job can wait forever on resources the cluster will never
+    have: after a node loss Ray restarts the lost actors on the survivors, and if they take every CPU there the
+    reader, decoder and writer tasks never run (reproduced: 2 encoders x 0.5 CPU on a 1-CPU cluster never
+    finish; on 2 CPUs, 12 s); or an actor asks for a resource no node type offers. Ray logs nothing then."""
+
+    def __init__(self, job: str, after_s: float, resources: Callable[[], tuple[dict, dict]] | None = None):
+        import threading
+
+        self.job, self.after_s = job, after_s
+        self.resources = resources or _ray_resources
+        self.last = time.monotonic()
+        self.warnings = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tarflow-stall-watch", daemon=True)
+
+    def __enter__(self) -> "StallWatch":
+        if self.after_s > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+    def _run(self) -> None:
+        warned_at = 0.0
+        while not self._stop.wait(min(self.after_s / 4, 15.0)):
+            idle = time.monotonic() - self.last
+            if idle < self.after_s or time.monotonic() - warned_at < self.after_s:
+                continue
+            warned_at = time.monotonic()
+            try:
+                free, total = self.resources()
+                held = ", ".join(f"{k} {free.get(k, 0):g} free of {total[k]:g}" for k in ("CPU", "GPU") if k in total)
+            except Exception as e:  # noqa: BLE001 - the warning must not fail the job
+                held = f"resources unknown ({type(e).__name__})"
+            self.warnings += 1
+            log.warning("%s: no rows for %.0f s (%s). If nothing is free, an actor pool may hold what the other "
+                        "stages need (after a node loss Ray restarts actors on the nodes left): lower the pool's "
+                        "size or CPUs per worker, or add nodes; if resources are free, a request no node can "
+                        "satisfy may be pending (`ray status`)", self.job, idle, held)
+
+
+def _ray_resources() -> tuple[dict, dict]:
+    import ray
+
+    return ray.available_resources(), ray.cluster_resources()
+
+
 @dataclass
 class _Open:
     idx: set = field(default_factory=set)
@@ -499,7 +552,7 @@ class _Open:
 
 
 def execute(ds, spec: ShardJob, inputs: Mapping[str, dict], summary: JobSummary, t0: float,
-            max_writers: int = 8, progress_every_s: float = 10.0, finalize_fn=None) -> None:
+            max_writers: int = 8, progress_every_s: float = 10.0, finalize_fn=None, stall_warn_s: float = 300.0) -> None:
     """Run the job's dataset (ending in a PartWriter stage), finalize each shard on a worker as soon as all
     its rows are written, keep the summary and log a line per finished shard plus periodic progress.
 
@@ -520,6 +573,7 @@ def execute(ds, spec: ShardJob, inputs: Mapping[str, dict], summary: JobSummary,
             return
         ready, _ = ray.wait(list(inflight), num_returns=1 if block else len(inflight), timeout=None if block else 0)
         for ref in ready:
+            watch.beat()
             shard = inflight.pop(ref)
             try:
                 done = ray.get(ref)
@@ -547,40 +601,42 @@ def execute(ds, spec: ShardJob, inputs: Mapping[str, dict], summary: JobSummary,
         del open_[shard]
         inflight[finalize.remote(spec_ref, shard, inputs[shard], o.parts, o.end)] = shard
 
-    try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            summary.driver_bytes += batch.nbytes
-            for r in batch.to_pylist():
-                shard = r["shard"]
-                if shard in failed:
-                    continue
-                if r["kind"] == "failed":
-                    info = json.loads(r["end_info"])
-                    failed.add(shard)
-                    open_.pop(shard, None)
-                    summary.fail(shard, f"{info['reason']}: {info['detail']}")
-                    log.error("%s: shard %s failed (%s); no manifest, a rerun redoes it", summary.job, shard,
-                              info["detail"][:300])
-                    continue
-                o = open_.setdefault(shard, _Open())
-                if r["kind"] == "end":
-                    o.end = json.loads(r["end_info"])
-                else:
-                    o.parts.append(r["path"])
-                    o.idx.update(r["idx"])
-                submit_ready(shard)
-            harvest(block=False)
-        while inflight:
-            harvest(block=True)
-    except KeyboardInterrupt:
-        summary.interrupted = True
-        deadline = time.time() + 30  # shards being written finish: they are whole or absent either way
+    with StallWatch(summary.job, stall_warn_s) as watch:
         try:
-            while inflight and time.time() < deadline:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                watch.beat()
+                summary.driver_bytes += batch.nbytes
+                for r in batch.to_pylist():
+                    shard = r["shard"]
+                    if shard in failed:
+                        continue
+                    if r["kind"] == "failed":
+                        info = json.loads(r["end_info"])
+                        failed.add(shard)
+                        open_.pop(shard, None)
+                        summary.fail(shard, f"{info['reason']}: {info['detail']}")
+                        log.error("%s: shard %s failed (%s); no manifest, a rerun redoes it", summary.job, shard,
+                                  info["detail"][:300])
+                        continue
+                    o = open_.setdefault(shard, _Open())
+                    if r["kind"] == "end":
+                        o.end = json.loads(r["end_info"])
+                    else:
+                        o.parts.append(r["path"])
+                        o.idx.update(r["idx"])
+                    submit_ready(shard)
+                harvest(block=False)
+            while inflight:
                 harvest(block=True)
         except KeyboardInterrupt:
-            pass
-        return
+            summary.interrupted = True
+            deadline = time.time() + 30  # shards being written finish: they are whole or absent either way
+            try:
+                while inflight and time.time() < deadline:
+                    harvest(block=True)
+            except KeyboardInterrupt:
+                pass
+            return
     for shard, o in open_.items():
         have = len(o.idx)
         want = o.end["n_samples"] if o.end else "?"
