@@ -294,6 +294,17 @@ class SimVQ(nn.Module):
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:  # (B, n) -> (B, n, D) float32
         return F.embedding(codes, self.codebook())
 
+    CHUNK = 4096  # tokens per similarity matrix in quantize_train
+
+    def _nearest(self, z: torch.Tensor, e: torch.Tensor, temperature: float | None) -> torch.Tensor:
+        """(N, D) -> (N,) codes: cosine argmax (as `quantize`), a sample of softmax(cos / T), or squared L2."""
+        if self.stochastic and temperature:
+            probs = torch.softmax((F.normalize(z, dim=-1) @ e.t()) / temperature, dim=-1)
+            return torch.multinomial(probs, 1)[:, 0]
+        if self.stochastic or self.l2_normalized:
+            return (F.normalize(z, dim=-1) @ e.t()).argmax(dim=-1)
+        return (z.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1) - 2 * (z @ e.t())).argmin(dim=-1)
+
     def quantize_train(self, z: torch.Tensor, temperature: float | None = None):
         """The training path (LARP-style SimVQ): (B, n, D) -> (z_q, codes, commitment, codebook).
 
@@ -309,13 +320,10 @@ class SimVQ(nn.Module):
         if self.l2_normalized:
             z = F.normalize(z, dim=-1)
         with torch.no_grad():
-            if self.stochastic and temperature:
-                probs = torch.softmax((F.normalize(z, dim=-1) @ e.t()) / temperature, dim=-1)
-                codes = torch.multinomial(probs.flatten(0, -2), 1).view(z.shape[:-1])
-            elif self.stochastic or self.l2_normalized:
-                codes = (F.normalize(z, dim=-1) @ e.t()).argmax(dim=-1)
-            else:
-                codes = (z.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1) - 2 * (z @ e.t())).argmin(dim=-1)
+            # in chunks of tokens: at K = 65,536 the similarities of a whole batch (32 x 729 tokens) would take 6 GB
+            flat = z.detach().flatten(0, -2)  # (B*n, D)
+            codes = torch.cat([self._nearest(flat[i:i + self.CHUNK], e, temperature)
+                               for i in range(0, len(flat), self.CHUNK)]).view(z.shape[:-1])
         q = F.embedding(codes, e)  # (B, n, D)
         commitment = F.mse_loss(z, q.detach())
         codebook = F.mse_loss(q, z.detach())
