@@ -154,10 +154,11 @@ def tatok_train_throughput(tiny: bool, device: str, steps: int, res: Results, pe
     B = batch or (8 if tiny else 32)
     raw = reference_args(enc, teacher="google/siglip2-so400m-patch14-384", bottleneck_dim=D, codebook_size=K)
     torch.manual_seed(0)
-    model = TATok(TATokArgs.from_ckpt_args(raw), enc).to(device)
-    model.freeze_for_training()
-    teacher = frozen_teacher(model.encoder, model.n_encoder_layers)
-    scale_layer = ScaleLayer().to(device)
+    with torch.device(device):  # "meta": the FLOPs are counted, nothing computed or allocated
+        model = TATok(TATokArgs.from_ckpt_args(raw), enc)
+        model.freeze_for_training()
+        teacher = frozen_teacher(model.encoder, model.n_encoder_layers)
+        scale_layer = ScaleLayer()
     optim = OptimConfig()
     opt, sched = make_optimizer(model, optim)
     model.train()
@@ -177,6 +178,20 @@ def tatok_train_throughput(tiny: bool, device: str, steps: int, res: Results, pe
         sched.step()
         opt.zero_grad(set_to_none=True)
 
+    if device == "meta":
+        flops = {}
+        for s in (1, 2, 3):
+            with FlopCounterMode(display=False) as fc, autocast(dev, False):
+                with torch.no_grad():
+                    target = TATok.pool(teacher(scale_layer(x), model.n_encoder_layers), s)
+                out = model(x, s)
+                cos, mse = rec_distances(out["rec"], target)
+                (cos + mse + 0.25 * out["commitment"] + out["codebook"]).backward()
+            flops[s] = fc.get_total_flops()
+        res.set(tatok_batch=B, tatok_flops_per_step={str(k): v for k, v in flops.items()})
+        res.figure(tatok_tflop_per_image=sum(flops.values()) / 3 / B / 1e12)
+        print(f"tatok: {sum(flops.values()) / 3 / B / 1e12:.3f} TFLOP per image (mean over scales 1, 2, 3; batch {B})")
+        return
     flops = {}
     for s in (1, 2, 3):  # the warm-up steps, counted
         with FlopCounterMode(display=False) as fc:
@@ -215,6 +230,8 @@ def main():
     p.add_argument("--tatok", action="store_true",
                    help="measure a TA-Tok training step instead (so400m teacher/student, K 65536, D 1536)")
     p.add_argument("--tatok-batch", type=int, default=None, help="images per TA-Tok step (32 GPU / 8 tiny)")
+    p.add_argument("--tatok-count-flops", action="store_true",
+                   help="only count a TA-Tok step's FLOPs per image (on the meta device: any machine, seconds)")
     args = p.parse_args()
     import torch
 
@@ -222,6 +239,10 @@ def main():
     from tarflow.train.mllm import _take_rows
 
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    if args.tatok and args.tatok_count_flops:
+        res = Results("tatok_train_flops", results_path(args.json, "gpu_train_tatok_flops.json"), tiny=args.tiny)
+        tatok_train_throughput(args.tiny, "meta", 0, res, 0.0, args.tatok_batch)
+        return
     steps, rows = args.steps or (3 if args.tiny else 10), args.rows or (1 if args.tiny else 8)
     res = Results("mllm_train_step", results_path(args.json, "gpu_train.json"), device=device_name(device),
                   max_length=args.max_length, rows=rows, tiny=args.tiny, date=time.strftime("%Y-%m-%d"))
