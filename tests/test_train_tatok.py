@@ -171,7 +171,7 @@ def _eval_rec(model, task, x) -> float:
 
 
 def test_tatok_learns_on_cpu_and_its_codes_survive_save_and_load(models, images, tmp_path):
-    """30 steps on the 8 sample images: the reconstruction distance of the tokenized images falls 2x or more,
+    """30 steps on the 8 sample images: the reconstruction distance of the tokenized images falls 1.5x or more,
     codebook usage stays above a floor (with dead-code restarts: without them this tiny codebook collapses onto
     a few codes), and the saved checkpoint gives the same codes."""
     cfg = _cfg(models, tmp_path, usage_window=8, restart_dead_every=8)  # restarts after steps 8, 16, 24
@@ -194,11 +194,14 @@ def test_tatok_learns_on_cpu_and_its_codes_survive_save_and_load(models, images,
         sums = dict.fromkeys(task.sum_keys, 0.0) | part
         history.append(task.metrics(sums, totals, 1.0))
     after = _eval_rec(model, task, x)
-    assert after < before / 2, (before, after)
+    assert after < before / 1.5, (before, after)  # measured here: 6.49 -> 2.83 (2.3x)
     assert history[-1]["loss"] < history[0]["loss"] / 2
     assert {f"rec_s{s}" for s in (1, 2, 3)} <= {k for h in history for k in h}  # every scale drawn and reported
     assert all(h["codes_used"] + h["dead_codes"] == K and h["perplexity"] <= h["codes_used"] for h in history)
-    assert history[-1]["codes_used"] >= K // 10  # the last 6 steps (the window restarts with the codes)
+    assert history[-1]["codes_used"] >= K // 10  # over the last 6 steps (the window restarts with the codes)
+    new = np.diff([0] + [h["codes_restarted"] for h in history])  # codes restarted at each step
+    assert list(np.flatnonzero(new) + 1) == [8, 16, 24]
+    assert all(history[i - 1]["codes_used"] > 0 for i in (8, 16, 24))  # reported before the window's reset
     codes = model.encode(x, 1)
     assert len(torch.unique(codes)) >= K // 5, len(torch.unique(codes))  # >= 20% of the codebook on 8 images
     # the frozen rows changed only by restarts; the text rows of codes never restarted are the LLM's still

@@ -275,7 +275,8 @@ class TATokTask(Task):
         self.fresh = False  # a step ran since the last usage update (set on every worker, in step)
         self.last_z = None  # the last batch's quantiser inputs, the restart targets
         self.steps_done = 0
-        self.restarted_pending = 0
+        self.restarted = 0  # codes restarted at this step
+        self.usage_now = self.window.usage()
 
     def load_model(self, checkpoint_dir):
         from tarflow.models import tatok_train as tt
@@ -376,10 +377,11 @@ class TATokTask(Task):
         write_sidecars(folder, self.plan)
 
     # -- codebook usage, merged over the workers once per step ----------------------------------------------
-    def _update_usage(self) -> int:
+    def _update_usage(self):
         """Adds this step's code counts of every worker to the window (one all-reduce of K counts) and, every
-        --restart-dead-every steps, restarts the dead codes. Called from `metrics`, which every worker runs at
-        every step in the same order, so the collectives match. Returns the codes restarted."""
+        --restart-dead-every steps, restarts the dead codes (self.restarted of them). Called from `metrics`,
+        which every worker runs at every step in the same order, so the collectives match. Returns the window's
+        usage before any restart."""
         import torch.distributed as dist
 
         hist = self.hist
@@ -389,10 +391,10 @@ class TATokTask(Task):
         self.window.push(hist.cpu().numpy().astype(np.int64))
         self.hist.zero_()
         self.steps_done += 1
+        usage = self.window.usage()
         every = self.cfg.restart_dead_every
-        if every and self.steps_done % every == 0 and self.window.full:
-            return self._restart_dead()
-        return 0
+        self.restarted = self._restart_dead() if every and self.steps_done % every == 0 and self.window.full else 0
+        return usage
 
     def _restart_dead(self) -> int:
         import torch
@@ -421,12 +423,12 @@ class TATokTask(Task):
         return len(dead)
 
     def metrics(self, sums, totals, seconds):
-        if self.fresh:
+        if self.fresh:  # the first call of a step (the core calls again on report steps, with the window's sums)
             self.fresh = False
-            restarted = self._update_usage()
-            if restarted:
-                totals["codes_restarted"] = totals.get("codes_restarted", 0.0) + restarted
-        u = self.window.usage()
+            self.usage_now = self._update_usage()  # the usage before any restart reset the window
+            if self.restarted:
+                totals["codes_restarted"] = totals.get("codes_restarted", 0.0) + self.restarted
+        u = self.usage_now
         n = sums["images"]
         out = {"loss": sums["loss_sum"] / n if n else float("nan"),
                "rec_cos": sums["cos_sum"] / n if n else float("nan"),
