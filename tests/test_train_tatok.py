@@ -220,6 +220,49 @@ def test_tatok_learns_on_cpu_and_its_codes_survive_save_and_load(models, images,
     assert ModelPlan(**plan["model"]).codebook_size == loaded.codebook_size == K
 
 
+def test_teacher_and_llm_folders_read_from_s3(models, s3_bucket):
+    """Only the vision weights and the embedding rows are read (by byte ranges), from S3 as from disk."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    for key in ("teacher", "llm"):
+        fs.put(models[key].rstrip("/") + "/", f"{s3_bucket}/{key}/".removeprefix("s3://"), recursive=True)
+    enc, sd = load_siglip_folder(f"{s3_bucket}/teacher")
+    enc_local, sd_local = load_siglip_folder(models["teacher"])
+    assert enc == enc_local and sd.keys() == sd_local.keys() and all(torch.equal(sd[k], sd_local[k]) for k in sd)
+    assert not any(k.startswith("text_model") for k in sd)
+    rows = [3, 1, 200]
+    assert torch.equal(embedding_rows(f"{s3_bucket}/llm", rows), embedding_rows(models["llm"], rows))
+
+
+def test_init_continues_a_tatok_with_its_encoder_as_the_teacher(models, images, tmp_path):
+    """--init: the student is the checkpoint (codebook and all), the teacher its encoder, frozen; the args and
+    the teacher folder carry over."""
+    from tarflow.train.tatok import MODEL_FILE
+
+    cfg = _cfg(models, tmp_path)
+    task = TATokTask(cfg, preflight(cfg), torch.device("cpu"))
+    first = task.load_model(None)
+    with torch.no_grad():
+        first.encoder.encoder.layers[0].mlp.fc1.weight.add_(0.01)  # a "trained" student, unlike its teacher
+    task.save_model(first, str(tmp_path))
+    cfg = _cfg(models, tmp_path / "2", teacher=None, llm=None, init=str(tmp_path / MODEL_FILE))
+    plan = preflight(cfg)
+    assert plan["model"]["teacher_name"] == "siglip_tiny" and plan["model"]["source"] == {"init": cfg.init}
+    task = TATokTask(cfg, plan, torch.device("cpu"))
+    model = task.load_model(None)
+    torch.testing.assert_close(model.state_dict(), first.state_dict(), rtol=0, atol=0)
+    assert torch.equal(task.teacher.encoder.layers[0].mlp.fc1.weight, first.encoder.encoder.layers[0].mlp.fc1.weight)
+    assert not any(p.requires_grad for p in task.teacher.parameters()) and len(task.teacher.encoder.layers) == 1
+    model.train()
+    loss, part = task.loss(model, images[0])
+    assert part["images"] == 8 and torch.isfinite(loss)
+    (tmp_path / "2").mkdir()
+    task.save_model(model, str(tmp_path / "2"))
+    assert (tmp_path / "2" / "siglip_tiny" / "config.json").exists()
+    assert not (tmp_path / "2" / "codebook_tokens.json").exists()  # the rows are the checkpoint's, not an LLM's
+
+
 def test_bad_arguments_are_reported_together_before_ray_starts(models, tmp_path, capsys, monkeypatch):
     import tarflow.pipelines.runtime
 
