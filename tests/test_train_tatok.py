@@ -271,6 +271,13 @@ def test_bad_arguments_are_reported_together_before_ray_starts(models, tmp_path,
 
     monkeypatch.setattr(tarflow.pipelines.runtime, "init_ray", no_ray)
     job = _job()
+    with pytest.raises(SystemExit) as e:
+        job.parse_args(["--help"])
+    assert e.value.code == 0 and "--codebook-rows" in capsys.readouterr().out
+    for bad in (["--teacher", "t"], ["--init", "a.pth", "--llm", "q"]):  # a new TA-Tok needs both; --init neither
+        with pytest.raises(SystemExit):
+            job.parse_args(["--data", "x", *bad])
+    capsys.readouterr()
     no_llm = tmp_path / "no_llm"
     rc = job.main(["--data", str(tmp_path / "nowhere"), "--teacher", str(tmp_path / "no_teacher"), "--llm",
                    str(no_llm), "--pool-scales", "1,9", "--steps", "0"])
