@@ -62,9 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--teacher-name", default=None,
                    help="the `teacher` arg stored in ta_tok.pth, and the name of the config folder written beside "
                         "it (default: the hub id for so400m-patch14-384, else the --teacher folder's name)")
-    m.add_argument("--decoder-depth", type=int, default=3, help="decoder layers [%(default)s]")
+    m.add_argument("--decoder-depth", type=int, default=3, help="decoder layers of a new TA-Tok [%(default)s]")
     m.add_argument("--select-layer-id", type=int, default=-2,
-                   help="encoder hidden state the codes come from (-2: the second to last) [%(default)s]")
+                   help="encoder hidden state a new TA-Tok's codes come from (-2: the second to last; --init keeps "
+                        "the checkpoint's) [%(default)s]")
     t = p.add_argument_group("objective")
     t.add_argument("--pool-scales", type=_scales, default=[1, 2, 3],
                    help="pool scales, one drawn per micro-batch [1,2,3]")

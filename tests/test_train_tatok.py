@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -233,6 +234,9 @@ def test_teacher_and_llm_folders_read_from_s3(models, s3_bucket):
     assert not any(k.startswith("text_model") for k in sd)
     rows = [3, 1, 200]
     assert torch.equal(embedding_rows(f"{s3_bucket}/llm", rows), embedding_rows(models["llm"], rows))
+    tok = load_tokenizer(f"{s3_bucket}/llm")  # its small files only, copied to the cache
+    assert select_rows(tok, len(tok), 64) == select_rows(load_tokenizer(models["llm"]), len(tok), 64)
+    assert not any(p.suffix == ".safetensors" for p in Path(tok.name_or_path).iterdir())
 
 
 def test_init_continues_a_tatok_with_its_encoder_as_the_teacher(models, images, tmp_path):

@@ -126,11 +126,16 @@ def llm_hidden_size(folder: str) -> int:
 
 
 def load_tokenizer(folder: str):
+    """The LLM's tokenizer; from S3 only its small top-level files are copied (cached), never the weights."""
     from transformers import AutoTokenizer
 
-    from tarflow.models.mllm import fetch_model_folder
+    from tarflow.models.mllm import default_cache_dir
 
-    local = str(fetch_model_folder(folder)) if storage.is_remote(folder) else folder
+    local = folder
+    if storage.is_remote(folder):
+        weights = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+        local = str(storage.cached_folder_copy(folder, default_cache_dir(), maxdepth=1, keep=lambda rel: "/" not in rel
+                                               and not rel.endswith(weights)))
     return AutoTokenizer.from_pretrained(local, local_files_only=True)
 
 

@@ -103,7 +103,7 @@ def _teacher_name(folder: str, enc) -> str:
 def plan_model(cfg: TATokTrainConfig, problems: Problems) -> ModelPlan | None:
     from tarflow.models import tatok_train as tt
     from tarflow.models.checkpoint import CheckpointError
-    from tarflow.models.tatok import BUILTIN_TEACHERS, TATokArgs, resolve_teacher, vision_config_json
+    from tarflow.models.tatok import BUILTIN_TEACHERS, resolve_teacher, vision_config_json
     from tarflow.pipelines.tokenize import tatok_header
 
     if bool(cfg.teacher) == bool(cfg.init):
@@ -181,7 +181,6 @@ def plan_model(cfg: TATokTrainConfig, problems: Problems) -> ModelPlan | None:
     if not ok or rows is None:
         return None
     name = cfg.teacher_name or _teacher_name(cfg.teacher, enc)
-    TATokArgs.from_ckpt_args(tt.reference_args(enc, teacher=name, bottleneck_dim=dim, codebook_size=len(rows)))
     return ModelPlan(input_size=enc.image_size, grid=enc.image_size // enc.patch_size, hidden=enc.hidden_size,
                      codebook_size=len(rows), dim=dim, teacher_name=name,
                      teacher_config=None if name in BUILTIN_TEACHERS else vision_config_json(enc),
