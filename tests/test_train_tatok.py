@@ -420,3 +420,22 @@ def test_a_run_stopped_under_fsdp_and_resumed_under_ddp_reaches_the_straight_run
                                .state_dict(), want, atol=1e-4, rtol=1e-3)  # FSDP reduces in another order
     assert [h["loss"] for h in summary["history"]] == pytest.approx([h["loss"] for h in trained["summary"]["history"]],
                                                                     rel=1e-4)
+
+
+@pytest.mark.cluster  # another Ray Train run: `make test-cluster`
+def test_dead_code_restarts_on_two_ddp_workers(models, ray_local, tmp_path):
+    """Restarts run inside the step's collectives (rank 0's encoder outputs broadcast, every worker writes the
+    same rows): the run ends, the restarted rows are no longer the LLM's, the others are."""
+    args = [a for a in JOB_ARGS]
+    args[args.index("--usage-window") + 1] = "2"
+    rc = _job().main(["--data", str(ensure_sample_shards()), "--teacher", models["teacher"], "--llm", models["llm"],
+                      *args, "--restart-dead-every", "2", "--storage-path", str(tmp_path / "runs"), "--name", "restarts",
+                      "--output", str(tmp_path / "m" / "ta_tok.pth"), "--summary-json", str(tmp_path / "s.json")])
+    assert rc == 0
+    s = json.loads((tmp_path / "s.json").read_text())
+    restarted = s["metrics"]["codes_restarted"]
+    assert restarted > 0
+    tatok = TATok.from_checkpoint(str(tmp_path / "m" / "ta_tok.pth"))
+    ids = json.loads((tmp_path / "m" / "codebook_tokens.json").read_text())["token_ids"]
+    same = (tatok.bottleneck.regularizer.embedding.weight == embedding_rows(models["llm"], ids)).all(1)
+    assert 0 < int((~same).sum()) <= restarted
