@@ -3,7 +3,8 @@ and the chain tokenize -> train_mllm with the trained tokenizer.
 
 Models are built here: a tiny random SigLIP teacher (the fixture's siglip_tiny config: hidden 36, 2 layers; at
 126 px for the layout, at 84 px = 6x6 tokens for training, to keep CPU steps short) and the demo Qwen2 base
-(hidden 32, ~1,000 tokens) whose embedding rows become the codebook.
+(hidden 32, ~500 ordinary tokens) whose embedding rows become the codebook. One Ray Train run (2 DDP workers) and
+one tokenize run in the main group; the train_mllm run, an FSDP/DDP resume and DDP restarts under `cluster`.
 """
 from __future__ import annotations
 
