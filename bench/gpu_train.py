@@ -2,6 +2,7 @@
 
     python bench/gpu_train.py          # H200: Tar-1.5B shape (Qwen2.5-1.5B, vocab 217206), random weights
     python bench/gpu_train.py --tiny   # any machine: a tiny Qwen2 with Tar's vocabulary, on CPU
+    python bench/gpu_train.py --tatok [--tiny]   # a TA-Tok training step instead (images/s and MFU)
 
 A step as tarflow's MLLM trainer takes it (tarflow/train/mllm.py): fp32 weights under bf16 autocast,
 packed_loss, AdamW (tarflow.train.common.make_optimizer), gradient clipping. The same synthetic samples
@@ -133,6 +134,92 @@ def train_throughput(model, make_batch, pool, steps: int, res: Results, tag: str
           flush=True)
 
 
+def tatok_train_throughput(tiny: bool, device: str, steps: int, res: Results, peak: float, batch: int | None = None,
+                           budget: Budget | None = None) -> None:
+    """Images/s and MFU of TA-Tok training steps as tarflow/train/tatok.py takes them: the frozen teacher's pooled
+    features, the student's forward (STE), 1 - cos + relative MSE + 0.25 commitment + 1.0 codebook, AdamW,
+    clipping; fp32 weights under bf16 autocast on GPU; the pool scale cycling 1, 2, 3. Real shape: so400m/14-384
+    teacher and student (26 of 27 layers run), K = 65,536, D = 1,536, decoder depth 3; random weights. FLOPs are
+    counted by torch's FlopCounterMode on one step of each scale (matmuls, convolutions, attention)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tarflow.models.tatok import SIGLIP2_SO400M_384, ScaleLayer, TATok, TATokArgs, VisionConfig, reference_args
+    from tarflow.models.tatok_train import frozen_teacher, rec_distances
+    from tarflow.train.common import OptimConfig, autocast, make_optimizer
+
+    enc = VisionConfig(hidden_size=36, intermediate_size=144, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=84, patch_size=14) if tiny else SIGLIP2_SO400M_384
+    K, D = (256, 32) if tiny else (65536, 1536)
+    B = batch or (8 if tiny else 32)
+    raw = reference_args(enc, teacher="google/siglip2-so400m-patch14-384", bottleneck_dim=D, codebook_size=K)
+    torch.manual_seed(0)
+    with torch.device(device):  # "meta": the FLOPs are counted, nothing computed or allocated
+        model = TATok(TATokArgs.from_ckpt_args(raw), enc)
+        model.freeze_for_training()
+        teacher = frozen_teacher(model.encoder, model.n_encoder_layers)
+        scale_layer = ScaleLayer()
+    optim = OptimConfig()
+    opt, sched = make_optimizer(model, optim)
+    model.train()
+    x = torch.rand(B, 3, enc.image_size, enc.image_size, device=device)
+    dev = torch.device(device)
+
+    def step(s: int):
+        with autocast(dev, optim.bf16):
+            with torch.no_grad():
+                target = TATok.pool(teacher(scale_layer(x), model.n_encoder_layers), s)
+            out = model(x, s)
+            cos, mse = rec_distances(out["rec"], target)
+            loss = cos + mse + 0.25 * out["commitment"] + out["codebook"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+    if device == "meta":
+        flops = {}
+        for s in (1, 2, 3):
+            with FlopCounterMode(display=False) as fc, autocast(dev, False):
+                with torch.no_grad():
+                    target = TATok.pool(teacher(scale_layer(x), model.n_encoder_layers), s)
+                out = model(x, s)
+                cos, mse = rec_distances(out["rec"], target)
+                (cos + mse + 0.25 * out["commitment"] + out["codebook"]).backward()
+            flops[s] = fc.get_total_flops()
+        res.set(tatok_batch=B, tatok_flops_per_step={str(k): v for k, v in flops.items()})
+        res.figure(tatok_tflop_per_image=sum(flops.values()) / 3 / B / 1e12)
+        print(f"tatok: {sum(flops.values()) / 3 / B / 1e12:.3f} TFLOP per image (mean over scales 1, 2, 3; batch {B})")
+        return
+    flops = {}
+    for s in (1, 2, 3):  # the warm-up steps, counted
+        with FlopCounterMode(display=False) as fc:
+            step(s)
+        flops[s] = fc.get_total_flops()
+    sync(dev)
+    total, t, done = 0.0, 0.0, 0
+    while done < steps:
+        s = 1 + done % 3
+        t0 = time.perf_counter()
+        step(s)
+        sync(dev)
+        t += time.perf_counter() - t0
+        total += flops[s]
+        done += 1
+        if budget is not None and not budget.fits(2 * t / done):
+            break
+    res.figure(tatok_images_per_s=B * done / t, tatok_step_seconds=t / done, tatok_mfu=total / t / peak,
+               tatok_seconds_per_image=t / (B * done))
+    res.set(tatok_steps=done, tatok_batch=B, tatok_shape={"image": enc.image_size, "hidden": enc.hidden_size,
+                                                          "layers": enc.num_hidden_layers, "K": K, "D": D},
+            tatok_flops_per_step={str(k): v for k, v in flops.items()},
+            tatok_trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
+    print(f"tatok: {B * done / t:8.2f} images/s ({t / (B * done) * 1e3:.1f} ms per image), {t / done:.3f} s per step "
+          f"of {B}, MFU {total / t / peak * 100:.1f}% (against {peak / 1e12:.3g} TFLOP/s matmul, measured)",
+          flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true")
@@ -140,6 +227,11 @@ def main():
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--rows", type=int, default=None, help="packed rows per step (8 GPU / 1 tiny)")
     p.add_argument("--json", default=None)
+    p.add_argument("--tatok", action="store_true",
+                   help="measure a TA-Tok training step instead (so400m teacher/student, K 65536, D 1536)")
+    p.add_argument("--tatok-batch", type=int, default=None, help="images per TA-Tok step (32 GPU / 8 tiny)")
+    p.add_argument("--tatok-count-flops", action="store_true",
+                   help="only count a TA-Tok step's FLOPs per image (on the meta device: any machine, seconds)")
     args = p.parse_args()
     import torch
 
@@ -147,12 +239,20 @@ def main():
     from tarflow.train.mllm import _take_rows
 
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    if args.tatok and args.tatok_count_flops:
+        res = Results("tatok_train_flops", results_path(args.json, "gpu_train_tatok_flops.json"), tiny=args.tiny)
+        tatok_train_throughput(args.tiny, "meta", 0, res, 0.0, args.tatok_batch)
+        return
     steps, rows = args.steps or (3 if args.tiny else 10), args.rows or (1 if args.tiny else 8)
     res = Results("mllm_train_step", results_path(args.json, "gpu_train.json"), device=device_name(device),
                   max_length=args.max_length, rows=rows, tiny=args.tiny, date=time.strftime("%Y-%m-%d"))
     peak, peak_dtype = matmul_peak(device, 8192 if device == "cuda" else 512)
     res.figure(matmul_peak_tflops=peak / 1e12)
     res.set(matmul_dtype=peak_dtype)
+    if args.tatok:
+        res.set(name="tatok_train_step")
+        tatok_train_throughput(args.tiny, device, steps, res, peak, args.tatok_batch)
+        return
     model = build(args.tiny, device, torch.float32)  # fp32 weights under bf16 autocast, as the trainer
     pool = samples(4000)
     train_throughput(model, lambda pend: _take_rows(pend, rows, args.max_length, 0), pool, steps, res, "packed",

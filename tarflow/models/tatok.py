@@ -294,6 +294,41 @@ class SimVQ(nn.Module):
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:  # (B, n) -> (B, n, D) float32
         return F.embedding(codes, self.codebook())
 
+    CHUNK = 4096  # tokens per similarity matrix in quantize_train
+
+    def _nearest(self, z: torch.Tensor, e: torch.Tensor, temperature: float | None) -> torch.Tensor:
+        """(N, D) -> (N,) codes: cosine argmax (as `quantize`), a sample of softmax(cos / T), or squared L2."""
+        if self.stochastic and temperature:
+            probs = torch.softmax((F.normalize(z, dim=-1) @ e.t()) / temperature, dim=-1)
+            return torch.multinomial(probs, 1)[:, 0]
+        if self.stochastic or self.l2_normalized:
+            return (F.normalize(z, dim=-1) @ e.t()).argmax(dim=-1)
+        return (z.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1) - 2 * (z @ e.t())).argmin(dim=-1)
+
+    def quantize_train(self, z: torch.Tensor, temperature: float | None = None):
+        """The training path (LARP-style SimVQ): (B, n, D) -> (z_q, codes, commitment, codebook).
+
+        z is L2-normalised when `l2_normalized`; codes are the nearest entries (cosine argmax, as `quantize`), or
+        sampled from softmax(cos / temperature) when `temperature` is given (the reference samples in train mode
+        when `stochastic`). z_q = z + (q - z).detach() (straight-through: the decoder's gradient reaches the
+        encoder unchanged); commitment = |z - sg(q)|^2 pulls the encoder to its code, codebook = |sg(z) - q|^2
+        pulls the code (through `embedding_proj`: `embedding` itself is frozen) to the encoder. Means over
+        tokens and dims; the caller weights them (reference: 0.25 and 1.0). All float32.
+        """
+        e = self.codebook()  # (K, D), differentiable in embedding_proj in train mode
+        z = z.float()
+        if self.l2_normalized:
+            z = F.normalize(z, dim=-1)
+        with torch.no_grad():
+            # in chunks of tokens: at K = 65,536 the similarities of a whole batch (32 x 729 tokens) would take 6 GB
+            flat = z.detach().flatten(0, -2)  # (B*n, D)
+            codes = torch.cat([self._nearest(flat[i:i + self.CHUNK], e, temperature)
+                               for i in range(0, len(flat), self.CHUNK)]).view(z.shape[:-1])
+        q = F.embedding(codes, e)  # (B, n, D)
+        commitment = F.mse_loss(z, q.detach())
+        codebook = F.mse_loss(q, z.detach())
+        return z + (q - z).detach(), codes, commitment, codebook
+
 
 class Bottleneck(nn.Module):
     def __init__(self, in_dim: int, args: TATokArgs):
@@ -418,7 +453,8 @@ class TATok(nn.Module):
         x = self.scale_layer(pixels.to(self.scale_layer.shift.device, torch.float32)).to(dtype)
         return self.encoder(x, self.n_encoder_layers)
 
-    def pool(self, feats: torch.Tensor, pool_scale: int) -> torch.Tensor:  # (B, g*g, C) -> (B, (g//s)^2, C)
+    @staticmethod
+    def pool(feats: torch.Tensor, pool_scale: int) -> torch.Tensor:  # (B, g*g, C) -> (B, (g//s)^2, C)
         if pool_scale == 1:
             return feats
         B, T, C = feats.shape
@@ -462,6 +498,36 @@ class TATok(nn.Module):
         return self.decode_task_layer(self.decoder(x))
 
 
+    # -- training ---------------------------------------------------------------------------------------
+    def forward(self, pixels: torch.Tensor, pool_scale: int = 1, temperature: float | None = None) -> dict:
+        """The training pass, differentiable: (B, 3, S, S) in [0, 1] -> {"rec": (B, n, C), "codes": (B, n),
+        "z": (B, n, D) quantiser input, "commitment", "codebook": scalars}. The same computation as
+        `encode` then `decode` (codes, and rec up to float rounding, in eval mode with `temperature` None), with
+        the straight-through estimator between them; see SimVQ.quantize_train."""
+        dtype = self.encode_task_layer[0].weight.dtype
+        x = self.scale_layer(pixels.float()).to(dtype)
+        feats = self.encoder(x, self.n_encoder_layers)  # (B, g*g, C)
+        z = self.bottleneck.in_linear(self.encode_task_layer(self.pool(feats, pool_scale)))  # (B, n, D)
+        zq, codes, commitment, codebook = self.bottleneck.regularizer.quantize_train(z, temperature)
+        rec = self.decode_task_layer(self.decoder(self.bottleneck.out_linear(zq.to(dtype))))  # (B, n, C)
+        return {"rec": rec, "codes": codes, "z": z, "commitment": commitment, "codebook": codebook}
+
+    def freeze_for_training(self) -> list[str]:
+        """requires_grad off for what training must not change: the codebook `embedding` (the LLM's rows: the
+        text alignment), and what no output depends on (encoder layers after select_layer_id, its post-LN and
+        head, the decoder's head; kept in the state dict for the reference format). DDP needs every trainable
+        parameter to get a gradient each step. Returns the frozen names."""
+        frozen = ["bottleneck.regularizer.embedding."]
+        frozen += [f"encoder.encoder.layers.{i}." for i in range(self.n_encoder_layers, len(self.encoder.encoder.layers))]
+        frozen += ["encoder.post_layernorm.", "encoder.head.", "decoder.vision_model.head."]
+        names = []
+        for name, p in self.named_parameters():
+            if any(name.startswith(f) for f in frozen):
+                p.requires_grad_(False)
+                names.append(name)
+        return names
+
+
 def preprocess_image(image, size: int) -> torch.Tensor:
     """One PIL image -> (3, size, size) float32 in [0, 1] (RGB, PIL bicubic on uint8, / 255)."""
     return pixels_from_uint8(torch.from_numpy(resize_uint8(image, size)[None]))[0]
@@ -479,6 +545,33 @@ def pixels_from_uint8(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.permute(0, 3, 1, 2).float().div_(255.0)
 
 
+def reference_args(enc: VisionConfig, *, teacher: str, bottleneck_dim: int, codebook_size: int,
+                   decoder_depth: int = 3, select_layer_id: int = -2, commitment_loss_weight: float = 0.25,
+                   codebook_loss_weight: float = 1.0, stochastic_temperature: float = 0.03) -> dict:
+    """ARGS of a reference ta_tok.pth, every key the reference's constructor takes (and no `input_type`: its
+    callers pass that themselves, a stored one is a TypeError there), in its order."""
+    return {
+        "bottleneck": {"name": "bottleneck", "args": {
+            "bottleneck_dim": int(bottleneck_dim), "norm": "none",
+            "regularizer": {"name": "simvq", "args": {
+                "codebook_size": int(codebook_size), "commitment_loss_weight": float(commitment_loss_weight),
+                "codebook_loss_weight": float(codebook_loss_weight), "entropy_loss_weight": 0.0,
+                "entropy_loss_temperature": 0.01, "l2_normalized": True, "stochastic": True,
+                "stochastic_temperature": float(stochastic_temperature)}}}},
+        "bottleneck_token_num": (enc.image_size // enc.patch_size) ** 2, "input_size": int(enc.image_size),
+        "teacher": teacher, "pool_scale": 1, "decoder_depth": int(decoder_depth),
+        "select_layer_id": int(select_layer_id),
+    }
+
+
+def vision_config_json(enc: VisionConfig) -> dict:
+    """A SiglipConfig JSON for `enc` (what AutoConfig.from_pretrained(teacher) reads in the reference)."""
+    vision_cfg = {"model_type": "siglip_vision_model", **{k: getattr(enc, k) for k in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+        "image_size", "patch_size", "layer_norm_eps", "hidden_act")}}
+    return {"model_type": "siglip", "vision_config": vision_cfg}
+
+
 def random_tatok(seed: int = 0, *, input_size: int = 224, patch_size: int = 14, hidden: int = 96, layers: int = 3,
                  heads: int = 4, bottleneck_dim: int = 32, codebook_size: int = 1024, decoder_depth: int = 2,
                  teacher: str = "encoder", encoder: VisionConfig | None = None) -> tuple[TATok, dict]:
@@ -490,17 +583,8 @@ def random_tatok(seed: int = 0, *, input_size: int = 224, patch_size: int = 14, 
     """
     enc = encoder or VisionConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                                   num_attention_heads=heads, image_size=input_size, patch_size=patch_size)
-    input_size, patch_size = enc.image_size, enc.patch_size
-    raw = {
-        "bottleneck": {"name": "bottleneck", "args": {
-            "bottleneck_dim": bottleneck_dim, "norm": "none",
-            "regularizer": {"name": "simvq", "args": {
-                "codebook_size": codebook_size, "commitment_loss_weight": 0.25, "codebook_loss_weight": 1.0,
-                "entropy_loss_weight": 0.0, "entropy_loss_temperature": 0.01, "l2_normalized": True,
-                "stochastic": True, "stochastic_temperature": 0.03}}}},
-        "bottleneck_token_num": (input_size // patch_size) ** 2, "input_size": input_size, "teacher": teacher,
-        "pool_scale": 1, "decoder_depth": decoder_depth, "select_layer_id": -2,
-    }
+    raw = reference_args(enc, teacher=teacher, bottleneck_dim=bottleneck_dim, codebook_size=codebook_size,
+                         decoder_depth=decoder_depth)
     args = TATokArgs.from_ckpt_args(raw)
     model = TATok(args, enc)
     with torch.no_grad():
@@ -513,7 +597,4 @@ def random_tatok(seed: int = 0, *, input_size: int = 224, patch_size: int = 14, 
             else:
                 fan_in = p[0].numel()
                 p.copy_(torch.randn(p.shape, generator=g) * 1.5 / math.sqrt(fan_in))
-    vision_cfg = {"model_type": "siglip_vision_model", **{k: getattr(enc, k) for k in (
-        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
-        "image_size", "patch_size", "layer_norm_eps", "hidden_act")}}
-    return model.eval(), {"model_type": "siglip", "vision_config": vision_cfg}
+    return model.eval(), vision_config_json(enc)

@@ -342,6 +342,23 @@ def model_facts(cfg: TokenizeConfig) -> TokenizeFacts:
     )
 
 
+def read_and_decode(shards: list[ShardInput], cfg: TokenizeConfig, input_size: int, decode_cpus: float,
+                    vq_resolution: int | None = None):
+    """The job's first two stages, also what the TA-Tok trainer streams: shard list --ShardReader (raw bytes)
+    --ImageDecoder (RGB, resized to input_size as uint8) -> DECODED_SCHEMA rows, every shard's rows in order
+    followed by its "end" row. Reads `cfg`'s read_chunk, max_member_bytes, max_concurrent_shards, max_pixels,
+    exif_transpose and decode_batch_size."""
+    import ray.data
+
+    items = [{"path": s.path, "name": s.name, "format": s.format, "size": s.size} for s in shards]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds = ds.map_batches(ShardReader(cfg.read_chunk, cfg.max_member_bytes), batch_size=1, batch_format="pyarrow",
+                        num_cpus=0.25,
+                        compute=ray.data.TaskPoolStrategy(size=max(1, min(cfg.max_concurrent_shards, len(items)))))
+    return ds.map_batches(ImageDecoder(input_size, cfg.max_pixels, cfg.exif_transpose, vq_resolution),
+                          batch_size=cfg.decode_batch_size, batch_format="pyarrow", num_cpus=decode_cpus)
+
+
 def build_dataset(shards: list[ShardInput], cfg: TokenizeConfig, facts: TokenizeFacts, parts_dir: str | None,
                   encoder_cls=TATokEncoder, encoder_kwargs: dict | None = None):
     """The Ray Dataset of the job: read -> decode -> encode -> PartWriter (without `parts_dir`: the encoded
@@ -356,19 +373,12 @@ def build_dataset(shards: list[ShardInput], cfg: TokenizeConfig, facts: Tokenize
     decode_cpus = cfg.decode_cpus if cfg.decode_cpus is not None else (1.0 if pool.gpus_per_worker else 0.5)
     log.info("encoders: %d..%d actors, %g GPU each; batch %d", pool.min_workers, pool.max_workers,
              pool.gpus_per_worker, enc_bs)
-    items = [{"path": s.path, "name": s.name, "format": s.format, "size": s.size} for s in shards]
     # Stages stay separate because their resource requests differ (Ray Data fuses adjacent map stages whose
     # requests match): reading must not decode, and CPU decoding must overlap accelerator inference. The
     # encoder's memory request (room for its model) makes it distinct even when CPU counts coincide.
     encoder_memory = cfg.encoder_memory if cfg.encoder_memory is not None else max(
         512 << 20, 4 * (storage.size(cfg.tatok) + (storage.size(cfg.vq) if cfg.vq else 0)))
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(ShardReader(cfg.read_chunk, cfg.max_member_bytes), batch_size=1, batch_format="pyarrow",
-                        num_cpus=0.25,
-                        compute=ray.data.TaskPoolStrategy(size=max(1, min(cfg.max_concurrent_shards, len(items)))))
-    ds = ds.map_batches(ImageDecoder(facts.input_size, cfg.max_pixels, cfg.exif_transpose,
-                                     facts.vq["resolution"] if facts.vq else None),
-                        batch_size=cfg.decode_batch_size, batch_format="pyarrow", num_cpus=decode_cpus)
+    ds = read_and_decode(shards, cfg, facts.input_size, decode_cpus, facts.vq["resolution"] if facts.vq else None)
     ds = ds.map_batches(encoder_cls, fn_constructor_kwargs=dict(checkpoint=cfg.tatok, scales=cfg.scales,
                                                                 dtype=cfg.dtype, device=cfg.device,
                                                                 vq=cfg.vq, vq_resolution=cfg.vq_resolution,
