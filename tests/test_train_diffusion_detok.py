@@ -221,9 +221,10 @@ def test_job_script_two_workers_on_ray_train(data, tmp_path, capsys):
     assert rc == 0
     s = json.loads((tmp_path / "s.json").read_text())
     assert [h["step"] for h in s["history"]] == [1, 2, 3, 4]
-    # 12 rows, 2 workers x 2 batches of 3 per epoch: one epoch, the 4 bad rows skipped and counted
-    assert sum(h["rows"] for h in s["history"]) == 12 and sum(h["rows_trained"] for h in s["history"]) == 8
-    assert s["metrics"]["skipped_total"] == 4 and all(np.isfinite(h["loss"]) for h in s["history"])
+    # 12 rows = 2 steps of 2 workers x 3 rows: two epochs, the 4 bad rows skipped (and counted) in each
+    assert [h["epoch"] for h in s["history"]] == [0, 0, 1, 1]
+    assert sum(h["rows"] for h in s["history"]) == 24 and sum(h["rows_trained"] for h in s["history"]) == 16
+    assert s["metrics"]["skipped_total"] == 8 and all(np.isfinite(h["loss"]) for h in s["history"])
     assert not (out / "trainer_state.pt").exists() and (out / "vae" / "config.json").is_file()
     torch.testing.assert_close(torch.load(out / NEGATIVE_EMBEDS_FILE, weights_only=True), neg)
     detok = DiffusionDetokenizer.from_pretrained(out, device="cpu")
