@@ -256,3 +256,20 @@ def test_wrong_vae_and_misfits_are_refused_before_ray(data, tmp_path):
     with pytest.raises(UsageError) as e:
         preflight(DiffusionTrainConfig(data=[data["tok"]], tatok=data["tatok"], scale=1, init=str(data["sana"])))
     assert "no tatok_s1 column" in str(e.value)
+
+
+def test_bench_diffusion_step_runs_tiny(tmp_path, one_thread):
+    """bench/gpu_train.py --diffusion's step on CPU with a tiny SANA: images/s and MFU come out, and the FLOPs
+    counted for a step are those of the model (3 x the forward's), not the depthwise-convolution overcount."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from bench.common import Results
+    from bench.gpu_train import diffusion_throughput
+
+    res = Results("t", str(tmp_path / "b.json"))
+    diffusion_throughput("cpu", tiny=True, steps=1, batch=2, peak=1e12, res=res)
+    f = json.loads((tmp_path / "b.json").read_text())["figures"]
+    assert f["diffusion_images_per_s"] > 0 and 0 < f["diffusion_mfu"] < 1
+    # the tiny SANA's forward is ~16 MFLOP per image (2 layers of width 64 on 64 tokens, Mix-FFN ratio 2.5)
+    assert 30e6 < f["diffusion_flops_per_image"] < 70e6, f
