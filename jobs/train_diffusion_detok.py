@@ -3,12 +3,12 @@
 Make the training data with the tokenize job and --latents (the VAE latents at the de-tokenizer's resolution):
 
     python jobs/tokenize_laion.py --input s3://bucket/laion/ --output s3://bucket/laion-tatok/ \\
-        --tatok s3://models/ta_tok.pth --scales 1 --latents s3://models/Tar-SANA-600M-512px --latent-resolution 512
+        --tatok s3://models/ta_tok.pth --scales 1,2,3 --latents s3://models/Tar-SANA-600M-512px --latent-resolution 512
 
 then fine-tune Tar's SANA (or train a new transformer: --transformer-config sana-600m --vae FOLDER):
 
     ray job submit --working-dir . -- python jobs/train_diffusion_detok.py \\
-        --data s3://bucket/laion-tatok/ --tatok s3://models/ta_tok.pth --scale 1 \\
+        --data s3://bucket/laion-tatok/ --tatok s3://models/ta_tok.pth --scales 1,2,3 \\
         --init s3://models/Tar-SANA-600M-512px --num-workers 8 --use-gpu --batch-size 32 --steps 20000 \\
         --storage-path s3://bucket/train --name sana-detok-ft --output s3://bucket/models/Tar-SANA-ft
 
@@ -38,8 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     d = p.add_argument_group("condition and target")
     d.add_argument("--tatok", required=True,
                    help="the TA-Tok checkpoint that made the codes (its decoder, frozen, makes the condition)")
-    d.add_argument("--scale", type=int, default=1,
-                   help="condition on the tatok_s{scale} codes (1 -> 729, 2 -> 169, 3 -> 81 tokens) [%(default)s]")
+    d.add_argument("--scales", default="1",
+                   help="condition each row on the tatok_s{scale} codes of one of these pool scales, drawn at random "
+                        "(1 -> 729, 2 -> 169, 3 -> 81 tokens), comma-separated [%(default)s]")
     d.add_argument("--latents-column", default=None, help="the latents column (default: the shards' own)")
     d.add_argument("--batch-size", type=int, default=32, help="rows per worker per micro-batch [%(default)s]")
     m = p.add_argument_group("model (--init, or --transformer-config with --vae)")
@@ -62,6 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--output", default=None, help="write the final pipeline folder here (local or s3://)")
     args = p.parse_args(argv)
     check_common_args(p, args)
+    try:
+        args.scales = [int(v) for v in args.scales.split(",") if v.strip()]
+    except ValueError:
+        args.scales = []
+    if not args.scales or min(args.scales) < 1:
+        p.error("--scales takes comma-separated pool scales >= 1, e.g. 1,2,3")
     if bool(args.init) == bool(args.transformer_config):
         p.error("give --init PIPELINE_FOLDER to fine-tune, or --transformer-config (with --vae) for a new model")
     if args.transformer_config and not args.vae:
@@ -76,7 +83,7 @@ def config_from_args(args):
     from tarflow.train.diffusion_detok import DiffusionTrainConfig
 
     return DiffusionTrainConfig(
-        **common_kwargs(args), tatok=args.tatok, scale=args.scale, latents_column=args.latents_column,
+        **common_kwargs(args), tatok=args.tatok, scales=args.scales, latents_column=args.latents_column,
         init=args.init, transformer_config=args.transformer_config, vae=args.vae, flow_shift=args.flow_shift,
         logit_mean=args.logit_mean, logit_std=args.logit_std, cond_dropout=args.cond_dropout, output=args.output,
         batch_size=args.batch_size)

@@ -32,10 +32,10 @@ from tarflow.train.diffusion_detok import (  # noqa: E402
     FlowMatching,
     preflight,
     split_rows,
-    with_null,
+    assemble,
 )
 
-SCALE, RES, SIDE = 3, 32, 8  # 9 condition tokens; 32 px images -> 8 x 8 latents
+SCALE, RES, SIDE = 3, 32, 8  # 9 condition tokens (scale 1: 81); 32 px images -> 8 x 8 latents
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def data(ray_local, tmp_path_factory):
     tatok = str(reference_fixture("ta_tok") / "ta_tok.pth")
     sana = tinysana.save_tiny_sana(root / "Tiny-SANA", caption_channels=36, sample_size=SIDE)
     run_tokenize(TokenizeConfig(input=str(ensure_sample_shards()), output=str(root / "tok"), tatok=tatok,
-                                scales=[SCALE], latents=str(sana), latent_resolution=RES, encode_batch_size=4,
+                                scales=[1, SCALE], latents=str(sana), latent_resolution=RES, encode_batch_size=4,
                                 decode_batch_size=4, progress_every_s=0))
     good = pa.concat_tables([read_code_shard(str(p)) for p in sorted((root / "tok" / "codes").glob("*.parquet"))])
     assert len(good) == 8
@@ -94,26 +94,37 @@ def _eval_loss(task, model, table, seeds=range(8)) -> float:
 
 
 def test_bad_rows_are_split_off_and_counted(data):
-    plan = preflight(DiffusionTrainConfig(data=[data["tok"], data["bad"]], tatok=data["tatok"], scale=SCALE,
-                                          init=str(data["sana"])))["plan"]
-    from tarflow.train.diffusion_detok import DataPlan
-
-    plan = DataPlan(**plan)
-    assert (plan.n_cond, plan.cond_dim, plan.latents_shape, plan.latents_column) == (9, 36, [4, 8, 8], "latents_32")
+    cfg = DiffusionTrainConfig(data=[data["tok"], data["bad"]], tatok=data["tatok"], scales=[SCALE, 1],
+                               init=str(data["sana"]))
+    task = DiffusionTask(cfg, preflight(cfg), torch.device("cpu"))
+    plan = task.plan
+    assert (plan.n_conds, plan.cond_dim, plan.latents_shape, plan.latents_column) == ([9, 81], 36, [4, 8, 8],
+                                                                                        "latents_32")
     assert plan.scaling_factor == pytest.approx(tinysana.SCALING_FACTOR)
     good = data["good"].slice(4, 3)
     bad = _bad_rows(data["good"])
     codes, latents, skipped = split_rows(pa.concat_tables([bad, good.cast(bad.schema)]), plan)
     assert skipped == {"missing": 1, "length": 1, "range": 1, "nonfinite": 1}
-    assert np.array_equal(codes, np.array(good.column(f"tatok_s{SCALE}").to_pylist()))  # only the good rows
+    assert np.array_equal(codes[0], np.array(good.column(f"tatok_s{SCALE}").to_pylist()))  # only the good rows
+    assert np.array_equal(codes[1], np.array(good.column("tatok_s1").to_pylist()))
     np.testing.assert_array_equal(latents, _stored_latents(good))
+    # each row conditions on one of the scales, drawn per row; dropped rows on the null condition
+    task.load_model(None)
+    torch.manual_seed(0)
+    cond, mask = task.condition(codes, 0.0)
+    assert cond.shape == (3, 81, 36) and sorted(set(mask.sum(1).tolist())) == [9, 81], mask.sum(1)
+    cond, mask = task.condition(codes, 1.0)
+    assert mask.sum(1).tolist() == [9] * 3 and torch.all(cond == 0)  # no --init file: the all-zero condition
 
 
-def test_null_condition_pads_with_masked_tokens():
-    cond = torch.ones(3, 2, 5)
-    x, mask = with_null(cond, torch.tensor([False, True, False]), torch.full((4, 5), 7.0))
-    assert x.shape == (3, 4, 5) and mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]]
-    assert torch.all(x[1] == 7) and torch.all(x[0, :2] == 1) and torch.all(x[0, 2:] == 0)
+def test_conditions_of_several_lengths_pad_with_masked_tokens():
+    """Rows of a short scale, a long one and the null condition in one batch: each row its own, padded."""
+    drop, short, long = torch.tensor([0, 1, 0, 0]).bool(), torch.tensor([1, 0, 0, 1]).bool(), torch.tensor(
+        [0, 0, 1, 0]).bool()
+    x, mask = assemble([(drop, torch.full((4, 5), 7.0)), (short, torch.ones(2, 2, 5)), (long, torch.ones(1, 6, 5))],
+                       4, 5, "cpu")
+    assert x.shape == (4, 6, 5) and mask.sum(1).tolist() == [2, 4, 6, 2] and mask[0].tolist() == [1, 1, 0, 0, 0, 0]
+    assert torch.all(x[1, :4] == 7) and torch.all(x[0, :2] == 1) and torch.all(x[0, 2:] == 0)
 
 
 def test_flow_matching_follows_sana_schedule():
@@ -143,7 +154,7 @@ def test_learns_the_sample_and_its_output_loads_everywhere(data, tmp_path, one_t
     sample's, every one of the 8 (measured: own 6.9 vs nearest other 9.6 on average)."""
     from diffusers import SanaPipeline
 
-    cfg = DiffusionTrainConfig(data=[data["tok"]], tatok=data["tatok"], scale=SCALE,
+    cfg = DiffusionTrainConfig(data=[data["tok"]], tatok=data["tatok"], scales=[SCALE],
                                transformer_config=_config_file(tmp_path), vae=str(data["sana"]), cond_dropout=0.1,
                                batch_size=8)
     plan = preflight(cfg)
@@ -177,7 +188,7 @@ def test_learns_the_sample_and_its_output_loads_everywhere(data, tmp_path, one_t
 
     codes, _, _ = split_rows(table, task.plan)
     with torch.no_grad():
-        cond = task.tatok.decode(torch.from_numpy(codes)).float()  # (8, 9, 36)
+        cond = task.tatok.decode(torch.from_numpy(codes[0])).float()  # (8, 9, 36)
     got = pipe(prompt_embeds=cond, prompt_attention_mask=torch.ones(8, 9, dtype=torch.long), negative_prompt=None,
                guidance_scale=1.0, num_inference_steps=20, height=RES, width=RES, use_resolution_binning=False,
                generator=torch.Generator().manual_seed(0), output_type="latent").images  # (8, 4, 8, 8), scaled
@@ -212,7 +223,7 @@ def test_job_script_two_workers_on_ray_train(data, tmp_path, capsys):
     neg = torch.randn(5, 36, generator=torch.Generator().manual_seed(3))
     torch.save(neg, data["sana"] / NEGATIVE_EMBEDS_FILE)  # Tar's folders ship one: the dropped rows' condition
     out = tmp_path / "Tar-SANA-ft"
-    rc = job.main(["--data", data["tok"], data["bad"], "--tatok", data["tatok"], "--scale", str(SCALE),
+    rc = job.main(["--data", data["tok"], data["bad"], "--tatok", data["tatok"], "--scales", f"{SCALE},1",
                    "--init", str(data["sana"]), "--steps", "4", "--batch-size", "3", "--lr", "1e-3",
                    "--warmup-ratio", "0", "--checkpoint-every", "2", "--log-every", "2", "--num-workers", "2",
                    "--cpus-per-worker", "0.5", "--shuffle-buffer", "0", "--storage-path", str(tmp_path / "runs"),
@@ -239,23 +250,24 @@ def test_job_script_two_workers_on_ray_train(data, tmp_path, capsys):
     from tarflow.train.diffusion_detok import run_train
 
     with pytest.raises(UsageError, match="'ft' .* was trained on other data \\(files differ"):
-        run_train(DiffusionTrainConfig(data=[str(tmp_path / "copy.parquet")], tatok=data["tatok"], scale=SCALE,
+        run_train(DiffusionTrainConfig(data=[str(tmp_path / "copy.parquet")], tatok=data["tatok"], scales=[SCALE, 1],
                                        init=str(data["sana"]), storage_path=str(tmp_path / "runs"), name="ft"))
 
 
 def test_wrong_vae_and_misfits_are_refused_before_ray(data, tmp_path):
     other_vae = tinysana.save_tiny_vae(tmp_path / "other-vae", seed=5)
     with pytest.raises(UsageError) as e:
-        preflight(DiffusionTrainConfig(data=[data["tok"]], tatok=data["tatok"], scale=SCALE,
+        preflight(DiffusionTrainConfig(data=[data["tok"]], tatok=data["tatok"], scales=[SCALE],
                                        transformer_config="sana-600m", vae=str(other_vae)))
     assert "did not make the latents of --data" in str(e.value)
     misfit = tinysana.save_tiny_sana(tmp_path / "misfit", caption_channels=20, sample_size=SIDE)
     with pytest.raises(UsageError) as e:
-        preflight(DiffusionTrainConfig(data=[data["tok"]], tatok=data["tatok"], scale=SCALE, init=str(misfit)))
+        preflight(DiffusionTrainConfig(data=[data["tok"]], tatok=data["tatok"], scales=[SCALE], init=str(misfit)))
     assert "caption_channels 20 != the TA-Tok's hidden size 36" in str(e.value)
     with pytest.raises(UsageError) as e:
-        preflight(DiffusionTrainConfig(data=[data["tok"]], tatok=data["tatok"], scale=1, init=str(data["sana"])))
-    assert "no tatok_s1 column" in str(e.value)
+        preflight(DiffusionTrainConfig(data=[data["tok"]], tatok=data["tatok"], scales=[2, 3],
+                                       init=str(data["sana"])))
+    assert "no tatok_s2 column" in str(e.value)
 
 
 def test_bench_diffusion_step_runs_tiny(tmp_path, one_thread):

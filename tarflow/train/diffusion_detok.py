@@ -1,10 +1,12 @@
 """Training the diffusion de-tokenizer on Ray Train: stored TA-Tok codes -> rec features -> SANA -> VAE latents.
 
-    code shards (tokenize --latents)  --ray.data.read_parquet: [tatok_s{scale}, latents_{res}] only
+    code shards (tokenize --latents)  --ray.data.read_parquet: [tatok_s{scale} for each scale, latents_{res}] only
       --> Ray Train workers (TorchTrainer, DDP / FSDP), per micro-batch of rows:
           rows checked: missing codes or latents, wrong lengths, codes out of range, non-finite latents -> skipped
               and counted, never trained on
-          frozen TA-Tok decoder: codes -> condition (B, n, C), SANA's encoder_hidden_states     (no grad)
+          a random pool scale per row (--scales; 1 -> 729, 2 -> 169, 3 -> 81 tokens for Tar's TA-Tok)
+          frozen TA-Tok decoder: codes -> condition (B, n, C), SANA's encoder_hidden_states     (no grad;
+              rows of shorter scales padded with masked-out tokens)
           condition dropout: a dropped row gets the null condition (negative_prompt_embeds.pth: the --init
               folder's own, else all-zero (n, C)), the one CFG samples with
           x0 = latents * vae.scaling_factor (B, c, h, w); flow matching (below); MSE on the velocity
@@ -70,7 +72,7 @@ def default_optim() -> OptimConfig:
 class DiffusionTrainConfig(TrainConfig):
     data: list[str]  # tokenize outputs made with --latents (finished shards), folders of code shards, shard files
     tatok: str | None = None  # the TA-Tok that made the codes: its decoder (frozen) makes the condition
-    scale: int = 1  # which tatok_s{scale} column conditions
+    scales: list[int] = field(default_factory=lambda: [1])  # each row conditions on one, drawn at random
     latents_column: str | None = None  # default: the shards' latents column
     init: str | None = None  # a SANA pipeline folder to fine-tune (local or s3://); else a new transformer:
     transformer_config: str | None = None  # a SanaTransformer2DModel config.json, or "sana-600m"
@@ -97,8 +99,9 @@ class DiffusionTrainConfig(TrainConfig):
 @dataclass
 class DataPlan:
     files: list[str]
-    cond_column: str
-    n_cond: int  # TA-Tok tokens per image at the scale
+    scales: list[int]
+    cond_columns: list[str]  # tatok_s{scale} per scale
+    n_conds: list[int]  # TA-Tok tokens per image at each scale
     cond_codebook: int
     cond_dim: int  # TA-Tok hidden size (rec features) = the transformer's caption_channels
     tatok_sha256: str
@@ -113,23 +116,23 @@ class DataPlan:
 
 
 def plan_data(cfg: DiffusionTrainConfig, tatok, problems: Problems | None = None) -> DataPlan | None:
-    """Every code shard must come from this TA-Tok and hold the scale and the latents of one VAE setting. Problems
+    """Every code shard must come from this TA-Tok and hold the scales and the latents of one VAE setting. Problems
     (each naming the shards and the fix) go to `problems`; without it they are raised (UsageError) at the end."""
     own = problems is None
     problems = problems if problems is not None else Problems()
     files = resolve_data(cfg.data, problems)
     footers = read_footers(files)
-    col = schema.code_column(cfg.scale)
     for f in footers:
         if f.error or f.meta is None:
             problems.add(f.path, f.error or "not a code shard (no tarflow metadata in its footer)",
                          "give code shards written by the tokenize job (with --latents)")
     shards = [f for f in footers if f.meta]
     check_one_tatok(shards, problems, (tatok.sha256, f"--tatok {cfg.tatok}"))
-    no_scale = [f.path for f in shards if cfg.scale not in f.meta["scales"]]
-    if no_scale:
-        problems.add(", ".join(no_scale[:5]), f"no {col} column (the shards hold scales "
-                     f"{shards[0].meta['scales'] if shards else []})", "choose another --scale or tokenize at it")
+    for scale in cfg.scales:
+        no_scale = [f.path for f in shards if scale not in f.meta["scales"]]
+        if no_scale:
+            problems.add(", ".join(no_scale[:5]), f"no {schema.code_column(scale)} column (the shards hold scales "
+                         f"{shards[0].meta['scales'] if shards else []})", "choose other --scales or tokenize at it")
     no_lat = [f.path for f in shards if not f.meta.get("latents")]
     if no_lat:
         problems.add(", ".join(no_lat[:5]) + (f" and {len(no_lat) - 5} more" if len(no_lat) > 5 else ""),
@@ -152,18 +155,24 @@ def plan_data(cfg: DiffusionTrainConfig, tatok, problems: Problems | None = None
     if problems or not lats:
         return None
     lat0 = lats[0][1]
-    return DataPlan(files=files, cond_column=col, n_cond=tatok.num_tokens(cfg.scale),
+    scales = [int(v) for v in cfg.scales]
+    return DataPlan(files=files, scales=scales, cond_columns=[schema.code_column(v) for v in scales],
+                    n_conds=[tatok.num_tokens(v) for v in scales],
                     cond_codebook=tatok.codebook_size, cond_dim=tatok.encoder_cfg.hidden_size,
                     tatok_sha256=tatok.sha256, latents_column=lat0["column"],
                     latents_shape=[int(v) for v in lat0["shape"]], vae_sha256=lat0["sha256"],
                     scaling_factor=float(lat0["scaling_factor"]))
 
 
-def split_rows(table: pa.Table, plan: DataPlan) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """Rows -> (condition codes (k, n_cond) int64, latents (k, c, h, w) float32) of the good rows, and the rows
-    skipped by reason: `missing` (null codes or latents), `length` (not n codes), `range` (a code outside the
-    codebook), `nonfinite` (a latent that is inf or nan)."""
-    cond, c_bad = _check_codes(table.column(plan.cond_column), plan.n_cond, plan.cond_codebook)
+def split_rows(table: pa.Table, plan: DataPlan) -> tuple[list[np.ndarray], np.ndarray, dict[str, int]]:
+    """Rows -> (condition codes per scale [(k, n_s) int64], latents (k, c, h, w) float32) of the good rows, and the
+    rows skipped by reason: `missing` (null codes or latents), `length` (not n codes), `range` (a code outside the
+    codebook), `nonfinite` (a latent that is inf or nan). A row is good when all its scales and latents are."""
+    conds, c_bad = [], np.zeros(len(table), dtype=np.int64)
+    for col, n in zip(plan.cond_columns, plan.n_conds):
+        codes, bad = _check_codes(table.column(col), n, plan.cond_codebook)
+        conds.append(codes)
+        c_bad = np.where(c_bad > 0, c_bad, bad)
     arr = table.column(plan.latents_column)
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
     n = int(np.prod(plan.latents_shape))
@@ -181,7 +190,7 @@ def split_rows(table: pa.Table, plan: DataPlan) -> tuple[np.ndarray, np.ndarray,
         lat[rows] = np.where(finite[:, None], v, 0.0)
     bad = np.where(c_bad > 0, c_bad, lat_bad)  # the codes' reason first, then the latents'
     good = bad == 0
-    return (cond[good], lat[good].reshape(-1, *plan.latents_shape),
+    return ([c[good] for c in conds], lat[good].reshape(-1, *plan.latents_shape),
             {r: int((bad == i + 1).sum()) for i, r in enumerate(SKIP_REASONS)})
 
 
@@ -303,23 +312,19 @@ class FlowMatching:
         return F.mse_loss(pred.float(), (noise - x0).float())
 
 
-def with_null(cond, drop, null):
-    """cond (B, n, C), drop (B,) bool, null (L, C) -> (B, max(n, L), C) and its mask (B, max(n, L)): dropped rows
-    hold the null condition, the others theirs; the shorter is padded with masked-out zero tokens, as
+def assemble(parts, batch: int, width: int, device):
+    """[(rows (k,) bool or index, features (k, n_i, C) or (n_i, C) for every row)] -> (B, L, C) and its mask
+    (B, L), L the longest: each row holds its features, shorter ones padded with masked-out zero tokens, as
     DiffusionDetokenizer.generate pads its [uncond; cond] batch."""
     import torch
 
-    b, n, c = cond.shape
-    L = max(n, null.shape[0])
-    x = cond.new_zeros(b, L, c)
-    mask = torch.zeros(b, L, dtype=torch.long, device=cond.device)
-    x[:, :n], mask[:, :n] = cond, 1
-    if drop.any():
-        k = null.shape[0]
-        x[drop] = 0.0
-        x[drop, :k] = null.to(cond.dtype)
-        mask[drop] = 0
-        mask[drop, :k] = 1
+    L = max((f.shape[-2] for _, f in parts), default=1)
+    x = torch.zeros(batch, L, width, device=device)
+    mask = torch.zeros(batch, L, dtype=torch.long, device=device)
+    for rows, f in parts:
+        n = f.shape[-2]
+        x[rows, :n] = f.to(device, x.dtype)
+        mask[rows, :n] = 1
     return x, mask
 
 
@@ -423,7 +428,7 @@ class DiffusionTask(Task):
             model = diffusers.SanaTransformer2DModel.from_config(self.spec["config"])
         null = self._null_from(checkpoint_dir) if checkpoint_dir else self._null_from(self.init_dir)
         if null is None:  # no null condition shipped: the all-zero rec features (as the AR de-tokenizer's)
-            null = torch.zeros(self.plan.n_cond, self.plan.cond_dim)
+            null = torch.zeros(self.plan.n_conds[0], self.plan.cond_dim)
         self.null = null.to(self.device)
         return model
 
@@ -434,13 +439,20 @@ class DiffusionTask(Task):
         for pos, table in rows:
             yield table, pos + len(table)
 
-    def condition(self, codes: np.ndarray, p_drop: float):
-        """codes (B, n) -> (cond (B, L, C), mask (B, L)) with condition dropout."""
+    def condition(self, codes: list[np.ndarray], p_drop: float, scale_index: int | None = None):
+        """codes per scale [(B, n_s)] -> (cond (B, L, C), mask (B, L)): each row the rec features of one scale,
+        drawn at random (or `scale_index`), or the null condition with probability p_drop."""
         import torch
 
-        cond = self.tatok.decode(torch.from_numpy(codes).to(self.device)).float()  # frozen: no grad
-        drop = torch.rand(len(cond), device=self.device) < p_drop
-        return with_null(cond, drop, self.null)
+        b = len(codes[0])
+        pick = torch.randint(len(codes), (b,)) if scale_index is None else torch.full((b,), scale_index)
+        drop = torch.rand(b) < p_drop
+        parts = [(drop, self.null)]
+        for i, c in enumerate(codes):
+            rows = (pick == i) & ~drop
+            if rows.any():  # frozen decoder: no grad
+                parts.append((rows, self.tatok.decode(torch.from_numpy(c[rows.numpy()]).to(self.device)).float()))
+        return assemble(parts, b, self.plan.cond_dim, self.device)
 
     def loss(self, model, table):
         import torch
@@ -458,7 +470,7 @@ class DiffusionTask(Task):
         import torch
 
         x = torch.zeros(1, *self.plan.latents_shape, device=self.device)
-        cond = torch.zeros(1, self.plan.n_cond, self.plan.cond_dim, device=self.device)
+        cond = torch.zeros(1, self.plan.n_conds[0], self.plan.cond_dim, device=self.device)
         return model(hidden_states=x, encoder_hidden_states=cond, timestep=torch.zeros(1, device=self.device),
                      return_dict=False)[0].sum() * 0.0
 
@@ -487,7 +499,7 @@ def train_loop(config: dict) -> None:
 
 def preflight(cfg: DiffusionTrainConfig) -> dict:
     """Every check that needs no Ray, on the driver, all problems at once (UsageError, one line each): the
-    settings, --tatok, --data (one TA-Tok, the scale, latents of one VAE), the model (--init or a new
+    settings, --tatok, --data (one TA-Tok, the scales, latents of one VAE), the model (--init or a new
     transformer, its VAE = the latents' VAE, its sizes = the data's) and a rerun's data against its run's.
     Returns the plan the workers get."""
     from tarflow.models.checkpoint import CheckpointError
@@ -527,8 +539,8 @@ def preflight(cfg: DiffusionTrainConfig) -> dict:
     spec = model_spec(cfg, plan, problems)
     refuse_other_data(cfg, plan.facts(), problems)
     problems.raise_if_any()
-    log.info("%d code shards: %s (%d tokens) -> %s %s (VAE %s), flow shift %g", len(plan.files), plan.cond_column,
-             plan.n_cond, plan.latents_column, plan.latents_shape, plan.vae_sha256[:12], spec["flow_shift"])
+    log.info("%d code shards: %s (%s tokens) -> %s %s (VAE %s), flow shift %g", len(plan.files), plan.cond_columns,
+             plan.n_conds, plan.latents_column, plan.latents_shape, plan.vae_sha256[:12], spec["flow_shift"])
     return {"plan": asdict(plan), "model": spec, "facts": plan.facts()}
 
 
@@ -551,8 +563,8 @@ def run_train(cfg: DiffusionTrainConfig, plan: dict | None = None, loop=None,
 
     plan = plan or preflight(cfg)
     data = DataPlan(**plan["plan"])
-    # Only the two columns travel (pushed into the read); preserve_order (the core's) fixes each worker's rows
-    ds = ray.data.read_parquet(data.files).select_columns([data.cond_column, data.latents_column])
+    # Only the codes and latents travel (pushed into the read); preserve_order (the core's) fixes each worker's rows
+    ds = ray.data.read_parquet(data.files).select_columns([*data.cond_columns, data.latents_column])
     summary = fit(cfg, loop or train_loop, {**plan, **(loop_extra or {})}, ds)
     if cfg.output:
         copy_folder(summary.checkpoint, cfg.output, skip=TRAINER_FILES)
