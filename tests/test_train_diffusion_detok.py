@@ -206,13 +206,45 @@ def test_learns_the_sample_and_its_output_loads_everywhere(data, tmp_path, one_t
 STEPS = 400  # ~11 s on one CPU thread
 
 
-def test_job_script_two_workers_on_ray_train(data, tmp_path, capsys):
-    """Fine-tune the tiny pipeline (--init) with 2 Ray Train workers through the job script; bad rows are counted;
-    the output pipeline folder loads; a rerun on the same run refuses other data."""
+def _job():
     spec = importlib.util.spec_from_file_location("train_diffusion_detok", os.path.join(
         os.path.dirname(__file__), "..", "jobs", "train_diffusion_detok.py"))
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
+    return job
+
+
+def _job_args(data, init, storage, name) -> list[str]:
+    """4 steps of 2 workers x 3 rows, a checkpoint every 2, half the rows dropped to the null condition."""
+    return ["--data", data["tok"], data["bad"], "--tatok", data["tatok"], "--scales", f"{SCALE},1", "--init",
+            str(init), "--steps", "4", "--batch-size", "3", "--lr", "1e-3", "--warmup-ratio", "0",
+            "--checkpoint-every", "2", "--log-every", "2", "--num-workers", "2", "--cpus-per-worker", "0.5",
+            "--shuffle-buffer", "0", "--storage-path", str(storage), "--name", name, "--cond-dropout", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory):
+    """Fine-tune a copy of the tiny pipeline that ships a negative_prompt_embeds.pth (as Tar's folders do) with
+    2 Ray Train workers, through the job script."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("straight")
+    init = root / "Tiny-SANA-neg"
+    shutil.copytree(data["sana"], init)
+    neg = torch.randn(5, 36, generator=torch.Generator().manual_seed(3))
+    torch.save(neg, init / NEGATIVE_EMBEDS_FILE)  # the dropped rows' condition
+    job = _job()
+    rc = job.main(_job_args(data, init, root / "runs", "ft")
+                  + ["--output", str(root / "Tar-SANA-ft"), "--summary-json", str(root / "s.json")])
+    assert rc == 0
+    return {"job": job, "init": init, "neg": neg, "runs": root / "runs", "out": root / "Tar-SANA-ft",
+            "summary": json.loads((root / "s.json").read_text())}
+
+
+def test_job_script_two_workers_on_ray_train(data, straight, tmp_path, capsys):
+    """Fine-tune the tiny pipeline (--init) with 2 Ray Train workers through the job script; bad rows are counted;
+    the output pipeline folder loads, with the init's null condition; a rerun on the same run refuses other data."""
+    job = straight["job"]
     with pytest.raises(SystemExit) as e:
         job.parse_args(["--help"])
     assert e.value.code == 0 and "--flow-shift" in capsys.readouterr().out
@@ -220,30 +252,20 @@ def test_job_script_two_workers_on_ray_train(data, tmp_path, capsys):
         job.parse_args(["--data", "x", "--tatok", "t.pth"])  # no model
     with pytest.raises(SystemExit):
         job.parse_args(["--data", "x", "--tatok", "t.pth", "--transformer-config", "sana-600m"])  # no --vae
-    neg = torch.randn(5, 36, generator=torch.Generator().manual_seed(3))
-    torch.save(neg, data["sana"] / NEGATIVE_EMBEDS_FILE)  # Tar's folders ship one: the dropped rows' condition
-    out = tmp_path / "Tar-SANA-ft"
-    rc = job.main(["--data", data["tok"], data["bad"], "--tatok", data["tatok"], "--scales", f"{SCALE},1",
-                   "--init", str(data["sana"]), "--steps", "4", "--batch-size", "3", "--lr", "1e-3",
-                   "--warmup-ratio", "0", "--checkpoint-every", "2", "--log-every", "2", "--num-workers", "2",
-                   "--cpus-per-worker", "0.5", "--shuffle-buffer", "0", "--storage-path", str(tmp_path / "runs"),
-                   "--name", "ft", "--output", str(out), "--summary-json", str(tmp_path / "s.json"),
-                   "--cond-dropout", "0.5"])
-    assert rc == 0
-    s = json.loads((tmp_path / "s.json").read_text())
+    s, out = straight["summary"], straight["out"]
     assert [h["step"] for h in s["history"]] == [1, 2, 3, 4]
     # 12 rows = 2 steps of 2 workers x 3 rows: two epochs, the 4 bad rows skipped (and counted) in each
     assert [h["epoch"] for h in s["history"]] == [0, 0, 1, 1]
     assert sum(h["rows"] for h in s["history"]) == 24 and sum(h["rows_trained"] for h in s["history"]) == 16
     assert s["metrics"]["skipped_total"] == 8 and all(np.isfinite(h["loss"]) for h in s["history"])
     assert not (out / "trainer_state.pt").exists() and (out / "vae" / "config.json").is_file()
-    torch.testing.assert_close(torch.load(out / NEGATIVE_EMBEDS_FILE, weights_only=True), neg)
+    torch.testing.assert_close(torch.load(out / NEGATIVE_EMBEDS_FILE, weights_only=True), straight["neg"])
     detok = DiffusionDetokenizer.from_pretrained(out, device="cpu")
     assert tuple(detok.negative_embeds.shape) == (5, 36)
     trained = detok.pipe.transformer.state_dict()
     from diffusers import SanaTransformer2DModel
 
-    base = SanaTransformer2DModel.from_pretrained(str(data["sana"]), subfolder="transformer").state_dict()
+    base = SanaTransformer2DModel.from_pretrained(str(straight["init"]), subfolder="transformer").state_dict()
     assert any(not torch.equal(trained[k], base[k]) for k in base)  # it trained
     # a rerun of the run on other data (here: other files) is refused before Ray starts
     pq.write_table(data["good"], tmp_path / "copy.parquet")
@@ -251,7 +273,50 @@ def test_job_script_two_workers_on_ray_train(data, tmp_path, capsys):
 
     with pytest.raises(UsageError, match="'ft' .* was trained on other data \\(files differ"):
         run_train(DiffusionTrainConfig(data=[str(tmp_path / "copy.parquet")], tatok=data["tatok"], scales=[SCALE, 1],
-                                       init=str(data["sana"]), storage_path=str(tmp_path / "runs"), name="ft"))
+                                       init=str(straight["init"]), storage_path=str(straight["runs"]), name="ft"))
+
+
+@pytest.mark.cluster  # two more Ray Train runs (~30 s each on 2 cores): run by `make test-cluster`
+def test_stopped_under_fsdp_and_resumed_under_ddp_reaches_the_straight_runs_weights(data, straight, tmp_path):
+    """2 steps under FSDP (FSDP2 per transformer block, gloo on CPU), then the last 2 under DDP from its checkpoint:
+    the straight DDP run's weights. So the gathered FSDP checkpoint is the DDP one, and the optimiser state,
+    schedule, data positions, per-step seeds (noise, timesteps, scales, dropout) and the null condition resume."""
+    from safetensors.torch import load_file
+
+    from tarflow.train.diffusion_detok import run_train
+
+    job = straight["job"]
+    cfg = job.config_from_args(job.parse_args(_job_args(data, straight["init"], tmp_path / "runs", "split")))
+    cfg.strategy, cfg.stop_at_step = "fsdp", 2
+    assert run_train(cfg).steps == 2
+    cfg.strategy, cfg.stop_at_step, cfg.output = "ddp", None, str(tmp_path / "out")
+    result = run_train(cfg)
+    assert result.starts == [0, 2] and [h["step"] for h in result.history] == [1, 2, 3, 4]
+    assert [h["loss"] for h in result.history] == pytest.approx([h["loss"] for h in straight["summary"]["history"]])
+    want = load_file(straight["out"] / "transformer" / "diffusion_pytorch_model.safetensors")
+    got = load_file(tmp_path / "out" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4)
+
+
+def test_init_from_s3(data, s3_bucket, tmp_path):
+    """--init s3://...: the driver reads the folder's configs and hashes its vae/ in place (it made the latents, so
+    it fits); a worker copies the folder (without a text encoder) and trains and saves from it."""
+    import s3fs
+
+    s3fs.S3FileSystem().put(str(data["sana"]), f"{s3_bucket}/models/Tiny-SANA", recursive=True)
+    cfg = DiffusionTrainConfig(data=[data["tok"]], tatok=data["tatok"], scales=[SCALE],
+                               init=f"{s3_bucket}/models/Tiny-SANA")
+    plan = preflight(cfg)
+    assert plan["model"]["vae"] == f"{s3_bucket}/models/Tiny-SANA/vae" and plan["model"]["flow_shift"] == 3.0
+    task = DiffusionTask(cfg, plan, torch.device("cpu"))
+    model = task.load_model(None)
+    codes, latents, _ = split_rows(data["good"], task.plan)
+    loss, sums = task.loss(model, data["good"])
+    assert sums["rows_trained"] == 8 and float(loss) > 0
+    task.save_model(model, str(tmp_path / "ckpt"))
+    assert DiffusionDetokenizer.from_pretrained(tmp_path / "ckpt", device="cpu").condition_width == 36
 
 
 def test_wrong_vae_and_misfits_are_refused_before_ray(data, tmp_path):

@@ -323,6 +323,7 @@ def assemble(parts, batch: int, width: int, device):
     mask = torch.zeros(batch, L, dtype=torch.long, device=device)
     for rows, f in parts:
         n = f.shape[-2]
+        rows = rows.to(device) if isinstance(rows, torch.Tensor) else rows  # a CPU mask for a CUDA batch
         x[rows, :n] = f.to(device, x.dtype)
         mask[rows, :n] = 1
     return x, mask
