@@ -383,6 +383,37 @@ def test_latents_at_the_latent_resolution(ray_local, i2d_shards, tatok_path, tmp
                           latent_resolution=30))
 
 
+def test_latents_problems_are_one_line_each_before_ray_starts(tmp_path, capsys, monkeypatch):
+    """--latents that is no VAE folder, a VAE without weights, a resolution the VAE cannot take: every problem on
+    its own line naming the path and the fix, exit 2, Ray never started."""
+    import importlib.util
+
+    import tinysana
+
+    import tarflow.pipelines.runtime
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(tarflow.pipelines.runtime, "init_ray", no_ray)
+    spec = importlib.util.spec_from_file_location("tokenize_laion", os.path.join(
+        os.path.dirname(__file__), "..", "jobs", "tokenize_laion.py"))
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.main(["--output", str(tmp_path / "o"), "--latents", str(tmp_path / "nowhere")]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert len(err) == 1 and "--latents" in err[0] and "no AutoencoderDC config.json" in err[0], err
+    vae = tinysana.save_tiny_vae(tmp_path / "dcae")
+    assert job.main(["--output", str(tmp_path / "o"), "--latents", str(vae), "--latent-resolution", "30"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert len(err) == 1 and "--latent-resolution 30" in err[0] and "downsample factor 4" in err[0], err
+    for f in vae.glob("*.safetensors"):
+        f.unlink()
+    assert job.main(["--output", str(tmp_path / "o"), "--latents", str(vae)]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert len(err) == 1 and "has no *.safetensors weights" in err[0], err
+
+
 def test_job_script_help_and_default_run(ray_local, tmp_path, capsys):
     import importlib.util
 

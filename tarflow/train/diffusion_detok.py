@@ -477,8 +477,8 @@ class DiffusionTask(Task):
 
     def save_model(self, model, folder, state_dict=None):
         sched = os.path.join(str(self.init_dir), "scheduler") if self.init_dir else None
-        if self.cfg.flow_shift is not None:  # an explicit shift is the output's too
-            sched = None
+        if self.cfg.flow_shift is not None or not (sched and os.path.isdir(sched)):
+            sched = None  # an explicit shift is the output's too; no scheduler in --init: SANA's
         write_pipeline(folder, model, self.vae_dir, sched, self.spec["flow_shift"], self.null, state_dict)
 
     def metrics(self, sums, totals, seconds):
