@@ -267,6 +267,16 @@ def test_job_script_two_workers_on_ray_train(data, straight, tmp_path, capsys):
 
     base = SanaTransformer2DModel.from_pretrained(str(straight["init"]), subfolder="transformer").state_dict()
     assert any(not torch.equal(trained[k], base[k]) for k in base)  # it trained
+    # the generate job's image stage (--detok diffusion --diffusion-detok OUT) de-tokenizes codes with it
+    import tiny_tar
+
+    from tarflow.pipelines.generate import T2IGenerator
+
+    gen = T2IGenerator(mllm=tiny_tar.save_tiny_tar(tmp_path / "tar", hidden=16, heads=2, kv_heads=1),
+                       tatok=data["tatok"], detok="diffusion", diffusion=str(out), device="cpu",
+                       detok_sampling={"num_inference_steps": 2})
+    pixels = gen._pixels(data["good"].column(f"tatok_s{SCALE}").to_pylist()[:2], seeds=[1, 2])
+    assert pixels.shape == (2, RES, RES, 3) and pixels.dtype == np.uint8
     # a rerun of the run on other data (here: other files) is refused before Ray starts
     pq.write_table(data["good"], tmp_path / "copy.parquet")
     from tarflow.train.diffusion_detok import run_train
