@@ -339,6 +339,10 @@ def test_wrong_vae_and_misfits_are_refused_before_ray(data, tmp_path):
     with pytest.raises(UsageError) as e:
         preflight(DiffusionTrainConfig(data=[data["tok"]], tatok=data["tatok"], scales=[SCALE], init=str(misfit)))
     assert "caption_channels 20 != the TA-Tok's hidden size 36" in str(e.value)
+    torch.save(torch.zeros(4, 20), misfit / NEGATIVE_EMBEDS_FILE)
+    with pytest.raises(UsageError) as e:
+        preflight(DiffusionTrainConfig(data=[data["tok"]], tatok=data["tatok"], scales=[SCALE], init=str(misfit)))
+    assert "negative_prompt_embeds.pth: is (4, 20), not the null condition (L, 36)" in str(e.value)
     with pytest.raises(UsageError) as e:
         preflight(DiffusionTrainConfig(data=[data["tok"]], tatok=data["tatok"], scales=[2, 3],
                                        init=str(data["sana"])))

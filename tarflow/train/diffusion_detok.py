@@ -50,6 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tarflow.data import schema, storage
+from tarflow.models.diffusion_detok import NEGATIVE_EMBEDS_FILE
 from tarflow.preflight import Problems
 from tarflow.train.ar_detok import _check_codes, resolve_data
 from tarflow.train.common import OptimConfig
@@ -224,6 +225,7 @@ def model_spec(cfg: DiffusionTrainConfig, plan: DataPlan, problems: Problems) ->
             except (FileNotFoundError, ValueError, KeyError, TypeError):
                 shift = DEFAULT_FLOW_SHIFT
         vae, vae_flag = cfg.init, where
+        check_null(storage.join(cfg.init, NEGATIVE_EMBEDS_FILE), plan, problems)
     else:
         if cfg.transformer_config == "sana-600m":
             config = dict(SANA_600M)
@@ -252,6 +254,27 @@ def model_spec(cfg: DiffusionTrainConfig, plan: DataPlan, problems: Problems) ->
     check_fits(config, plan, cfg.init or cfg.transformer_config, problems)
     return {"init": cfg.init, "config": None if cfg.init else config, "vae": folder, "flow_shift": float(shift or
             DEFAULT_FLOW_SHIFT)}
+
+
+def check_null(path: str, plan: DataPlan, problems: Problems) -> None:
+    """--init's negative_prompt_embeds.pth, when it has one, is the null condition: one (L, C) tensor of the
+    TA-Tok's width (a worker would fail on the first dropped row otherwise)."""
+    import torch
+
+    from tarflow.models.checkpoint import CheckpointError, read_checkpoint
+
+    if not storage.exists(path):
+        return
+    try:
+        t = read_checkpoint(path).obj
+    except CheckpointError as e:
+        problems.add(path, str(e).removeprefix(f"{path}: "))
+        return
+    ok = isinstance(t, torch.Tensor) and (t.ndim == 2 or (t.ndim == 3 and t.shape[0] == 1))
+    if not ok or t.shape[-1] != plan.cond_dim:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        problems.add(path, f"is {shape}, not the null condition (L, {plan.cond_dim}) of this TA-Tok's rec features",
+                     "remove it (the null condition is then all zeros) or give the matching pipeline folder")
 
 
 def check_fits(config: dict, plan: DataPlan, path: str, problems: Problems) -> None:
@@ -373,8 +396,6 @@ def write_pipeline(folder: str, transformer, vae_dir, scheduler_dir, shift: floa
              "transformer": ["diffusers", "SanaTransformer2DModel"], "vae": ["diffusers", "AutoencoderDC"]}
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f, indent=2)
-    from tarflow.models.diffusion_detok import NEGATIVE_EMBEDS_FILE
-
     torch.save(null.detach().float().cpu().contiguous(), os.path.join(folder, NEGATIVE_EMBEDS_FILE))
 
 
@@ -406,7 +427,6 @@ class DiffusionTask(Task):
 
     def _null_from(self, folder) -> "torch.Tensor | None":  # noqa: F821
         from tarflow.models.checkpoint import read_checkpoint
-        from tarflow.models.diffusion_detok import NEGATIVE_EMBEDS_FILE
 
         path = os.path.join(str(folder), NEGATIVE_EMBEDS_FILE) if folder else None
         if not path or not os.path.isfile(path):
