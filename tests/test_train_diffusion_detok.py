@@ -327,6 +327,13 @@ def test_init_from_s3(data, s3_bucket, tmp_path):
     assert sums["rows_trained"] == 8 and float(loss) > 0
     task.save_model(model, str(tmp_path / "ckpt"))
     assert DiffusionDetokenizer.from_pretrained(tmp_path / "ckpt", device="cpu").condition_width == 36
+    # --output s3://...: the checkpoint folder is streamed there file by file, and loads from there
+    from tarflow.train.diffusion_detok import copy_folder
+
+    (tmp_path / "ckpt" / "trainer_state.pt").write_bytes(b"the core's, not the model's")
+    copy_folder(str(tmp_path / "ckpt"), f"{s3_bucket}/out/ft", skip=("trainer_state.pt",))
+    remote = DiffusionDetokenizer.from_pretrained(f"{s3_bucket}/out/ft", device="cpu", cache_dir=tmp_path / "cache")
+    assert remote.condition_width == 36 and not s3fs.S3FileSystem().exists(f"{s3_bucket}/out/ft/trainer_state.pt")
 
 
 def test_wrong_vae_and_misfits_are_refused_before_ray(data, tmp_path):
