@@ -2,8 +2,9 @@
 scale 3) conditions a tiny SANA (tests/tinysana.py) on the latents (4 x 8 x 8) of a tiny DC-AE at 32 px. Training
 data: the bundled sample (8 photos) tokenized with --latents, plus a shard of bad rows.
 
-Learning is measured in-process (no Ray: the Task's own loss and model, a plain AdamW loop) and once end to end
-through the job script on Ray Train with 2 workers.
+Learning is measured in-process (no Ray: the Task's own loss and model, a plain AdamW loop); the job script runs
+end to end on Ray Train with 2 workers, and a run stopped under FSDP resumes under DDP, in the cluster group
+(`make test-cluster`, also run by CI): each Ray Train run costs 30-55 s here.
 """
 from __future__ import annotations
 
@@ -201,6 +202,16 @@ def test_learns_the_sample_and_its_output_loads_everywhere(data, tmp_path, one_t
     # images too, through the de-tokenizer (CFG with the saved null condition)
     images = detok.generate(cond[:2], num_inference_steps=4)
     assert images.shape == (2, RES, RES, 3)
+    # the generate job's image stage (--detok diffusion --diffusion-detok OUT) de-tokenizes codes with it
+    import tiny_tar
+
+    from tarflow.pipelines.generate import T2IGenerator
+
+    gen = T2IGenerator(mllm=tiny_tar.save_tiny_tar(tmp_path / "tar", hidden=16, heads=2, kv_heads=1),
+                       tatok=data["tatok"], detok="diffusion", diffusion=str(out), device="cpu",
+                       detok_sampling={"num_inference_steps": 2})
+    pixels = gen._pixels(data["good"].column(f"tatok_s{SCALE}").to_pylist()[:2], seeds=[1, 2])
+    assert pixels.shape == (2, RES, RES, 3) and pixels.dtype == np.uint8
 
 
 STEPS = 400  # ~11 s on one CPU thread
@@ -241,10 +252,8 @@ def straight(data, tmp_path_factory):
             "summary": json.loads((root / "s.json").read_text())}
 
 
-def test_job_script_two_workers_on_ray_train(data, straight, tmp_path, capsys):
-    """Fine-tune the tiny pipeline (--init) with 2 Ray Train workers through the job script; bad rows are counted;
-    the output pipeline folder loads, with the init's null condition; a rerun on the same run refuses other data."""
-    job = straight["job"]
+def test_job_script_arguments(capsys):
+    job = _job()
     with pytest.raises(SystemExit) as e:
         job.parse_args(["--help"])
     assert e.value.code == 0 and "--flow-shift" in capsys.readouterr().out
@@ -252,6 +261,16 @@ def test_job_script_two_workers_on_ray_train(data, straight, tmp_path, capsys):
         job.parse_args(["--data", "x", "--tatok", "t.pth"])  # no model
     with pytest.raises(SystemExit):
         job.parse_args(["--data", "x", "--tatok", "t.pth", "--transformer-config", "sana-600m"])  # no --vae
+    with pytest.raises(SystemExit):
+        job.parse_args(["--data", "x", "--tatok", "t.pth", "--init", "i", "--scales", "1,two"])
+    cfg = job.config_from_args(job.parse_args(["--data", "x", "--tatok", "t.pth", "--init", "i", "--scales", "1,3"]))
+    assert cfg.scales == [1, 3] and cfg.optim.lr == 1e-4 and cfg.cond_dropout == 0.1 and cfg.keep_checkpoints == 2
+
+
+@pytest.mark.cluster  # a Ray Train run of 2 workers (30-55 s on the shared 2-core machine): `make test-cluster`
+def test_job_script_two_workers_on_ray_train(data, straight, tmp_path):
+    """Fine-tune the tiny pipeline (--init) with 2 Ray Train workers through the job script; bad rows are counted;
+    the output pipeline folder loads, with the init's null condition; a rerun on the same run refuses other data."""
     s, out = straight["summary"], straight["out"]
     assert [h["step"] for h in s["history"]] == [1, 2, 3, 4]
     # 12 rows = 2 steps of 2 workers x 3 rows: two epochs, the 4 bad rows skipped (and counted) in each
@@ -267,16 +286,6 @@ def test_job_script_two_workers_on_ray_train(data, straight, tmp_path, capsys):
 
     base = SanaTransformer2DModel.from_pretrained(str(straight["init"]), subfolder="transformer").state_dict()
     assert any(not torch.equal(trained[k], base[k]) for k in base)  # it trained
-    # the generate job's image stage (--detok diffusion --diffusion-detok OUT) de-tokenizes codes with it
-    import tiny_tar
-
-    from tarflow.pipelines.generate import T2IGenerator
-
-    gen = T2IGenerator(mllm=tiny_tar.save_tiny_tar(tmp_path / "tar", hidden=16, heads=2, kv_heads=1),
-                       tatok=data["tatok"], detok="diffusion", diffusion=str(out), device="cpu",
-                       detok_sampling={"num_inference_steps": 2})
-    pixels = gen._pixels(data["good"].column(f"tatok_s{SCALE}").to_pylist()[:2], seeds=[1, 2])
-    assert pixels.shape == (2, RES, RES, 3) and pixels.dtype == np.uint8
     # a rerun of the run on other data (here: other files) is refused before Ray starts
     pq.write_table(data["good"], tmp_path / "copy.parquet")
     from tarflow.train.diffusion_detok import run_train
