@@ -185,7 +185,8 @@ def split_rows(table: pa.Table, plan: DataPlan) -> tuple[list[np.ndarray], np.nd
         if len(values) != len(rows) * n:  # a fixed-size list of another size: not this plan's latents
             raise ValueError(f"{plan.latents_column}: {len(values) // max(len(rows), 1)} values per row, expected "
                              f"{n} ({plan.latents_shape})")
-        v = values.fill_null(np.nan).to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, n)
+        # a null value reads as NaN (to_numpy of a float array): caught as non-finite with the others
+        v = values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, n)
         finite = np.isfinite(v).all(1)
         lat_bad[rows[~finite]] = 4
         lat[rows] = np.where(finite[:, None], v, 0.0)
