@@ -337,6 +337,7 @@ def test_latents_at_the_latent_resolution(ray_local, i2d_shards, tatok_path, tmp
     AutoencoderDC.encode on the same preprocessing done here; the VAE is named by the content of its own folder
     (a SANA pipeline folder's vae/, never its text encoder), so the same VAE elsewhere resumes and another
     conflicts, as for --vq."""
+    pytest.importorskip("diffusers")
     import shutil
 
     import tinysana
@@ -386,6 +387,7 @@ def test_latents_at_the_latent_resolution(ray_local, i2d_shards, tatok_path, tmp
 def test_latents_problems_are_one_line_each_before_ray_starts(tmp_path, capsys, monkeypatch):
     """--latents that is no VAE folder, a VAE without weights, a resolution the VAE cannot take: every problem on
     its own line naming the path and the fix, exit 2, Ray never started."""
+    pytest.importorskip("diffusers")
     import importlib.util
 
     import tinysana
