@@ -3,6 +3,7 @@
     python bench/gpu_train.py          # H200: Tar-1.5B shape (Qwen2.5-1.5B, vocab 217206), random weights
     python bench/gpu_train.py --tiny   # any machine: a tiny Qwen2 with Tar's vocabulary, on CPU
     python bench/gpu_train.py --tatok [--tiny]   # a TA-Tok training step instead (images/s and MFU)
+    python bench/gpu_train.py --diffusion [--tiny]   # the diffusion de-tokenizer's step (SANA 600M, 512 px)
 
 A step as tarflow's MLLM trainer takes it (tarflow/train/mllm.py): fp32 weights under bf16 autocast,
 packed_loss, AdamW (tarflow.train.common.make_optimizer), gradient clipping. The same synthetic samples
@@ -220,6 +221,76 @@ def tatok_train_throughput(tiny: bool, device: str, steps: int, res: Results, pe
           flush=True)
 
 
+# A tiny SANA for --tiny (CPU): the same module types, 2 layers of width 64, 4 x 8 x 8 latents, 9 condition tokens
+TINY_SANA = dict(in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=16, num_layers=2,
+                 num_cross_attention_heads=4, cross_attention_head_dim=16, cross_attention_dim=64,
+                 caption_channels=36, mlp_ratio=2.5, sample_size=8, patch_size=1)
+
+
+def diffusion_throughput(device, tiny: bool, steps: int, batch: int, peak: float, res: Results,
+                         cond_tokens: int | None = None, budget: Budget | None = None) -> None:
+    """Images/s and MFU of the diffusion de-tokenizer's training step as tarflow.train.diffusion_detok takes it:
+    SANA 600M (tarflow.models.diffusion_detok.SANA_600M) on 512 px latents (32 x 16 x 16), fp32 weights under
+    bf16 autocast, SANA's flow-matching loss (FlowMatching: logit-normal timesteps, shift 3), AdamW, clipping.
+    The condition is random rec features of Tar's size (729 x 1152, TA-Tok scale 1): the frozen TA-Tok decode
+    that makes it in training is not part of the step measured here. FLOPs are counted, not estimated:
+    torch.utils.flop_counter (matmuls, convolutions, attention; SANA's linear attention is
+    matmuls) of one forward, x3 for forward and backward, so MFU = FLOPs per step / step time / the measured bf16
+    matmul rate."""
+    import torch
+    from diffusers import SanaTransformer2DModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tarflow.models.diffusion_detok import SANA_600M
+    from tarflow.train.common import OptimConfig, autocast, make_optimizer
+    from tarflow.train.diffusion_detok import FlowMatching
+
+    config = TINY_SANA if tiny else SANA_600M
+    n_cond = cond_tokens or (9 if tiny else 729)
+    torch.manual_seed(0)
+    model = SanaTransformer2DModel(**config).to(device)  # fp32 weights under bf16 autocast, as the trainer
+    n_params = sum(p.numel() for p in model.parameters())
+    optim = OptimConfig()
+    opt, sched = make_optimizer(model, optim)
+    objective = FlowMatching(flow_shift=3.0)
+    side, c = config["sample_size"], config["in_channels"]
+    x0 = torch.randn(batch, c, side, side, device=device)  # scaled latents: unit variance, as SANA's
+    cond = torch.randn(batch, n_cond, config["caption_channels"], device=device)
+    mask = torch.ones(batch, n_cond, dtype=torch.long, device=device)
+    model.train()
+
+    def step():
+        with autocast(torch.device(device), optim.bf16):
+            loss = objective.loss(model, x0, cond, mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+    warm = timed(step, device)
+    # the forward's FLOPs, counted; training = 3x (backward twice the forward, the convention of the MLLM's 6 per
+    # parameter per token): counting the backward itself overcounts depthwise convolutions (groups ignored by
+    # torch's convolution_backward formula: 15x the step's true FLOPs on the tiny model, measured)
+    with torch.no_grad(), autocast(torch.device(device), optim.bf16), FlopCounterMode(display=False) as counter:
+        objective.loss(model, x0, cond, mask)
+    flops = 3 * counter.get_total_flops()
+    s, done = 0.0, 0
+    while done < steps:
+        s += timed(step, device)
+        done += 1
+        if budget is not None and not budget.fits(2 * s / done):
+            break
+    res.figure(diffusion_images_per_s=batch * done / s, diffusion_step_seconds=s / done,
+               diffusion_mfu=flops / (s / done) / peak, diffusion_warmup_step_seconds=warm,
+               diffusion_flops_per_image=flops / batch)
+    res.set(diffusion_steps=done, diffusion_params=n_params, diffusion_batch=batch, diffusion_cond_tokens=n_cond,
+            diffusion_latents=[c, side, side])
+    print(f"diffusion de-tokenizer ({n_params / 1e6:.0f}M, latents {c}x{side}x{side}, {n_cond} condition tokens, "
+          f"batch {batch}): {batch * done / s:8.1f} images/s, {s / done:.3f} s per step, MFU "
+          f"{flops / (s / done) / peak * 100:.1f}% (against {peak / 1e12:.3g} TFLOP/s matmul, measured)", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true")
@@ -232,7 +303,13 @@ def main():
     p.add_argument("--tatok-batch", type=int, default=None, help="images per TA-Tok step (32 GPU / 8 tiny)")
     p.add_argument("--tatok-count-flops", action="store_true",
                    help="only count a TA-Tok step's FLOPs per image (on the meta device: any machine, seconds)")
+    p.add_argument("--diffusion", action="store_true",
+                   help="measure the diffusion de-tokenizer's step instead (SANA 600M, 512 px latents, bf16 "
+                        "autocast); JSON to --json or $OUT/gpu_train_diffusion.json")
+    p.add_argument("--diffusion-batch", type=int, default=None, help="images per step (64 GPU / 2 tiny)")
     args = p.parse_args()
+    if args.diffusion:
+        return diffusion_main(args)
     import torch
 
     from bench.gpu_mllm import build
@@ -260,6 +337,19 @@ def main():
     per_batch = max(1, rows * args.max_length // 1000)  # about the same tokens per step, unpacked
     train_throughput(model, lambda pend: (padded(pend[:per_batch], 0), pend[per_batch:]), pool, steps, res,
                      "padded", peak)
+
+
+def diffusion_main(args) -> None:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    steps, batch = args.steps or (3 if args.tiny else 10), args.diffusion_batch or (2 if args.tiny else 64)
+    res = Results("diffusion_detok_train_step", results_path(args.json, "gpu_train_diffusion.json"),
+                  device=device_name(device), tiny=args.tiny, date=time.strftime("%Y-%m-%d"))
+    peak, peak_dtype = matmul_peak(device, 8192 if device == "cuda" else 512)
+    res.figure(matmul_peak_tflops=peak / 1e12)
+    res.set(matmul_dtype=peak_dtype)
+    diffusion_throughput(device, args.tiny, steps, batch, peak, res)
 
 
 if __name__ == "__main__":

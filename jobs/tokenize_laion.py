@@ -44,8 +44,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--vq-resolution", type=int, default=256,
                    help="with --vq: the de-tokenizer's resolution; images are resized to this square (RGB, PIL "
                         "bicubic on uint8, aspect not kept, as for TA-Tok) before VQ encoding [%(default)s]")
+    m.add_argument("--latents", default=None,
+                   help="a diffusers AutoencoderDC folder (SANA's DC-AE), or a SANA pipeline folder whose vae/ is "
+                        "used, local or s3://: also store each image's VAE latents at --latent-resolution in a "
+                        "column latents_{resolution} (training data for the diffusion de-tokenizer)")
+    m.add_argument("--latent-resolution", type=int, default=512,
+                   help="with --latents: images are resized to this square (as for TA-Tok) before VAE encoding; "
+                        "512 -> 16x16x32 latents with SANA's DC-AE [%(default)s]")
     m.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="TA-Tok encoder dtype (auto: bfloat16 on GPU, float32 on CPU; the VQ runs in float32)")
+                   help="TA-Tok encoder dtype (auto: bfloat16 on GPU, float32 on CPU; the VQ and the VAE run in "
+                        "float32)")
     m.add_argument("--device", default="auto", help="auto, cpu, cuda [%(default)s]")
     d = p.add_argument_group("decoding")
     d.add_argument("--exif-transpose", action="store_true",
@@ -83,6 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--scales must be comma-separated integers, got {args.scales!r}")
     if not args.scales or min(args.scales) < 1:
         p.error("--scales needs at least one pool scale >= 1")
+    if args.latent_resolution < 1:
+        p.error(f"--latent-resolution must be positive, got {args.latent_resolution}")
     if args.vq_resolution < 1:
         p.error(f"--vq-resolution must be positive, got {args.vq_resolution}")
     return args
@@ -115,7 +125,7 @@ def main(argv=None) -> int:
         max_concurrent_shards=args.max_concurrent_shards, max_writers=args.max_writers,
         max_member_bytes=args.max_member_bytes, encoder_memory=args.encoder_memory,
         gpus_per_encoder=args.gpus_per_encoder, dtype=args.dtype, device=args.device, max_shards=args.max_shards,
-        vq=args.vq, vq_resolution=args.vq_resolution)
+        vq=args.vq, vq_resolution=args.vq_resolution, latents=args.latents, latent_resolution=args.latent_resolution)
 
     def check():
         checks.tokenize_problems(cfg).raise_if_any()

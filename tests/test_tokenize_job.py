@@ -332,6 +332,90 @@ def test_vq_codes_at_the_detokenizer_resolution(ray_local, i2d_shards, tatok_pat
     assert again.shards_skipped == 3
 
 
+def test_latents_at_the_latent_resolution(ray_local, i2d_shards, tatok_path, tmp_path):
+    """--latents stores the DC-AE latents of each image resized to --latent-resolution (float16, unscaled), those of
+    AutoencoderDC.encode on the same preprocessing done here; the VAE is named by the content of its own folder
+    (a SANA pipeline folder's vae/, never its text encoder), so the same VAE elsewhere resumes and another
+    conflicts, as for --vq."""
+    pytest.importorskip("diffusers")
+    import shutil
+
+    import tinysana
+    from PIL import Image
+
+    from tarflow.models.diffusion_detok import encode_latents, load_vae
+    from tarflow.models.tatok import resize_uint8
+
+    pipe = tinysana.save_tiny_sana(tmp_path / "Tiny-SANA", caption_channels=36, sample_size=8)
+    (pipe / "text_encoder").mkdir()
+    (pipe / "text_encoder" / "model.safetensors").write_text("Gemma: not a VAE, never hashed or loaded")
+    vae = load_vae(str(pipe))
+    out = tmp_path / "out"
+    summary = run_tokenize(_cfg(input=i2d_shards, output=str(out), tatok=tatok_path, scales=[3], latents=str(pipe),
+                                latent_resolution=32))
+    assert summary.shards_done == 3 and summary.samples_ok == 8
+    for t in sorted(f for f in os.listdir(i2d_shards) if f.endswith(".tar")):
+        table = read_code_shard(str(out / "codes" / t.replace(".tar", ".parquet")))  # checks the latents column
+        assert table.schema.field("latents_32").type == schema.latents_type((4, 8, 8))
+        images = [Image.open(io.BytesIO(e["jpg"])) for e in _tar_samples(os.path.join(i2d_shards, t))]
+        want = encode_latents(vae, torch.from_numpy(np.stack([resize_uint8(im, 32) for im in images]))).numpy()
+        got = np.stack(table.column("latents_32").to_numpy(zero_copy_only=False)).reshape(len(images), 4, 8, 8)
+        assert got.dtype == np.float16 and want.std() > 0.05  # the images' latents, not zeros
+        np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)  # float16 rounding
+        for facts in (json.loads((out / "_manifest" / t.replace(".tar", ".json")).read_text())["latents"],
+                      schema.read_metadata(table.schema, t)["latents"]):
+            assert facts["shape"] == [4, 8, 8] and facts["column"] == "latents_32" and facts["resolution"] == 32
+            assert facts["scaling_factor"] == pytest.approx(tinysana.SCALING_FACTOR)
+            assert facts["version"] == schema.LATENTS_VERSION and facts["class"] == "AutoencoderDC"
+    # the same VAE copied elsewhere, given as its own folder: the same facts, nothing redone
+    shutil.copytree(pipe / "vae", tmp_path / "dcae")
+    again = run_tokenize(_cfg(input=i2d_shards, output=str(out), tatok=tatok_path, scales=[3],
+                              latents=str(tmp_path / "dcae"), latent_resolution=32))
+    assert again.shards_skipped == 3
+    tinysana.save_tiny_vae(tmp_path / "other-vae", seed=1)
+    with pytest.raises(OutputConflict, match=r'latents.sha256 "[0-9a-f]+\.\.\. != "[0-9a-f]+'):
+        run_tokenize(_cfg(input=i2d_shards, output=str(out), tatok=tatok_path, scales=[3],
+                          latents=str(tmp_path / "other-vae"), latent_resolution=32))
+    with pytest.raises(OutputConflict, match=r"latents \{.*AutoencoderDC.* != null"):
+        run_tokenize(_cfg(input=i2d_shards, output=str(out), tatok=tatok_path, scales=[3]))
+    with pytest.raises(ValueError, match="--latent-resolution 30 is not a positive multiple of the VAE's downsample "
+                                         "factor 4"):
+        run_tokenize(_cfg(input=i2d_shards, output=str(out), tatok=tatok_path, scales=[3], latents=str(pipe),
+                          latent_resolution=30))
+
+
+def test_latents_problems_are_one_line_each_before_ray_starts(tmp_path, capsys, monkeypatch):
+    """--latents that is no VAE folder, a VAE without weights, a resolution the VAE cannot take: every problem on
+    its own line naming the path and the fix, exit 2, Ray never started."""
+    pytest.importorskip("diffusers")
+    import importlib.util
+
+    import tinysana
+
+    import tarflow.pipelines.runtime
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(tarflow.pipelines.runtime, "init_ray", no_ray)
+    spec = importlib.util.spec_from_file_location("tokenize_laion", os.path.join(
+        os.path.dirname(__file__), "..", "jobs", "tokenize_laion.py"))
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.main(["--output", str(tmp_path / "o"), "--latents", str(tmp_path / "nowhere")]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert len(err) == 1 and "--latents" in err[0] and "no AutoencoderDC config.json" in err[0], err
+    vae = tinysana.save_tiny_vae(tmp_path / "dcae")
+    assert job.main(["--output", str(tmp_path / "o"), "--latents", str(vae), "--latent-resolution", "30"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert len(err) == 1 and "--latent-resolution 30" in err[0] and "downsample factor 4" in err[0], err
+    for f in vae.glob("*.safetensors"):
+        f.unlink()
+    assert job.main(["--output", str(tmp_path / "o"), "--latents", str(vae)]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert len(err) == 1 and "has no *.safetensors weights" in err[0], err
+
+
 def test_job_script_help_and_default_run(ray_local, tmp_path, capsys):
     import importlib.util
 
@@ -343,6 +427,7 @@ def test_job_script_help_and_default_run(ray_local, tmp_path, capsys):
         job.parse_args(["--help"])
     assert e.value.code == 0 and "--scales" in capsys.readouterr().out
     assert job.parse_args(["--vq", "vq.pt", "--vq-resolution", "64"]).vq_resolution == 64
+    assert job.parse_args(["--latents", "dcae"]).latent_resolution == 512
     with pytest.raises(SystemExit):
         job.parse_args(["--scales", "one"])
     rc = job.main(["--output", str(tmp_path / "out"), "--no-progress", "--summary-json", str(tmp_path / "s.json")])

@@ -30,6 +30,9 @@ class TokenizeFacts:
     # tokenize --vq: {checkpoint, sha256, codebook_size, downsample, resolution, num_tokens, column, preprocess};
     # None without it (and then absent from manifests and footers, which stay as they were)
     vq: dict | None = None
+    # tokenize --latents: {checkpoint, sha256, class, latent_channels, downsample, resolution, shape, dtype,
+    # scaling_factor, column, version, preprocess}; None without it (absent from footers, None in facts)
+    latents: dict | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -38,6 +41,7 @@ class TokenizeFacts:
             "scales": list(self.scales),
             "options": dict(self.options),
             **({"vq": dict(self.vq)} if self.vq else {}),
+            **({"latents": dict(self.latents)} if self.latents else {}),
         }
 
     def facts(self) -> dict:
@@ -46,10 +50,12 @@ class TokenizeFacts:
         d = self.as_dict()
         d["model"].pop("checkpoint")
         d["vq"] = {k: v for k, v in self.vq.items() if k != "checkpoint"} if self.vq else None  # None: compared too
+        d["latents"] = {k: v for k, v in self.latents.items() if k != "checkpoint"} if self.latents else None
         return d
 
     def sources(self) -> dict:
-        return {"tatok": self.checkpoint, **({"vq": self.vq["checkpoint"]} if self.vq else {})}
+        return {"tatok": self.checkpoint, **({"vq": self.vq["checkpoint"]} if self.vq else {}),
+                **({"latents": self.latents["checkpoint"]} if self.latents else {})}
 
 
 def code_shard_layout(output: str):
@@ -65,8 +71,8 @@ class CodeShardWriter:
 
     def __init__(self, facts: TokenizeFacts):
         meta = {**facts.as_dict(), "tarflow_version": tarflow.__version__}
-        self.codes_schema = schema.with_metadata(schema.code_shard_schema(facts.scales, facts.codebook_size, facts.vq),
-                                                 schema.CODE_SHARD_FORMAT, schema.CODE_SHARD_VERSION, meta)
+        columns = schema.code_shard_schema(facts.scales, facts.codebook_size, facts.vq, facts.latents)
+        self.codes_schema = schema.with_metadata(columns, schema.CODE_SHARD_FORMAT, schema.CODE_SHARD_VERSION, meta)
 
     def __call__(self, shard: str, rows: pa.Table, end: Mapping[str, Any], paths: Mapping[str, str]):
         """`rows`: all the shard's rows in input order, good and failed, with the columns of a code shard plus

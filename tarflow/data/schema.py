@@ -51,7 +51,24 @@ def vq_column(resolution: int, downsample: int = 16) -> str:
     return f"vq{int(downsample)}_{int(resolution)}"
 
 
-def code_shard_schema(scales: Sequence[int], codebook_size: int, vq: Mapping[str, Any] | None = None) -> pa.Schema:
+LATENTS_VERSION = 1  # the latents column's own format (facts["latents"]["version"]); bump when it changes
+
+
+def latents_column(resolution: int) -> str:
+    """Column holding the VAE latents of the image resized to resolution x resolution (`latents_512`)."""
+    return f"latents_{int(resolution)}"
+
+
+def latents_type(shape: Sequence[int]) -> pa.DataType:
+    """One image's latents (C, h, w), row-major, as a fixed-size list of float16: exact for the DC-AE's raw
+    latents (|x| << 65504) to 11 significant bits, half of float32's bytes, and plain Parquet (no extension
+    type), so any Parquet reader gets them as numbers."""
+    c, h, w = (int(v) for v in shape)
+    return pa.list_(pa.float16(), c * h * w)
+
+
+def code_shard_schema(scales: Sequence[int], codebook_size: int, vq: Mapping[str, Any] | None = None,
+                      latents: Mapping[str, Any] | None = None) -> pa.Schema:
     """Columns of a code shard.
 
     key       img2dataset key of the sample (tar member stem), unique within the shard
@@ -63,10 +80,17 @@ def code_shard_schema(scales: Sequence[int], codebook_size: int, vq: Mapping[str
     tatok_s{s}  list of TA-Tok codes at pool scale s, row-major over the (g/s) x (g/s) grid
     vq{d}_{r}   optional (tokenize --vq): pixel-VQ codes of the image resized to r x r, row-major over the
                 (r/d) x (r/d) grid; `vq` is the shard's `vq` facts (column, codebook_size), None without it.
-                Optional columns leave the version at 1: a shard without one reads as before.
+    latents_{r} optional (tokenize --latents): the VAE latents (C, r/f, r/f) of the image resized to r x r,
+                unscaled (the encoder's output; multiply by the VAE's scaling_factor for the diffusion model's
+                space), row-major in a fixed-size list of float16 (`latents_type`); `latents` is the shard's
+                `latents` facts (column, shape, VAE sha256, scaling_factor, version = LATENTS_VERSION).
+                Optional columns leave the version at 1: a shard without one reads as before; the latents
+                column carries its own version in its facts.
     """
     vt = code_value_type(codebook_size)
     extra = [pa.field(vq["column"], pa.list_(code_value_type(vq["codebook_size"])), nullable=False)] if vq else []
+    if latents:
+        extra.append(pa.field(latents["column"], latents_type(latents["shape"]), nullable=False))
     return pa.schema(
         [
             pa.field("key", pa.string(), nullable=False),
@@ -115,7 +139,13 @@ def check_code_shard(schema: pa.Schema, path: str) -> dict:
             f"{path}: code shard version {meta.get('version')} is not supported (this tarflow reads version "
             f"{CODE_SHARD_VERSION}); re-run the tokenize job with this tarflow, or use the tarflow that wrote it"
         )
-    expected = code_shard_schema(meta["scales"], meta["model"]["codebook_size"], meta.get("vq"))
+    lat = meta.get("latents")
+    if lat and lat.get("version") != LATENTS_VERSION:
+        raise SchemaError(
+            f"{path}: latents column version {lat.get('version')} is not supported (this tarflow reads version "
+            f"{LATENTS_VERSION}); re-run the tokenize job with --latents and --overwrite, or use the tarflow that "
+            "wrote it")
+    expected = code_shard_schema(meta["scales"], meta["model"]["codebook_size"], meta.get("vq"), lat)
     for f in expected:
         if f.name not in schema.names:
             raise SchemaError(f"{path}: column {f.name!r} is missing")

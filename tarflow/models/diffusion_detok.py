@@ -260,3 +260,66 @@ def _pad_tokens(x: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch
     x = torch.cat([x, x.new_zeros(x.shape[0], extra, x.shape[2])], dim=1)
     mask = torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], dim=1)
     return x, mask
+
+
+# SANA 600M's SanaTransformer2DModel config (Efficient-Large-Model/Sana_600M_512px_diffusers), with Tar's condition
+# width (TA-Tok rec features, 1152) in place of Gemma's 2304: 28 layers, width 1152 = 36 heads x 32, cross-attention
+# 16 heads x 72, Mix-FFN ratio 2.5, patch 1 on the DC-AE's 32 latent channels; sample_size 16 = 512 px (32: 1024 px).
+SANA_600M = dict(in_channels=32, out_channels=32, num_attention_heads=36, attention_head_dim=32, num_layers=28,
+                 num_cross_attention_heads=16, cross_attention_head_dim=72, cross_attention_dim=1152,
+                 caption_channels=1152, mlp_ratio=2.5, dropout=0.0, norm_elementwise_affine=False, norm_eps=1e-6,
+                 sample_size=16, patch_size=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The VAE side: latents as training data (tokenize --latents) and as the trainer's target
+
+VAE_CLASS = "AutoencoderDC"  # SANA's DC-AE
+
+
+def vae_folder(path: str) -> str:
+    """The AutoencoderDC folder that `path` names: the folder itself when it holds an AutoencoderDC
+    config.json, else its vae/ (a SANA pipeline folder). Local or s3://; raises FileNotFoundError (one line,
+    naming the path and the fix) when neither holds one."""
+    root = str(path).rstrip("/")
+    for cand in (root, storage.join(root, "vae")):
+        try:
+            cfg = json.loads(storage.read_bytes(storage.join(cand, "config.json")))
+        except (FileNotFoundError, ValueError, OSError):
+            continue
+        if cfg.get("_class_name") == VAE_CLASS:
+            return cand
+    raise FileNotFoundError(f"{path}: no {VAE_CLASS} config.json there nor in its vae/; give a diffusers "
+                            f"{VAE_CLASS} folder (SANA's DC-AE) or a SANA pipeline folder")
+
+
+def vae_config(folder: str) -> dict:
+    """The AutoencoderDC config.json of `folder` (as vae_folder returns it): no weights are read."""
+    return json.loads(storage.read_bytes(storage.join(folder, "config.json")))
+
+
+def vae_downsample(config: dict) -> int:
+    """Pixels per latent side: 2 ** (encoder blocks - 1), as diffusers' AutoencoderDC.spatial_compression_ratio
+    (32 for SANA's DC-AE f32c32)."""
+    return 2 ** (len(config["encoder_block_out_channels"]) - 1)
+
+
+def load_vae(path: str, device: str | torch.device = "cpu", cache_dir: str | os.PathLike | None = None):
+    """The AutoencoderDC at `path` (see vae_folder; s3:// is copied to the cache first), float32, eval, frozen.
+    float32: the reference runs the DC-AE in float32 (the part sensitive to precision), and latents are
+    training targets."""
+    diffusers = _import_diffusers()
+    folder = vae_folder(path)
+    local = storage.cached_folder_copy(folder, cache_dir or default_cache_dir()) if storage.is_remote(folder) \
+        else Path(folder.removeprefix("file://"))
+    vae = diffusers.AutoencoderDC.from_pretrained(str(local), torch_dtype=torch.float32, local_files_only=True)
+    return vae.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (B, H, W, 3) -> the DC-AE's latents (B, C, H/f, W/f) float32, unscaled (before
+    config.scaling_factor). Pixels go to [-1, 1] as SANA's training transform does (ToTensor, Normalize(0.5,
+    0.5))."""
+    x = images.to(next(vae.parameters()).device).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W)
+    return vae.encode(x).latent.float()

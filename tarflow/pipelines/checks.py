@@ -160,6 +160,34 @@ def check_model_folder(p: Problems, path: str | None, flag: str, what: str = "Ta
     return ok
 
 
+def check_vae_folder(p: Problems, path: str | None, flag: str, resolution: int | None = None,
+                     resolution_flag: str = "--latent-resolution") -> dict | None:
+    """A diffusers AutoencoderDC folder, or a SANA pipeline folder with one in vae/: its config (which names
+    the class) and safetensors weights; `resolution` a multiple of its downsample factor. Returns its config."""
+    from tarflow.models.diffusion_detok import VAE_CLASS, vae_config, vae_downsample, vae_folder
+
+    if not path:
+        return None
+    try:
+        folder = vae_folder(path)
+        cfg = vae_config(folder)
+        files = storage.list_sizes(folder)
+    except FileNotFoundError as e:
+        p.add(f"{flag} {path}", str(e).removeprefix(f"{path}: "))
+        return None
+    except OSError as e:
+        p.add(f"{flag} {path}", f"cannot be read ({type(e).__name__}: {e})")
+        return None
+    if not any(f.endswith(".safetensors") for f in files):
+        p.add(f"{flag} {folder}", "has no *.safetensors weights", f"save the {VAE_CLASS} with save_pretrained(folder)")
+        return None
+    f = vae_downsample(cfg)
+    if resolution is not None and (resolution < f or resolution % f):
+        p.add(f"{resolution_flag} {resolution}", f"is not a positive multiple of the VAE's downsample factor {f} "
+              f"({folder})", f"give a multiple of {f}, e.g. {max(f, resolution // f * f)}")
+    return cfg
+
+
 def _looks_like_tokenize_output(path: str) -> bool:
     return storage.isdir(storage.join(path, schema.CODES_DIR))
 
@@ -269,6 +297,8 @@ def tokenize_problems(cfg) -> Problems:
     check_checkpoint(p, cfg.tatok, "--tatok", "TA-Tok checkpoint (ta_tok.pth)")
     if cfg.vq:
         check_checkpoint(p, cfg.vq, "--vq", "pixel VQ checkpoint (vq_ds16_t2i.pt)")
+    if cfg.latents:
+        check_vae_folder(p, cfg.latents, "--latents", cfg.latent_resolution)
     check_output(p, cfg.output)
     return p
 

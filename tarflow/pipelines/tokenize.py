@@ -13,6 +13,10 @@ a block replayed by a retried task cannot duplicate a sample.
 With `vq` (training data for the AR de-tokenizer) each image is also resized to vq_resolution x vq_resolution
 exactly as for TA-Tok (RGB, PIL bicubic on uint8, aspect not kept, no crop), so that the condition (TA-Tok
 codes) and the target (VQ codes) see the same picture, and the pixel VQ encodes it (/255 -> [0, 1]).
+
+With `latents` (training data for the diffusion de-tokenizer) the same again at latent_resolution, encoded by
+the VAE (SANA's DC-AE, float32, pixels /127.5 - 1 -> [-1, 1]) on the same actor; the raw latents (C, R/f,
+R/f) are stored as float16 (see tarflow.data.schema), so training never decodes an image again.
 """
 from __future__ import annotations
 
@@ -54,14 +58,18 @@ _DECODED_FIELDS = [
     pa.field("meta", pa.string()), pa.field("sha256", pa.string()),
     pa.field("width", pa.int32()), pa.field("height", pa.int32()),
 ]
-# vq_pixels: null unless the job stores VQ codes
+# vq_pixels / latent_pixels: null unless the job stores VQ codes / latents
 DECODED_SCHEMA = pa.schema(_COMMON + _DECODED_FIELDS + [pa.field("pixels", pa.binary()),
-                                                        pa.field("vq_pixels", pa.binary())])
+                                                        pa.field("vq_pixels", pa.binary()),
+                                                        pa.field("latent_pixels", pa.binary())])
 
 
-def encoded_schema(scales: Sequence[int], codebook_size: int, vq: dict | None = None) -> pa.Schema:
+def encoded_schema(scales: Sequence[int], codebook_size: int, vq: dict | None = None,
+                   latents: dict | None = None) -> pa.Schema:
     vt = schema.code_value_type(codebook_size)
     extra = [pa.field(vq["column"], pa.list_(schema.code_value_type(vq["codebook_size"])))] if vq else []
+    if latents:
+        extra.append(pa.field(latents["column"], schema.latents_type(latents["shape"])))
     return pa.schema(_COMMON + _DECODED_FIELDS + [pa.field(schema.code_column(s), pa.list_(vt)) for s in scales]
                      + extra)
 
@@ -113,12 +121,13 @@ class ShardReader:
 class ImageDecoder:
     """Raw rows -> decoded rows: caption and metadata parsed, image decoded to RGB and resized to the TA-Tok
     input size as uint8 (TA-Tok's preprocessing up to the /255, which runs on the accelerator); with
-    `vq_resolution`, also to that size for the pixel VQ, the same way."""
+    `vq_resolution`, also to that size for the pixel VQ, the same way; with `latent_resolution`, to that size
+    for the VAE."""
 
     def __init__(self, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, exif_transpose: bool = False,
-                 vq_resolution: int | None = None):
+                 vq_resolution: int | None = None, latent_resolution: int | None = None):
         self.input_size, self.max_pixels, self.exif_transpose = input_size, max_pixels, exif_transpose
-        self.vq_resolution = vq_resolution
+        self.vq_resolution, self.latent_resolution = vq_resolution, latent_resolution
 
     @guarded("decode", DECODED_SCHEMA)
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -161,15 +170,18 @@ class ImageDecoder:
         return {"caption": caption, "meta": meta, "url": url, "sha256": sha256(data).hexdigest(),
                 "width": im.width, "height": im.height,
                 "pixels": resize_uint8(im, self.input_size).tobytes(),
-                "vq_pixels": resize_uint8(im, self.vq_resolution).tobytes() if self.vq_resolution else None}
+                "vq_pixels": resize_uint8(im, self.vq_resolution).tobytes() if self.vq_resolution else None,
+                "latent_pixels": (resize_uint8(im, self.latent_resolution).tobytes() if self.latent_resolution
+                                  else None)}
 
 
 class TATokEncoder:
     """Actor: decoded rows -> rows with TA-Tok codes at every requested scale (one encoder pass), and with
-    `vq` the pixel-VQ codes of the `vq_pixels` images."""
+    `vq` the pixel-VQ codes of the `vq_pixels` images, and with `latents` (the run's latents facts) the VAE
+    latents of the `latent_pixels` images."""
 
     def __init__(self, checkpoint: str, scales: Sequence[int], dtype: str = "auto", device: str = "auto",
-                 vq: str | None = None, vq_resolution: int = 256):
+                 vq: str | None = None, vq_resolution: int = 256, latents: dict | None = None):
         import torch
 
         from tarflow.models.tatok import TATok
@@ -188,7 +200,13 @@ class TATokEncoder:
         # rounding flips, and they are training targets.
         self.vq = VQVAE.from_checkpoint(vq).to(self.device) if vq else None
         self.vq_facts = vq_facts(self.vq, vq_resolution) if vq else None
-        self.schema = encoded_schema(self.scales, self.model.codebook_size, self.vq_facts)
+        self.latents = latents
+        self.vae = None
+        if latents:
+            from tarflow.models.diffusion_detok import load_vae
+
+            self.vae = load_vae(latents["checkpoint"], self.device)
+        self.schema = encoded_schema(self.scales, self.model.codebook_size, self.vq_facts, latents)
         self.code_type = schema.code_value_type(self.model.codebook_size)
 
     @guarded("encode", "schema")
@@ -207,7 +225,7 @@ class TATokEncoder:
                 x = x.pin_memory().to(self.device, non_blocking=True)
             by_scale = self.model.encode_scales(pixels_from_uint8(x), self.scales)
             codes = {s: c.cpu().numpy() for s, c in by_scale.items()}
-        out = batch.drop_columns(["pixels", "vq_pixels"])
+        out = batch.drop_columns(["pixels", "vq_pixels", "latent_pixels"])
         for s in self.scales:
             out = out.append_column(schema.code_column(s), _code_lists(codes.get(s), idx_ok, ok,
                                                                         self.model.num_tokens(s), self.code_type))
@@ -226,7 +244,31 @@ class TATokEncoder:
                     for i in range(0, len(arr), step)])
             out = out.append_column(f["column"], _code_lists(vq_codes, idx_ok, ok, f["num_tokens"],
                                                              schema.code_value_type(f["codebook_size"])))
+        if self.vae is not None:
+            out = out.append_column(self.latents["column"], self._latents(batch, idx_ok, ok))
         return out.select(self.schema.names).cast(self.schema)
+
+    def _latents(self, batch: pa.Table, idx_ok, ok) -> pa.FixedSizeListArray:
+        """The VAE latents of the good rows' `latent_pixels`, float16, one fixed-size list per row (null for
+        failed rows)."""
+        from tarflow.models.diffusion_detok import encode_latents
+
+        f = self.latents
+        R, n = f["resolution"], int(np.prod(f["shape"]))
+        flat = np.zeros((len(ok), n), dtype=np.float16)
+        if len(idx_ok):
+            pix = batch.column("latent_pixels").to_pylist()
+            arr = np.stack([np.frombuffer(pix[i], dtype=np.uint8).reshape(R, R, 3) for i in idx_ok])
+            # in chunks of ~2M pixels, as for the VQ: a DC-AE's full-resolution activations are the large part
+            step = max(1, (32 * 256 * 256) // (R * R))
+            lat = np.concatenate([encode_latents(self.vae, self.torch.from_numpy(arr[i:i + step])).cpu().numpy()
+                                  for i in range(0, len(arr), step)])  # (k, C, h, w) float32
+            if lat.shape[1:] != tuple(f["shape"]):
+                raise RuntimeError(f"VAE {f['checkpoint']}: latents of shape {lat.shape[1:]}, expected "
+                                   f"{tuple(f['shape'])} from its config")
+            flat[idx_ok] = lat.reshape(len(idx_ok), n).astype(np.float16)
+        return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=pa.float16()), n,
+                                                 mask=pa.array(~ok))
 
 
 def _code_lists(codes, idx_ok, ok, n: int, value_type: pa.DataType) -> pa.ListArray:
@@ -253,6 +295,28 @@ def _vq_facts(path: str, sha: str, codebook_size: int, downsample: int, resoluti
             "resolution": int(resolution), "num_tokens": (resolution // d) ** 2,
             "column": schema.vq_column(resolution, d),
             "preprocess": "RGB, PIL bicubic resize of the uint8 image to resolution^2 (aspect not kept), /255"}
+
+
+def latents_facts(path: str, resolution: int) -> dict:
+    """What a code shard records about its latents (manifest, footer), from the VAE's config alone (no weights
+    read on the driver): the VAE by content hash of its folder, the shape and the column. Raises ValueError /
+    FileNotFoundError (one line, naming the path and the fix)."""
+    from tarflow.models.diffusion_detok import vae_config, vae_downsample, vae_folder
+    from tarflow.pipelines.sharded import folder_identity
+
+    folder = vae_folder(path)
+    cfg = vae_config(folder)
+    f = vae_downsample(cfg)
+    if resolution < f or resolution % f:
+        raise ValueError(f"--latent-resolution {resolution} is not a positive multiple of the VAE's downsample "
+                         f"factor {f} ({folder})")
+    c, side = int(cfg["latent_channels"]), resolution // f
+    return {"checkpoint": path, "sha256": folder_identity(folder)["sha256"], "class": cfg["_class_name"],
+            "latent_channels": c, "downsample": f, "resolution": int(resolution), "shape": [c, side, side],
+            "dtype": "float16", "scaling_factor": float(cfg.get("scaling_factor", 1.0)),
+            "column": schema.latents_column(resolution), "version": schema.LATENTS_VERSION,
+            "preprocess": "RGB, PIL bicubic resize of the uint8 image to resolution^2 (aspect not kept), "
+                          "/127.5 - 1; the encoder's latents, unscaled"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -289,6 +353,9 @@ class TokenizeConfig:
     progress_every_s: float = 10.0
     vq: str | None = None  # pixel VQ checkpoint: also store its codes (AR de-tokenizer training data)
     vq_resolution: int = 256  # the de-tokenizer's resolution: images are resized to this square for the VQ
+    # AutoencoderDC folder, or a SANA pipeline folder (its vae/): also store latents (diffusion de-tok training data)
+    latents: str | None = None
+    latent_resolution: int = 512  # images are resized to this square for the VAE
 
 
 def tatok_header(path: str):
@@ -339,11 +406,12 @@ def model_facts(cfg: TokenizeConfig) -> TokenizeFacts:
         checkpoint=cfg.tatok, checkpoint_sha256=storage.sha256(cfg.tatok), model_args=args.raw,
         codebook_size=args.codebook_size, input_size=args.input_size, scales=list(cfg.scales),
         options={"exif_transpose": cfg.exif_transpose, "max_pixels": cfg.max_pixels}, vq=vq,
+        latents=latents_facts(cfg.latents, cfg.latent_resolution) if cfg.latents else None,
     )
 
 
 def read_and_decode(shards: list[ShardInput], cfg: TokenizeConfig, input_size: int, decode_cpus: float,
-                    vq_resolution: int | None = None):
+                    vq_resolution: int | None = None, latent_resolution: int | None = None):
     """The job's first two stages, also what the TA-Tok trainer streams: shard list --ShardReader (raw bytes)
     --ImageDecoder (RGB, resized to input_size as uint8) -> DECODED_SCHEMA rows, every shard's rows in order
     followed by its "end" row. Reads `cfg`'s read_chunk, max_member_bytes, max_concurrent_shards, max_pixels,
@@ -355,7 +423,8 @@ def read_and_decode(shards: list[ShardInput], cfg: TokenizeConfig, input_size: i
     ds = ds.map_batches(ShardReader(cfg.read_chunk, cfg.max_member_bytes), batch_size=1, batch_format="pyarrow",
                         num_cpus=0.25,
                         compute=ray.data.TaskPoolStrategy(size=max(1, min(cfg.max_concurrent_shards, len(items)))))
-    return ds.map_batches(ImageDecoder(input_size, cfg.max_pixels, cfg.exif_transpose, vq_resolution),
+    return ds.map_batches(ImageDecoder(input_size, cfg.max_pixels, cfg.exif_transpose, vq_resolution,
+                                       latent_resolution),
                           batch_size=cfg.decode_batch_size, batch_format="pyarrow", num_cpus=decode_cpus)
 
 
@@ -376,12 +445,19 @@ def build_dataset(shards: list[ShardInput], cfg: TokenizeConfig, facts: Tokenize
     # Stages stay separate because their resource requests differ (Ray Data fuses adjacent map stages whose
     # requests match): reading must not decode, and CPU decoding must overlap accelerator inference. The
     # encoder's memory request (room for its model) makes it distinct even when CPU counts coincide.
+    vae_bytes = 0
+    if facts.latents:  # the VAE's own folder (a pipeline folder's vae/: never its text encoder)
+        from tarflow.models.diffusion_detok import vae_folder
+
+        vae_bytes = sum(storage.list_sizes(vae_folder(facts.latents["checkpoint"]), recursive=True).values())
     encoder_memory = cfg.encoder_memory if cfg.encoder_memory is not None else max(
-        512 << 20, 4 * (storage.size(cfg.tatok) + (storage.size(cfg.vq) if cfg.vq else 0)))
-    ds = read_and_decode(shards, cfg, facts.input_size, decode_cpus, facts.vq["resolution"] if facts.vq else None)
+        512 << 20, 4 * (storage.size(cfg.tatok) + (storage.size(cfg.vq) if cfg.vq else 0) + vae_bytes))
+    ds = read_and_decode(shards, cfg, facts.input_size, decode_cpus, facts.vq["resolution"] if facts.vq else None,
+                         facts.latents["resolution"] if facts.latents else None)
     ds = ds.map_batches(encoder_cls, fn_constructor_kwargs=dict(checkpoint=cfg.tatok, scales=cfg.scales,
                                                                 dtype=cfg.dtype, device=cfg.device,
                                                                 vq=cfg.vq, vq_resolution=cfg.vq_resolution,
+                                                                latents=facts.latents,
                                                                 **(encoder_kwargs or {})),
                         batch_size=enc_bs, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(min_size=pool.min_workers, max_size=pool.max_workers),
