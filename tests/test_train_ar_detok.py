@@ -25,7 +25,6 @@ from tarflow.models.tatok import TATok
 from tarflow.pipelines.tokenize import TokenizeConfig, run_tokenize
 from tarflow.train.ar_detok import (
     ARTrainConfig,
-    TATokHeader,
     init_weights,
     model_spec,
     plan_data,
@@ -33,6 +32,7 @@ from tarflow.train.ar_detok import (
     run_train,
     split_rows,
 )
+from tarflow.train.code_data import TATokHeader
 from tarflow.train.common import OptimConfig
 
 REPEATS = 6  # the 8 sample rows 6 more times: 56 good rows + 4 bad = 60 = one epoch of 2 workers x 6 steps x 5

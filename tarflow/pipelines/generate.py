@@ -18,7 +18,6 @@ the best K are de-tokenized; a request then fills K consecutive rows (indices an
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging

@@ -36,7 +36,7 @@ from tarflow.data.images import DEFAULT_MAX_PIXELS, SampleError, decode_rgb
 from tarflow.data.img2dataset import (DEFAULT_MAX_MEMBER_BYTES, RawSample, ShardEnd, ShardInput, iter_samples,
                                       resolve_inputs)
 from tarflow.pipelines.sharded import OutputConflict  # noqa: F401  (raised by run_tokenize; jobs catch it)
-from tarflow.pipelines.sharded import (PART_META_SCHEMA, JobSummary, PartWriter, ShardJob, end_row, failed_row,
+from tarflow.pipelines.sharded import (JobSummary, PartWriter, ShardJob, end_row, failed_row,
                                        guarded, plan_pool, plan_shards, rows_table, run_sharded)
 
 log = logging.getLogger("tarflow.tokenize")

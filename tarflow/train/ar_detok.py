@@ -23,10 +23,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from tarflow.data import schema, storage
 from tarflow.preflight import Problems
+from tarflow.train.code_data import CODE_SKIP_REASONS, TATokHeader, check_codes, check_tatok, frozen_decoder
+from tarflow.train.code_data import resolve_data
 from tarflow.train.common import OptimConfig
 from tarflow.train.core import Task, TrainConfig, TrainSummary, check_one_tatok, fit, read_footers
 from tarflow.train.core import refuse_other_data, worker_loop
@@ -34,7 +35,7 @@ from tarflow.train.core import refuse_other_data, worker_loop
 log = logging.getLogger("tarflow.train.ar_detok")
 
 MODEL_FILE = "ar_dtok.pth"  # the reference format, loadable by ARDetokenizer.from_checkpoint
-SKIP_REASONS = ("missing", "length", "range")
+SKIP_REASONS = CODE_SKIP_REASONS
 
 
 def default_optim() -> OptimConfig:
@@ -87,43 +88,6 @@ class DataPlan:
         return asdict(self)
 
 
-def resolve_data(specs: list[str], problems: Problems) -> list[str]:
-    """The code shard files of --data (a tokenize output: its finished shards), one problem line per bad spec."""
-    from tarflow.pipelines.caption import resolve_code_shards
-
-    files = []
-    for spec in specs:
-        try:
-            files += [c.path for c in resolve_code_shards(spec)]
-        except FileNotFoundError:
-            problems.add(f"--data {spec}", "not found, or holds no code shards",
-                         "give the tokenize job's output folder, a folder of code shards or shard files")
-    return files
-
-
-@dataclass
-class TATokHeader:
-    """What the driver needs of a TA-Tok (the attributes of a built TATok it uses), from the checkpoint's header
-    and a streamed hash: a real ta_tok.pth is 2.4 GB, and building it on the driver would hold all of it."""
-
-    sha256: str
-    codebook_size: int
-    grid: int
-    hidden_size: int
-
-    @classmethod
-    def read(cls, path: str) -> "TATokHeader":
-        from tarflow.models.tatok import resolve_teacher
-        from tarflow.pipelines.tokenize import tatok_header
-
-        args, grid = tatok_header(path)
-        return cls(sha256=storage.sha256(path), codebook_size=args.codebook_size, grid=grid,
-                   hidden_size=resolve_teacher(args.teacher, path).hidden_size)
-
-    def num_tokens(self, pool_scale: int) -> int:
-        return (self.grid // pool_scale) ** 2
-
-
 def plan_data(cfg: ARTrainConfig, tatok: TATokHeader, problems: Problems | None = None) -> DataPlan | None:
     """Every code shard must come from this TA-Tok and hold the scale and the VQ codes of one VQ. Problems (each
     naming the shards and the fix) go to `problems`; without it they are raised (UsageError) at the end."""
@@ -172,30 +136,11 @@ def plan_data(cfg: ARTrainConfig, tatok: TATokHeader, problems: Problems | None 
 def split_rows(table: pa.Table, plan: DataPlan) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """Rows -> (condition codes (k, n_cond), VQ codes (k, n_vq)) int64 of the good rows, and the rows skipped by
     reason: `missing` (null list or null code), `length` (not n codes), `range` (a code outside the codebook)."""
-    cond, c_bad = _check_codes(table.column(plan.cond_column), plan.n_cond, plan.cond_codebook)
-    vq, v_bad = _check_codes(table.column(plan.vq_column), plan.n_vq, plan.vq_codebook)
+    cond, c_bad = check_codes(table.column(plan.cond_column), plan.n_cond, plan.cond_codebook)
+    vq, v_bad = check_codes(table.column(plan.vq_column), plan.n_vq, plan.vq_codebook)
     bad = np.where((c_bad > 0) & (v_bad > 0), np.minimum(c_bad, v_bad), np.maximum(c_bad, v_bad))
     good = bad == 0
     return cond[good], vq[good], {r: int((bad == i + 1).sum()) for i, r in enumerate(SKIP_REASONS)}
-
-
-def _check_codes(col: pa.ChunkedArray, n: int, codebook: int) -> tuple[np.ndarray, np.ndarray]:
-    """-> codes (rows, n) int64 (zeros where bad), and per row 0 = good or 1 + the index of its SKIP_REASON."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    lengths = pc.list_value_length(arr)
-    bad = np.where(lengths.is_null().to_numpy(zero_copy_only=False), 1, 0)
-    bad[(bad == 0) & (lengths.fill_null(0).to_numpy(zero_copy_only=False) != n)] = 2
-    codes = np.zeros((len(arr), n), dtype=np.int64)
-    rows = np.flatnonzero(bad == 0)
-    if len(rows):
-        values = pc.list_flatten(arr.filter(pa.array(bad == 0)))
-        null = values.is_null().to_numpy(zero_copy_only=False).reshape(-1, n).any(1)
-        v = values.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64).reshape(-1, n)
-        out_of_range = ((v < 0) | (v >= codebook)).any(1)
-        bad[rows[null]] = 1
-        bad[rows[~null & out_of_range]] = 3
-        codes[rows] = np.where((null | out_of_range)[:, None], 0, v)
-    return codes, bad
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -303,17 +248,10 @@ class ARTask(Task):
     drop_last = True
 
     def __init__(self, cfg: ARTrainConfig, config: dict, device):
-        import torch
-
-        from tarflow.models.tatok import TATok
-
         super().__init__(cfg, config, device)
         self.read_rows = cfg.batch_size
         self.plan = DataPlan(**config["plan"])
-        bf16 = device.type == "cuda" and cfg.optim.bf16
-        tatok = TATok.from_checkpoint(cfg.tatok)
-        tatok.encoder = None  # decode only: the SigLIP encoder never runs here, so it takes no memory
-        self.tatok = tatok.to(device, torch.bfloat16 if bf16 else torch.float32).requires_grad_(False).eval()
+        self.tatok = frozen_decoder(cfg.tatok, device, bf16=device.type == "cuda" and cfg.optim.bf16)
 
     def load_model(self, checkpoint_dir):
         from tarflow.models.ar_detok import ARArgs, ARDetokenizer
@@ -383,16 +321,7 @@ def preflight(cfg: ARTrainConfig) -> dict:
     problems = Problems()
     cfg.check(problems)
     problems.check(cfg.batch_size >= 1, "--batch-size", f"is {cfg.batch_size}", "give a whole number >= 1")
-    tatok = None
-    if not cfg.tatok:
-        problems.add("--tatok", "missing", "give the TA-Tok checkpoint that made the codes")
-    elif not storage.exists(cfg.tatok):
-        problems.add(f"--tatok {cfg.tatok}", "not found", "give the TA-Tok checkpoint (ta_tok.pth) that made the codes")
-    else:
-        try:
-            tatok = TATokHeader.read(cfg.tatok)
-        except CheckpointError as e:
-            problems.add(f"--tatok {cfg.tatok}", str(e).removeprefix(f"{cfg.tatok}: "))
+    tatok = check_tatok(cfg.tatok, problems)
     if cfg.init and not storage.exists(cfg.init):
         problems.add(f"--init {cfg.init}", "not found", "give an AR de-tokenizer checkpoint (ar_dtok_*.pth)")
     if tatok is None:

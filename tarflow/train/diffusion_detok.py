@@ -52,14 +52,15 @@ import pyarrow.compute as pc
 from tarflow.data import schema, storage
 from tarflow.models.diffusion_detok import NEGATIVE_EMBEDS_FILE
 from tarflow.preflight import Problems
-from tarflow.train.ar_detok import _check_codes, resolve_data
+from tarflow.train.code_data import CODE_SKIP_REASONS, TATokHeader, check_codes, check_tatok, frozen_decoder
+from tarflow.train.code_data import resolve_data
 from tarflow.train.common import OptimConfig
 from tarflow.train.core import Task, TrainConfig, TrainSummary, check_one_tatok, fit, read_footers
 from tarflow.train.core import refuse_other_data, worker_loop
 
 log = logging.getLogger("tarflow.train.diffusion_detok")
 
-SKIP_REASONS = ("missing", "length", "range", "nonfinite")
+SKIP_REASONS = (*CODE_SKIP_REASONS, "nonfinite")
 TRAINER_FILES = ("trainer_state.pt", "train_meta.json")  # the core's, left out of --output
 DEFAULT_FLOW_SHIFT = 3.0  # SANA's scheduler (DPMSolverMultistepScheduler, use_flow_sigmas, flow_shift 3.0)
 
@@ -116,7 +117,7 @@ class DataPlan:
         return asdict(self)
 
 
-def plan_data(cfg: DiffusionTrainConfig, tatok, problems: Problems | None = None) -> DataPlan | None:
+def plan_data(cfg: DiffusionTrainConfig, tatok: TATokHeader, problems: Problems | None = None) -> DataPlan | None:
     """Every code shard must come from this TA-Tok and hold the scales and the latents of one VAE setting. Problems
     (each naming the shards and the fix) go to `problems`; without it they are raised (UsageError) at the end."""
     own = problems is None
@@ -159,7 +160,7 @@ def plan_data(cfg: DiffusionTrainConfig, tatok, problems: Problems | None = None
     scales = [int(v) for v in cfg.scales]
     return DataPlan(files=files, scales=scales, cond_columns=[schema.code_column(v) for v in scales],
                     n_conds=[tatok.num_tokens(v) for v in scales],
-                    cond_codebook=tatok.codebook_size, cond_dim=tatok.encoder_cfg.hidden_size,
+                    cond_codebook=tatok.codebook_size, cond_dim=tatok.hidden_size,
                     tatok_sha256=tatok.sha256, latents_column=lat0["column"],
                     latents_shape=[int(v) for v in lat0["shape"]], vae_sha256=lat0["sha256"],
                     scaling_factor=float(lat0["scaling_factor"]))
@@ -171,7 +172,7 @@ def split_rows(table: pa.Table, plan: DataPlan) -> tuple[list[np.ndarray], np.nd
     codebook), `nonfinite` (a latent that is inf or nan). A row is good when all its scales and latents are."""
     conds, c_bad = [], np.zeros(len(table), dtype=np.int64)
     for col, n in zip(plan.cond_columns, plan.n_conds):
-        codes, bad = _check_codes(table.column(col), n, plan.cond_codebook)
+        codes, bad = check_codes(table.column(col), n, plan.cond_codebook)
         conds.append(codes)
         c_bad = np.where(c_bad > 0, c_bad, bad)
     arr = table.column(plan.latents_column)
@@ -409,18 +410,12 @@ class DiffusionTask(Task):
     drop_last = True
 
     def __init__(self, cfg: DiffusionTrainConfig, config: dict, device):
-        import torch
-
-        from tarflow.models.tatok import TATok
-
         super().__init__(cfg, config, device)
         self.read_rows = cfg.batch_size
         self.plan = DataPlan(**config["plan"])
         self.spec = config["model"]
         bf16 = device.type == "cuda" and cfg.optim.bf16
-        tatok = TATok.from_checkpoint(cfg.tatok)
-        tatok.encoder = None  # decode only: the SigLIP encoder never runs here, so it takes no memory
-        self.tatok = tatok.to(device, torch.bfloat16 if bf16 else torch.float32).requires_grad_(False).eval()
+        self.tatok = frozen_decoder(cfg.tatok, device, bf16)
         self.init_dir = _local_folder(self.spec["init"]) if self.spec["init"] else None
         self.vae_dir = _local_folder(self.spec["vae"])
         self.objective = FlowMatching(self.spec["flow_shift"], cfg.logit_mean, cfg.logit_std)
@@ -524,9 +519,6 @@ def preflight(cfg: DiffusionTrainConfig) -> dict:
     settings, --tatok, --data (one TA-Tok, the scales, latents of one VAE), the model (--init or a new
     transformer, its VAE = the latents' VAE, its sizes = the data's) and a rerun's data against its run's.
     Returns the plan the workers get."""
-    from tarflow.models.checkpoint import CheckpointError
-    from tarflow.models.tatok import TATok
-
     problems = Problems()
     cfg.check(problems)
     problems.check(cfg.batch_size >= 1, "--batch-size", f"is {cfg.batch_size}", "give a whole number >= 1")
@@ -542,16 +534,7 @@ def preflight(cfg: DiffusionTrainConfig) -> dict:
                      "give the AutoencoderDC folder (or SANA pipeline folder) the tokenize job's --latents named")
     if cfg.init and not storage.exists(cfg.init):
         problems.add(f"--init {cfg.init}", "not found", "give a diffusers SANA pipeline folder (local or s3://)")
-    tatok = None
-    if not cfg.tatok:
-        problems.add("--tatok", "missing", "give the TA-Tok checkpoint that made the codes")
-    elif not storage.exists(cfg.tatok):
-        problems.add(f"--tatok {cfg.tatok}", "not found", "give the TA-Tok checkpoint (ta_tok.pth) that made the codes")
-    else:
-        try:
-            tatok = TATok.from_checkpoint(cfg.tatok)
-        except CheckpointError as e:
-            problems.add(f"--tatok {cfg.tatok}", str(e).removeprefix(f"{cfg.tatok}: "))
+    tatok = check_tatok(cfg.tatok, problems)
     if tatok is None or problems:
         resolve_data(cfg.data, problems)
         problems.raise_if_any()
