@@ -1,7 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make run    create .venv, install tarflow (runtime dependencies only), tokenize the bundled sample
-#   make test   the same .venv plus the test extras, run the test suite (`make test-cluster`: the multi-node
-#               simulations, which .ci/run runs too)
+#   make test   the same .venv plus the test extras, run the test suite (`make test-cluster`: the heavier group,
+#               multi-node simulations and fault injection, which .ci/run runs too)
 # Both install through constraints.txt, the exact versions tested (`make lock` rewrites it); `make test-lowest`
 # runs the model tests at the lowest transformers of pyproject.toml's range.
 SHELL := /bin/bash
@@ -31,8 +31,8 @@ run: $(VENV)/.runtime
 test: $(VENV)/.test
 	$(OFFLINE) $(PY) -m pytest -q -m "not cluster" --durations=15 $(PYTEST_ARGS)
 
-# simulated multi-node clusters (ray.cluster_utils: a node removed mid-job, an autoscaler adding GPU nodes) and
-# fault injection (killed drivers and training workers)
+# the heavier group (marker `cluster`): simulated multi-node clusters (a node removed mid-job, an autoscaler adding
+# GPU nodes), fault injection (killed drivers and training workers), longer trainer runs, the GPU check on CPU
 test-cluster: $(VENV)/.test
 	$(OFFLINE) $(PY) -m pytest -q -m cluster --durations=10 $(PYTEST_ARGS)
 

@@ -122,5 +122,5 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "cluster: multi-node simulations and fault injection (minutes each); "
+    config.addinivalue_line("markers", "cluster: the heavier group: multi-node simulations, fault injection, long CPU rehearsals (minutes each); "
                                        "`make test-cluster` runs them, and .ci/run after `make test`")

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 BLOCKED = ("ray", "diffusers", "s3fs")  # not on the H200 image
 
@@ -35,6 +37,7 @@ def blocker(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.cluster  # the heavier group: every GPU measurement rehearsed on CPU takes minutes here
 def test_gpu_check_tiny_runs_without_ray_diffusers_s3fs(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out),
