@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 
 from tarflow.data import schema, storage
 from tarflow.pipelines.sharded import (JobSummary, PartWriter, ShardJob, ShardLayout, ShardWritten, end_row,
-                                       failed_row, folder_identity, guarded, parquet_bytes, plan_pool, plan_shards,
-                                       rows_table, run_sharded, split_failed)
+                                       check_pool_leaves_cpus, failed_row, folder_identity, guarded, parquet_bytes,
+                                       plan_pool, plan_shards, rows_table, run_sharded, split_failed)
 
 log = logging.getLogger("tarflow.caption")
 
@@ -280,6 +280,7 @@ def run_caption(cfg: CaptionConfig, captioner_cls=Captioner) -> JobSummary:
     log.info("%d code shards: %d to do, %d already done (skipped)", len(shards), len(plan.todo), len(plan.done))
     if plan.todo:
         pool = plan_pool(cfg.device, cfg.gpus_per_worker, cfg.min_workers, cfg.num_workers)
+        check_pool_leaves_cpus(pool, cfg.cpus_per_worker, 0.25, "--min-workers", "--cpus-per-worker")
 
         def stages(names: list[str], parts_dir: str):
             items = [{"path": by_name[n].path, "name": n} for n in names]

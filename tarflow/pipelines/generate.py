@@ -32,8 +32,8 @@ import pyarrow.compute as pc
 
 from tarflow.data import schema, storage
 from tarflow.pipelines.sharded import (JobSummary, PartWriter, ShardJob, ShardLayout, ShardWritten, end_row,
-                                       file_identity, folder_identity, guarded, parquet_bytes, plan_pool,
-                                       plan_shards, run_sharded, split_failed)
+                                       check_pool_leaves_cpus, file_identity, folder_identity, guarded,
+                                       parquet_bytes, plan_pool, plan_shards, run_sharded, split_failed)
 
 log = logging.getLogger("tarflow.generate")
 
@@ -580,6 +580,7 @@ def run_generate(cfg: GenerateConfig, generator_cls=T2IGenerator) -> JobSummary:
              len(shards), len(plan.todo), len(plan.done))
     if plan.todo:
         pool = plan_pool(cfg.device, cfg.gpus_per_worker, cfg.min_workers, cfg.num_workers)
+        check_pool_leaves_cpus(pool, cfg.cpus_per_worker, 0.5, "--min-workers", "--cpus-per-worker")
         block = cfg.batch_size or (32 if pool.gpus_per_worker else 4)  # blocks of one batch spread over the pool
 
         def stages(names: list[str], parts_dir: str):

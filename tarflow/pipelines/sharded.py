@@ -719,6 +719,25 @@ def plan_pool(device: str = "auto", gpus_per_worker: float | None = None, min_wo
     return PoolPlan(gpus_per_worker=float(gpus_per_worker), min_workers=lo, max_workers=hi)
 
 
+def check_pool_leaves_cpus(pool: PoolPlan, cpus_per_worker: float, task_cpus: float, min_flag: str,
+                           cpus_flag: str) -> None:
+    """Refuse a pool whose minimum takes so many CPUs that no CPU task of the job (the largest asks `task_cpus`)
+    fits beside it: Ray Data starts the minimum at once and the job then waits forever, silently (reproduced:
+    --min-encoders 2 x 0.5 CPU on a 1-CPU cluster never finishes; min 1, max 2 does). The CPUs counted are
+    those up now or, if more, those the autoscaler can add."""
+    import ray
+
+    from tarflow.preflight import UsageError
+
+    cpus = max(ray.cluster_resources().get("CPU", 0.0), autoscaler_max_resources().get("CPU", 0.0))
+    held = pool.min_workers * cpus_per_worker
+    if cpus_per_worker > 0 and cpus > 0 and cpus - held < task_cpus:
+        raise UsageError([f"{min_flag} {pool.min_workers} x {cpus_flag} {cpus_per_worker:g} holds {held:g} of this "
+                          f"cluster's {cpus:g} CPUs, leaving less than the {task_cpus:g} that reading, decoding and "
+                          f"writing tasks need (the job would wait forever): lower {min_flag} or {cpus_flag}, or "
+                          f"add CPUs"])
+
+
 def autoscaler_max_resources() -> dict:
     """The most of each resource the cluster's autoscaler may bring up ({} without an autoscaler)."""
     try:

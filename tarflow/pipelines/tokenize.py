@@ -37,7 +37,8 @@ from tarflow.data.img2dataset import (DEFAULT_MAX_MEMBER_BYTES, RawSample, Shard
                                       resolve_inputs)
 from tarflow.pipelines.sharded import OutputConflict  # noqa: F401  (raised by run_tokenize; jobs catch it)
 from tarflow.pipelines.sharded import (JobSummary, PartWriter, ShardJob, end_row, failed_row,
-                                       guarded, plan_pool, plan_shards, rows_table, run_sharded)
+                                       check_pool_leaves_cpus, guarded, plan_pool, plan_shards, rows_table,
+                                       run_sharded)
 
 log = logging.getLogger("tarflow.tokenize")
 
@@ -440,6 +441,7 @@ def build_dataset(shards: list[ShardInput], cfg: TokenizeConfig, facts: Tokenize
     # Without GPUs the encoder shares the CPUs: smaller decode reservations keep a 2-CPU laptop from starving
     # one stage while another holds its reservation.
     decode_cpus = cfg.decode_cpus if cfg.decode_cpus is not None else (1.0 if pool.gpus_per_worker else 0.5)
+    check_pool_leaves_cpus(pool, cfg.cpus_per_encoder, max(decode_cpus, 0.25), "--min-encoders", "--cpus-per-encoder")
     log.info("encoders: %d..%d actors, %g GPU each; batch %d", pool.min_workers, pool.max_workers,
              pool.gpus_per_worker, enc_bs)
     # Stages stay separate because their resource requests differ (Ray Data fuses adjacent map stages whose
