@@ -2,7 +2,7 @@
 its own Python and packages (torch, transformers, numpy, pillow, pyarrow; no Ray, no diffusers, no s3fs, no
 network) plus this source tree.
 
-    PYTHONUNBUFFERED=1 python bench/gpu_check.py 2>&1 | tee $OUT/log    # H200: real shapes, about 8 minutes
+    PYTHONUNBUFFERED=1 python bench/gpu_check.py 2>&1 | tee $OUT/log    # H200: real shapes, about 8.5 minutes
     python bench/gpu_check.py --tiny                                     # any machine: tiny shapes on CPU
 
 Measurements (random weights throughout; figures are speeds, not quality):
@@ -18,6 +18,9 @@ Measurements (random weights throughout; figures are speeds, not quality):
                        tokens/s, >= 50 captions/s)
   mllm_train_step      Tar-1.5B training steps, packed rows of 2048, bf16 autocast, AdamW: tokens/s and MFU
                        against the bf16 matmul rate measured in the same process (target MFU >= 40%)
+  tatok_train_step     TA-Tok training steps at the real shape (issue 14: so400m teacher and student, K 65,536,
+                       D 1,536, batch 32, bf16 autocast): images/s and MFU (no target set). The diffusion
+                       de-tokenizer's step (bench/gpu_train.py --diffusion) needs diffusers, which the image lacks
 
 Each measurement runs in its own process with a time budget: an error (a CUDA one too) is recorded with its
 traceback tail in that measurement's JSON and the next one runs; the process's exit frees the GPU. Results:
@@ -154,9 +157,19 @@ def mllm_train_step(res: Results, device: str, tiny: bool, budget: Budget) -> No
     res.attempt("packed", packed, budget=budget)
 
 
+def tatok_train_step(res: Results, device: str, tiny: bool, budget: Budget) -> None:
+    from bench.gpu_train import matmul_peak, tatok_train_throughput
+
+    peak, peak_dtype = matmul_peak(device, 256 if tiny else 8192)
+    res.figure(matmul_peak_tflops=peak / 1e12)
+    res.set(matmul_dtype=peak_dtype)
+    res.attempt("train", lambda: tatok_train_throughput(tiny, device, 1 if tiny else 5, res, peak, budget=budget),
+                budget=budget)
+
+
 # name: (function, budget in seconds on GPU, budget with --tiny, figure -> target), in the order they run: the
 # quick ones first, so that the time they leave over goes to the ones that compile most. The GPU budgets add up
-# to 460 s, inside the 8 minutes the check may take. On CPU (--tiny) a budget only stops a hang: the whole run
+# to 500 s, inside the 8.5 minutes the check may take. On CPU (--tiny) a budget only stops a hang: the whole run
 # takes about 2 minutes on 2 idle cores, but tests share those cores, and a measurement stopped by a busy
 # machine would fail them.
 MEASUREMENTS = {
@@ -166,6 +179,7 @@ MEASUREMENTS = {
     "ar_detok": (ar_detok, 90, 90, {"images_per_s (best of eager, compiled)": 20}),
     "mllm_decode": (mllm_decode, 180, 150, {"t2i_tokens_per_s (tarflow, best)": 20000,
                                              "captions_per_s (tarflow, best)": 50}),
+    "tatok_train_step": (tatok_train_step, 40, 90, {}),
 }
 
 
@@ -180,7 +194,8 @@ def target_figures(name: str, figures: dict) -> dict:
             "tokenize_cpu_decode": lambda: [],
             "ar_detok": lambda: [best("_images_per_s")],
             "mllm_decode": lambda: [best("_t2i_tokens_per_s", "tarflow"), best("_captions_per_s", "tarflow")],
-            "mllm_train_step": lambda: [figures.get("packed_mfu")]}[name]()
+            "mllm_train_step": lambda: [figures.get("packed_mfu")],
+            "tatok_train_step": lambda: []}[name]()
 
 
 def versions() -> dict:
@@ -262,7 +277,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny shapes on CPU, the same code paths (tests)")
     p.add_argument("--out", default=None, help="folder for the JSON files (default $OUT, else bench/out/)")
-    p.add_argument("--total-seconds", type=float, default=None, help="time for the whole check (470 / 480 tiny)")
+    p.add_argument("--total-seconds", type=float, default=None, help="time for the whole check (510 / 570 tiny)")
     p.add_argument("--skip", default="", help="comma-separated measurements to leave out")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # the driver's child processes
     p.add_argument("--budget", type=float, default=None, help=argparse.SUPPRESS)
@@ -274,7 +289,7 @@ def main() -> int:
         return 0
 
     t_start = time.monotonic()
-    total = args.total_seconds or (480 if args.tiny else 470)
+    total = args.total_seconds or (570 if args.tiny else 510)
     names = [n for n in MEASUREMENTS if n not in args.skip.split(",")]
     print(f"gpu_check: {', '.join(names)}; {total:.0f} s in all; results in {out}", flush=True)
     results, lines, carry = {}, [], 0.0

@@ -24,6 +24,7 @@ EXPECTED = {
                     "tarflow_compiled_t2i_tokens_per_s", "tarflow_compiled_captions_per_s",
                     "hf_static_t2i_tokens_per_s"],
     "mllm_train_step": ["matmul_peak_tflops", "packed_tokens_per_s", "packed_mfu", "packed_step_seconds"],
+    "tatok_train_step": ["matmul_peak_tflops", "tatok_images_per_s", "tatok_mfu", "tatok_step_seconds"],
 }
 COMPILED = {"compiled", "tarflow_compiled"}  # the variants allowed to fail
 
