@@ -26,10 +26,10 @@ import pyarrow as pa
 
 from tarflow.data import schema, storage
 from tarflow.preflight import Problems
-from tarflow.train.code_data import CODE_SKIP_REASONS, TATokHeader, check_codes, check_tatok, frozen_decoder
-from tarflow.train.code_data import resolve_data
+from tarflow.train.code_data import CODE_SKIP_REASONS, CodeRowsTask, TATokHeader, check_codes, check_tatok
+from tarflow.train.code_data import resolve_data, row_metric_keys
 from tarflow.train.common import OptimConfig
-from tarflow.train.core import Task, TrainConfig, TrainSummary, check_one_tatok, fit, read_footers
+from tarflow.train.core import TrainConfig, TrainSummary, check_one_tatok, fit, read_footers
 from tarflow.train.core import refuse_other_data, worker_loop
 
 log = logging.getLogger("tarflow.train.ar_detok")
@@ -239,19 +239,11 @@ def teacher_forced_loss(model, tatok, cond_codes: np.ndarray, vq_codes: np.ndarr
     return F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
 
 
-class ARTask(Task):
-    """Micro-batches of `batch_size` rows as read (fixed size: every worker takes as many per epoch); bad rows
-    are dropped from a batch and counted."""
-
-    sum_keys = ("loss_sum", "rows_trained", "rows", *(f"skipped_{r}" for r in SKIP_REASONS))
-    total_keys = tuple(f"skipped_{r}" for r in SKIP_REASONS)
-    drop_last = True
+class ARTask(CodeRowsTask):
+    sum_keys, total_keys = row_metric_keys(SKIP_REASONS)
 
     def __init__(self, cfg: ARTrainConfig, config: dict, device):
-        super().__init__(cfg, config, device)
-        self.read_rows = cfg.batch_size
-        self.plan = DataPlan(**config["plan"])
-        self.tatok = frozen_decoder(cfg.tatok, device, bf16=device.type == "cuda" and cfg.optim.bf16)
+        super().__init__(cfg, config, device, DataPlan(**config["plan"]))
 
     def load_model(self, checkpoint_dir):
         from tarflow.models.ar_detok import ARArgs, ARDetokenizer
@@ -268,13 +260,9 @@ class ARTask(Task):
         self.p_drop = model.args.class_dropout_prob if self.cfg.cond_dropout is None else self.cfg.cond_dropout
         return model
 
-    def batches(self, rows, epoch):
-        for pos, table in rows:
-            yield table, pos + len(table)
-
     def loss(self, model, table):
         cond_codes, vq_codes, skipped = split_rows(table, self.plan)
-        sums = {"rows_trained": len(vq_codes), "rows": len(table), **{f"skipped_{r}": n for r, n in skipped.items()}}
+        sums = self.row_sums(len(table), len(vq_codes), skipped)
         if not len(vq_codes):  # every row bad: a zero loss still runs backward, so the collectives match
             return self.zero_loss(model), sums
         loss = teacher_forced_loss(model, self.tatok, cond_codes, vq_codes, self.p_drop, self.device)
@@ -295,12 +283,8 @@ class ARTask(Task):
             ckpt["model"]["sd"] = state_dict
         torch.save(ckpt, os.path.join(folder, MODEL_FILE))
 
-    def metrics(self, sums, totals, seconds):
-        skipped = {k: int(v) for k, v in totals.items()}
-        return {"loss": sums["loss_sum"] / sums["rows_trained"] if sums["rows_trained"] else float("nan"),
-                "rows": int(sums["rows"]), "rows_trained": int(sums["rows_trained"]),
-                "tokens_per_s": sums["rows_trained"] * self.plan.n_vq / max(seconds, 1e-9),
-                **skipped, "skipped_total": sum(skipped.values())}
+    def throughput(self, rows_per_s):
+        return {"tokens_per_s": rows_per_s * self.plan.n_vq}
 
 
 def train_loop(config: dict) -> None:

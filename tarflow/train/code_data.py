@@ -2,7 +2,8 @@
 codes into conditions (rec features).
 
     driver:  --data -> code shard files (resolve_data); --tatok -> TATokHeader (header + streamed hash, no model)
-    worker:  code column -> (codes, bad-row reasons) (check_codes); frozen_decoder(--tatok) -> condition features
+    worker:  CodeRowsTask: micro-batches of rows as read, bad rows counted by reason (check_codes), the frozen
+             TA-Tok decoder (frozen_decoder) that makes the condition features, the row metrics
 
 The AR de-tokenizer (tarflow.train.ar_detok) and the diffusion de-tokenizer (tarflow.train.diffusion_detok) use
 these; each keeps its own targets (VQ codes, VAE latents) and loss.
@@ -17,6 +18,7 @@ import pyarrow.compute as pc
 
 from tarflow.data import storage
 from tarflow.preflight import Problems
+from tarflow.train.core import Task
 
 # check_codes' reasons, in the order of its codes 1, 2, 3 (a trainer may add its own after them)
 CODE_SKIP_REASONS = ("missing", "length", "range")
@@ -105,3 +107,42 @@ def frozen_decoder(path: str, device, bf16: bool):
     tatok = TATok.from_checkpoint(path)
     tatok.encoder = None
     return tatok.to(device, torch.bfloat16 if bf16 else torch.float32).requires_grad_(False).eval()
+
+
+class CodeRowsTask(Task):
+    """A de-tokenizer's task: micro-batches of `batch_size` rows as read (fixed size: every worker takes as many
+    per epoch), bad rows dropped from a batch and counted by reason, the frozen TA-Tok decoder on the device.
+    A subclass sets `sum_keys, total_keys = row_metric_keys(its reasons)` and supplies the model, the loss and
+    `throughput`."""
+
+    drop_last = True
+
+    def __init__(self, cfg, config: dict, device, plan):
+        super().__init__(cfg, config, device)
+        self.read_rows = cfg.batch_size
+        self.plan = plan
+        self.tatok = frozen_decoder(cfg.tatok, device, bf16=device.type == "cuda" and cfg.optim.bf16)
+
+    def batches(self, rows, epoch):
+        for pos, table in rows:
+            yield table, pos + len(table)
+
+    @staticmethod
+    def row_sums(n_rows: int, n_trained: int, skipped: dict[str, int]) -> dict:
+        return {"rows_trained": n_trained, "rows": n_rows, **{f"skipped_{r}": n for r, n in skipped.items()}}
+
+    def throughput(self, rows_per_s: float) -> dict:
+        raise NotImplementedError
+
+    def metrics(self, sums, totals, seconds):
+        skipped = {k: int(v) for k, v in totals.items()}
+        return {"loss": sums["loss_sum"] / sums["rows_trained"] if sums["rows_trained"] else float("nan"),
+                "rows": int(sums["rows"]), "rows_trained": int(sums["rows_trained"]),
+                **self.throughput(sums["rows_trained"] / max(seconds, 1e-9)),
+                **skipped, "skipped_total": sum(skipped.values())}
+
+
+def row_metric_keys(skip_reasons: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(sum_keys, total_keys) of a CodeRowsTask whose rows are skipped for `skip_reasons`."""
+    skipped = tuple(f"skipped_{r}" for r in skip_reasons)
+    return ("loss_sum", "rows_trained", "rows", *skipped), skipped

@@ -52,10 +52,10 @@ import pyarrow.compute as pc
 from tarflow.data import schema, storage
 from tarflow.models.diffusion_detok import NEGATIVE_EMBEDS_FILE
 from tarflow.preflight import Problems
-from tarflow.train.code_data import CODE_SKIP_REASONS, TATokHeader, check_codes, check_tatok, frozen_decoder
-from tarflow.train.code_data import resolve_data
+from tarflow.train.code_data import CODE_SKIP_REASONS, CodeRowsTask, TATokHeader, check_codes, check_tatok
+from tarflow.train.code_data import resolve_data, row_metric_keys
 from tarflow.train.common import OptimConfig
-from tarflow.train.core import Task, TrainConfig, TrainSummary, check_one_tatok, fit, read_footers
+from tarflow.train.core import TrainConfig, TrainSummary, check_one_tatok, fit, read_footers
 from tarflow.train.core import refuse_other_data, worker_loop
 
 log = logging.getLogger("tarflow.train.diffusion_detok")
@@ -401,21 +401,12 @@ def write_pipeline(folder: str, transformer, vae_dir, scheduler_dir, shift: floa
     torch.save(null.detach().float().cpu().contiguous(), os.path.join(folder, NEGATIVE_EMBEDS_FILE))
 
 
-class DiffusionTask(Task):
-    """Micro-batches of `batch_size` rows as read (fixed size: every worker takes as many per epoch); bad rows
-    are dropped from a batch and counted."""
-
-    sum_keys = ("loss_sum", "rows_trained", "rows", *(f"skipped_{r}" for r in SKIP_REASONS))
-    total_keys = tuple(f"skipped_{r}" for r in SKIP_REASONS)
-    drop_last = True
+class DiffusionTask(CodeRowsTask):
+    sum_keys, total_keys = row_metric_keys(SKIP_REASONS)
 
     def __init__(self, cfg: DiffusionTrainConfig, config: dict, device):
-        super().__init__(cfg, config, device)
-        self.read_rows = cfg.batch_size
-        self.plan = DataPlan(**config["plan"])
+        super().__init__(cfg, config, device, DataPlan(**config["plan"]))
         self.spec = config["model"]
-        bf16 = device.type == "cuda" and cfg.optim.bf16
-        self.tatok = frozen_decoder(cfg.tatok, device, bf16)
         self.init_dir = _local_folder(self.spec["init"]) if self.spec["init"] else None
         self.vae_dir = _local_folder(self.spec["vae"])
         self.objective = FlowMatching(self.spec["flow_shift"], cfg.logit_mean, cfg.logit_std)
@@ -452,10 +443,6 @@ class DiffusionTask(Task):
     def fsdp_layers(self, model):
         return list(model.transformer_blocks)
 
-    def batches(self, rows, epoch):
-        for pos, table in rows:
-            yield table, pos + len(table)
-
     def condition(self, codes: list[np.ndarray], p_drop: float, scale_index: int | None = None):
         """codes per scale [(B, n_s)] -> (cond (B, L, C), mask (B, L)): each row the rec features of one scale,
         drawn at random (or `scale_index`), or the null condition with probability p_drop."""
@@ -475,7 +462,7 @@ class DiffusionTask(Task):
         import torch
 
         codes, latents, skipped = split_rows(table, self.plan)
-        sums = {"rows_trained": len(latents), "rows": len(table), **{f"skipped_{r}": n for r, n in skipped.items()}}
+        sums = self.row_sums(len(table), len(latents), skipped)
         if not len(latents):  # every row bad: a zero loss still runs backward, so the collectives match
             return self.zero_loss(model), sums
         cond, mask = self.condition(codes, self.cfg.cond_dropout)
@@ -497,12 +484,8 @@ class DiffusionTask(Task):
             sched = None  # an explicit shift is the output's too; no scheduler in --init: SANA's
         write_pipeline(folder, model, self.vae_dir, sched, self.spec["flow_shift"], self.null, state_dict)
 
-    def metrics(self, sums, totals, seconds):
-        skipped = {k: int(v) for k, v in totals.items()}
-        return {"loss": sums["loss_sum"] / sums["rows_trained"] if sums["rows_trained"] else float("nan"),
-                "rows": int(sums["rows"]), "rows_trained": int(sums["rows_trained"]),
-                "images_per_s": sums["rows_trained"] / max(seconds, 1e-9),
-                **skipped, "skipped_total": sum(skipped.values())}
+    def throughput(self, rows_per_s):
+        return {"images_per_s": rows_per_s}
 
 
 def train_loop(config: dict) -> None:
