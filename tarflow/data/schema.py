@@ -6,6 +6,9 @@ A tokenize output folder holds, per input shard `{shard}` (the input file's name
     errors/{shard}.parquet     ERROR rows: one per sample that did not (key, shard, stage, reason)
     _manifest/{shard}.json     MANIFEST, written last: its presence means the shard is finished
 
+For conversation tables (LLaVA style) `codes/{shard}.parquet` is a CONVERSATION_SHARD instead (one row per
+conversation row, every input column kept, codes per image); the rest of the layout is the same.
+
 Readers call `check_*` and fail with a message that names the file and the fix when the format or its
 version is not what they understand. Bump a version whenever a field changes meaning or type.
 """
@@ -104,6 +107,86 @@ def code_shard_schema(scales: Sequence[int], codebook_size: int, vq: Mapping[str
         + [pa.field(code_column(s), pa.list_(vt), nullable=False) for s in scales]
         + extra
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Conversation code shards: the tokenize job's output for LLaVA-style conversation tables (Tar's own corpora:
+# rows with `conversations` and zero, one or several images). Same layout as code shards (codes/{shard}.parquet,
+# errors/, _manifest/), same footer facts (model, scales, options); another format name, so that a reader of one
+# never takes the other for it.
+
+CONVERSATION_SHARD_FORMAT = "tarflow.conversation_code_shard"
+CONVERSATION_SHARD_VERSION = 1
+CONVERSATION_IMAGE_COLUMNS = ("image", "images")  # the input column holding a row's image(s); dropped on output
+
+
+def conversation_shard_schema(scales: Sequence[int], codebook_size: int, passthrough: pa.Schema) -> pa.Schema:
+    """Columns of a conversation code shard, in this order:
+
+    key            the row's position in its input file, 9 digits ("000000042"): unique within the shard,
+                   stable across reruns (the input's own `id`, if any, passes through unchanged)
+    <passthrough>  every input column but the image column, with its input type (`conversations` among them:
+                   list<struct<from: string, value: string>> as published, or a JSON string as read from JSON)
+    num_images     how many images the row has (0 for text-only rows); equals the number of `<image>` marks
+                   in its conversations (rows where they differ are errors, never written here)
+    image_sha256   one hex sha256 per image, of its bytes as stored in the input, in the row's image order
+    image_path     one per image: the input's path for it (HF Image struct `path`, JSON path), null when none
+    image_width, image_height   one per image: the decoded size (before resizing to TA-Tok's input)
+    tatok_s{s}     one list of TA-Tok codes per image, in the row's image order (the k-th list belongs to the
+                   k-th `<image>` of the conversation, counting every turn); an empty outer list for text rows
+    """
+    vt = code_value_type(codebook_size)
+    own = {"key", "num_images", "image_sha256", "image_path", "image_width", "image_height",
+           *(code_column(s) for s in scales)}
+    clash = [n for n in passthrough.names if n in own]
+    if clash:
+        raise SchemaError(f"input columns {clash} clash with the conversation code shard's own columns; rename them")
+    return pa.schema(
+        [pa.field("key", pa.string(), nullable=False)]
+        + [f.remove_metadata() for f in passthrough if f.name not in CONVERSATION_IMAGE_COLUMNS]
+        + [
+            pa.field("num_images", pa.int32(), nullable=False),
+            pa.field("image_sha256", pa.list_(pa.string()), nullable=False),
+            pa.field("image_path", pa.list_(pa.string()), nullable=False),
+            pa.field("image_width", pa.list_(pa.int32()), nullable=False),
+            pa.field("image_height", pa.list_(pa.int32()), nullable=False),
+        ]
+        + [pa.field(code_column(s), pa.list_(pa.list_(vt)), nullable=False) for s in scales]
+    )
+
+
+def is_conversation_shard(meta: Mapping[str, Any]) -> bool:
+    return meta.get("format") == CONVERSATION_SHARD_FORMAT
+
+
+def check_conversation_shard(schema: pa.Schema, path: str) -> dict:
+    """Check a conversation code shard's footer and its own columns; return its metadata."""
+    meta = read_metadata(schema, path)
+    if meta.get("format") != CONVERSATION_SHARD_FORMAT:
+        raise SchemaError(f"{path}: format {meta.get('format')!r} is not a conversation code shard "
+                          f"({CONVERSATION_SHARD_FORMAT})")
+    if meta.get("version") != CONVERSATION_SHARD_VERSION:
+        raise SchemaError(
+            f"{path}: conversation code shard version {meta.get('version')} is not supported (this tarflow reads "
+            f"version {CONVERSATION_SHARD_VERSION}); re-run the tokenize job with this tarflow, or use the tarflow "
+            "that wrote it")
+    own = [n for n in schema.names if n == "key" or n == "num_images" or n.startswith(("image_", "tatok_s"))]
+    passthrough = pa.schema([schema.field(n) for n in schema.names if n not in own])
+    expected = conversation_shard_schema(meta["scales"], meta["model"]["codebook_size"], passthrough)
+    for f in expected:
+        if f.name not in schema.names:
+            raise SchemaError(f"{path}: column {f.name!r} is missing")
+        if not schema.field(f.name).type.equals(f.type):
+            raise SchemaError(f"{path}: column {f.name!r} is {schema.field(f.name).type}, expected {f.type}")
+    return meta
+
+
+def check_any_code_shard(schema: pa.Schema, path: str) -> dict:
+    """A code shard of either kind (image-text pairs or conversations): its metadata, checked."""
+    meta = read_metadata(schema, path)
+    if is_conversation_shard(meta):
+        return check_conversation_shard(schema, path)
+    return check_code_shard(schema, path)
 
 
 ERRORS_SCHEMA = pa.schema(
