@@ -1,7 +1,11 @@
-"""Tokenize img2dataset shards into TA-Tok code Parquet shards.
+"""Tokenize img2dataset shards, or LLaVA-style conversation tables, into TA-Tok code Parquet shards.
 
     ray job submit --working-dir . -- python jobs/tokenize_laion.py \
         --input s3://bucket/laion/ --output s3://bucket/laion-tatok/ --tatok s3://models/ta_tok.pth --scales 1,2,3
+    # conversation tables (Tar's own corpora): Parquet with `conversations` and `image`, e.g. a downloaded
+    # Hugging Face dataset folder, or JSON/JSONL whose image paths are under --image-root
+    python jobs/tokenize_laion.py --input /data/LLaVA-ReCap-558K --output /data/tok/recap558k \
+        --tatok /models/ta_tok.pth
 
 With no arguments it runs on the bundled sample with a small RANDOM-weight TA-Tok (a demo of the pipeline:
 its codes are meaningless), on a private local Ray.
@@ -21,10 +25,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="tokenize_laion.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("input and output")
     io.add_argument("--input", nargs="+", default=None,
-                    help="img2dataset output: folder/prefix, brace pattern ('{00000..00999}.tar'), glob, list file "
-                         "(.txt), or shard files; local or s3://. Default: the bundled sample.")
-    io.add_argument("--input-format", choices=["auto", "webdataset", "parquet"], default="auto",
-                    help="img2dataset output format (auto: tars if present, else parquet with image bytes)")
+                    help="img2dataset output, or conversation tables (.parquet with `conversations`, .json/.jsonl; a "
+                         "Hugging Face dataset folder's data/ is looked into): folder/prefix, brace pattern "
+                         "('{00000..00999}.tar'), glob, list file (.txt), or files; local or s3://. One output shard "
+                         "per input file, named after it. Default: the bundled sample.")
+    io.add_argument("--input-format", choices=["auto", "webdataset", "parquet", "conversations"], default="auto",
+                    help="auto: tars if present, else .parquet (conversation tables when the first has a "
+                         "`conversations` column, else img2dataset's parquet with image bytes), else .json/.jsonl "
+                         "conversation tables; conversations: read every input as a conversation table")
+    io.add_argument("--image-root", default=None,
+                    help="conversation tables: the folder (local or s3://) that relative image paths are under (the "
+                         "reference's --image_folder)")
     io.add_argument("--output", default="out/tokenize-sample",
                     help="output folder or s3:// prefix (codes/, errors/, _manifest/) [%(default)s]; under `ray job "
                          "submit` an absolute path or s3://, since the job runs in Ray's copy of the working dir")
@@ -125,7 +136,8 @@ def main(argv=None) -> int:
         max_concurrent_shards=args.max_concurrent_shards, max_writers=args.max_writers,
         max_member_bytes=args.max_member_bytes, encoder_memory=args.encoder_memory,
         gpus_per_encoder=args.gpus_per_encoder, dtype=args.dtype, device=args.device, max_shards=args.max_shards,
-        vq=args.vq, vq_resolution=args.vq_resolution, latents=args.latents, latent_resolution=args.latent_resolution)
+        vq=args.vq, vq_resolution=args.vq_resolution, latents=args.latents, latent_resolution=args.latent_resolution,
+        image_root=args.image_root)
 
     def check():
         checks.tokenize_problems(cfg).raise_if_any()

@@ -1,8 +1,8 @@
 """Writing and reading the tokenize job's outputs (formats in tarflow.data.schema).
 
 `CodeShardWriter` turns all the rows of one input shard into `codes/{shard}.parquet` and
-`errors/{shard}.parquet`; the sharded-job core then writes `_manifest/{shard}.json` last. Each file appears
-atomically under its final name.
+`errors/{shard}.parquet` (`ConversationShardWriter` the same for a conversation table's rows); the sharded-job
+core then writes `_manifest/{shard}.json` last. Each file appears atomically under its final name.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import tarflow
@@ -33,6 +34,10 @@ class TokenizeFacts:
     # tokenize --latents: {checkpoint, sha256, class, latent_channels, downsample, resolution, shape, dtype,
     # scaling_factor, column, version, preprocess}; None without it (absent from footers, None in facts)
     latents: dict | None = None
+    # conversation tables as input: CONVERSATION_FACTS (the output format); None for img2dataset input. Compared
+    # like vq: a conversation run and an img2dataset run into one output folder conflict.
+    conversations: dict | None = None
+    image_root: str | None = None  # where relative image paths were read from: a source, never compared
 
     def as_dict(self) -> dict:
         return {
@@ -42,6 +47,7 @@ class TokenizeFacts:
             "options": dict(self.options),
             **({"vq": dict(self.vq)} if self.vq else {}),
             **({"latents": dict(self.latents)} if self.latents else {}),
+            **({"conversations": dict(self.conversations)} if self.conversations else {}),
         }
 
     def facts(self) -> dict:
@@ -51,11 +57,13 @@ class TokenizeFacts:
         d["model"].pop("checkpoint")
         d["vq"] = {k: v for k, v in self.vq.items() if k != "checkpoint"} if self.vq else None  # None: compared too
         d["latents"] = {k: v for k, v in self.latents.items() if k != "checkpoint"} if self.latents else None
+        d["conversations"] = dict(self.conversations) if self.conversations else None
         return d
 
     def sources(self) -> dict:
         return {"tatok": self.checkpoint, **({"vq": self.vq["checkpoint"]} if self.vq else {}),
-                **({"latents": self.latents["checkpoint"]} if self.latents else {})}
+                **({"latents": self.latents["checkpoint"]} if self.latents else {}),
+                **({"image_root": self.image_root} if self.image_root else {})}
 
 
 def code_shard_layout(output: str):
@@ -90,10 +98,59 @@ class CodeShardWriter:
             counts={"samples_in": len(rows), "ok": len(ok), "failed": len(errors), "failed_by_reason": reasons})
 
 
+CONVERSATION_FACTS = {"format": schema.CONVERSATION_SHARD_FORMAT, "version": schema.CONVERSATION_SHARD_VERSION}
+
+
+class ConversationShardWriter:
+    """The tokenize job's writer for conversation tables (runs in a finalize task): codes/ (a conversation code
+    shard: the rows' own columns, as read, plus their images' facts and codes) and errors/ of one shard."""
+
+    def __init__(self, facts: TokenizeFacts):
+        self.facts = facts
+        self.meta = {**facts.as_dict(), "tarflow_version": tarflow.__version__}
+
+    def __call__(self, shard: str, rows: pa.Table, end: dict, paths: Mapping[str, str]):
+        """`rows`: all the shard's rows in input order, good and failed, with `key`, `passthrough`, the image
+        columns and codes of a conversation shard, `ok` and the error columns. `end` carries the passthrough schema
+        (taken out of it: the manifest needs only the reader's findings)."""
+        from tarflow.data.conversations import (PASSTHROUGH_ENCODING_KEY, PASSTHROUGH_SCHEMA_KEY, decode_schema,
+                                                passthrough_table)
+        from tarflow.pipelines.sharded import ShardWritten, parquet_bytes, split_failed
+
+        pt_schema = decode_schema(end.pop(PASSTHROUGH_SCHEMA_KEY))
+        encoding = end.pop(PASSTHROUGH_ENCODING_KEY)
+        columns = schema.conversation_shard_schema(self.facts.scales, self.facts.codebook_size, pt_schema)
+        codes_schema = schema.with_metadata(columns, schema.CONVERSATION_SHARD_FORMAT,
+                                            schema.CONVERSATION_SHARD_VERSION, self.meta)
+        ok, errors, reasons = split_failed(rows, shard)
+        passthrough = passthrough_table(ok.column("passthrough").to_pylist(), pt_schema, encoding)
+        own = ok.drop_columns(["passthrough"])
+        codes = pa.table({f.name: (passthrough.column(f.name) if f.name in pt_schema.names else own.column(f.name))
+                          for f in columns}).cast(codes_schema)
+        codes_bytes, errors_bytes = parquet_bytes(codes), parquet_bytes(errors)
+        storage.write_bytes_atomic(paths["codes"], codes_bytes)
+        storage.write_bytes_atomic(paths["errors"], errors_bytes)
+        images = int(pc.sum(codes.column("num_images")).as_py() or 0)
+        return ShardWritten(
+            outputs={"codes": {"path": paths["codes"], "rows": len(ok), "bytes": len(codes_bytes)},
+                     "errors": {"path": paths["errors"], "rows": len(errors), "bytes": len(errors_bytes)}},
+            counts={"samples_in": len(rows), "ok": len(ok), "failed": len(errors), "failed_by_reason": reasons},
+            totals={"images": images})
+
+
 def read_code_shard(path: str) -> pa.Table:
     """Read a code shard, checking its format and version first."""
+    return _read_checked(path, schema.check_code_shard)
+
+
+def read_conversation_shard(path: str) -> pa.Table:
+    """Read a conversation code shard, checking its format and version first."""
+    return _read_checked(path, schema.check_conversation_shard)
+
+
+def _read_checked(path: str, check) -> pa.Table:
     fs, p = storage.filesystem(path)
     with fs.open(p, "rb") as f:
         table = pq.read_table(f)
-    schema.check_code_shard(table.schema, path)
+    check(table.schema, path)
     return table

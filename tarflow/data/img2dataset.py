@@ -67,7 +67,7 @@ class InputError(ValueError):
 class ShardInput:
     path: str  # full path / URL of the tar or parquet file
     name: str  # shard name: file name without extension, e.g. "00000"
-    format: str  # "webdataset" | "parquet"
+    format: str  # "webdataset" | "parquet" | "conversations" (a conversation table: tarflow.data.conversations)
     size: int
 
     @property
@@ -81,8 +81,8 @@ def resolve_inputs(spec: str | list[str], input_format: str = "auto") -> list[Sh
 
     Sizes come from folder listings (one request per 1,000 files on S3), never a request per shard: resolving
     500,000 shards costs 500 listings."""
-    if input_format not in ("auto", "webdataset", "parquet"):
-        raise InputError(f"--input-format {input_format!r}: choose auto, webdataset or parquet")
+    if input_format not in ("auto", "webdataset", "parquet", "conversations"):
+        raise InputError(f"--input-format {input_format!r}: choose auto, webdataset, parquet or conversations")
     specs = [spec] if isinstance(spec, str) else list(spec)
     sizes: dict[str, int] = {}
     paths: list[str] = []
@@ -90,12 +90,22 @@ def resolve_inputs(spec: str | list[str], input_format: str = "auto") -> list[Sh
         paths.extend(_expand(s, input_format, sizes))
     if not paths:
         raise InputError(f"no shards found in {specs}: expected img2dataset output (.tar files, or .parquet with "
-                         "image bytes for --input-format parquet)")
+                         "image bytes for --input-format parquet) or conversation tables (.parquet with "
+                         "`conversations`, or .json/.jsonl)")
     shards, seen = [], {}
+    conversation_parquet = None  # auto: the first Parquet file's columns decide for all
     for p in paths:
         base = posixpath.basename(p) if storage.is_remote(p) else os.path.basename(p)
         stem, ext = os.path.splitext(base)
         fmt = "webdataset" if ext == ".tar" else "parquet"
+        if input_format == "conversations" or ext.lower() in (".json", ".jsonl"):
+            fmt = "conversations"
+        elif fmt == "parquet" and input_format == "auto":
+            if conversation_parquet is None:
+                from tarflow.data.conversations import parquet_is_conversation_table
+
+                conversation_parquet = _sniff(parquet_is_conversation_table, p)
+            fmt = "conversations" if conversation_parquet else "parquet"
         if stem in seen and seen[stem] != p:
             raise InputError(f"two input shards share the name {stem!r} ({seen[stem]} and {p}); outputs are named "
                              "after the input file, so give inputs from one folder per job")
@@ -138,7 +148,10 @@ def _expand(spec: str, input_format: str, sizes: dict[str, int]) -> list[str]:
     if any(c in spec for c in "*?["):
         return _select(storage.glob(spec), input_format, spec)
     if storage.isdir(spec):
-        return _select(_listed(spec, sizes), input_format, spec)
+        found = _select(_listed(spec, sizes), input_format, spec)
+        if not found and storage.isdir(storage.join(spec, "data")):  # a Hugging Face dataset folder: data/*.parquet
+            found = _select(_listed(storage.join(spec, "data"), sizes), input_format, spec)
+        return found
     if not storage.exists(spec):
         by_prefix = _select(storage.glob(spec + "*"), input_format, spec)  # a key prefix: s3://b/laion/part-
         if by_prefix:
@@ -162,9 +175,20 @@ def _select(files: list[str], input_format: str, spec: str) -> list[str]:
     parquets = [f for f in files if f.endswith(".parquet")]
     if input_format == "webdataset" or (input_format == "auto" and tars):
         return tars  # the .parquet files beside img2dataset tars are metadata, not samples
-    if input_format == "parquet" or input_format == "auto":
+    if input_format == "parquet" or (input_format in ("auto", "conversations") and parquets):
         return parquets
+    if input_format in ("auto", "conversations"):  # conversation tables as JSON (Lines)
+        return [f for f in files if f.lower().endswith((".json", ".jsonl"))]
     return []
+
+
+def _sniff(test: Callable[[str], bool], path: str) -> bool:
+    try:
+        return test(path)
+    except FileNotFoundError:
+        raise InputError(f"input shard {path} does not exist") from None
+    except Exception:  # noqa: BLE001 - not readable as Parquet: the reader says why, for that shard alone
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -210,11 +210,58 @@ def check_img2dataset_input(p: Problems, inputs: list[str], input_format: str) -
         p.add(f"--input {e.filename or inputs}", "is not readable by this user", "fix its permissions")
         return []
     for s in shards:
-        if s.format == "parquet" and _is_code_shard(s.path):
-            p.add(f"--input {s.path}", "is a tarflow code shard, not img2dataset output",
-                  "give img2dataset's output (.tar, or .parquet with image bytes)")
-            break
+        if s.format in ("parquet", "conversations") and _is_code_shard(s.path):
+            p.add(f"--input {s.path}", "is a tarflow code shard, not img2dataset output or a conversation table",
+                  "give img2dataset's output (.tar, or .parquet with image bytes) or a conversation table")
+            return []
+    first = next((s for s in shards if s.format == "parquet"), None)
+    if first is not None:
+        try:
+            names = _parquet_schema(first.path).names
+        except Exception as e:  # noqa: BLE001 - not Parquet at all
+            p.add(f"--input {first.path}", f"cannot be read as Parquet ({type(e).__name__}: {str(e)[:120]})",
+                  "give img2dataset shards or conversation tables")
+            return []
+        from tarflow.data.images import IMAGE_SUFFIXES
+
+        if not any(c in names for c in IMAGE_SUFFIXES):
+            p.add(f"--input {first.path}", f"is neither img2dataset's parquet output (no image bytes column jpg/png/"
+                  f"webp...) nor a conversation table (no `conversations` column); its columns: {names[:8]}",
+                  "give img2dataset shards, or a table with LLaVA-style `conversations` (and `image`)")
     return shards
+
+
+def check_conversation_input(p: Problems, shards: list, image_root: str | None, vq: str | None = None,
+                             latents: str | None = None) -> None:
+    """Conversation tables: no --vq / --latents; the first file's columns; --image-root present when given, and
+    given when the first rows of the first file name images by relative paths."""
+    from tarflow.data.conversations import file_kind, peek_image_paths
+    from tarflow.data.img2dataset import InputError, ShardReadError
+
+    for flag, value in (("--vq", vq), ("--latents", latents)):
+        if value:
+            p.add(f"{flag} {value}", "is for image-text pairs (the de-tokenizers' training data), not conversation "
+                  "tables", f"drop {flag}, or tokenize img2dataset shards into another --output")
+    if image_root:
+        try:
+            if not storage.isdir(image_root):
+                p.add(f"--image-root {image_root}", "is not a folder (or does not exist)",
+                      "give the folder the rows' image paths are relative to (local or s3://)")
+        except OSError as e:
+            p.add(f"--image-root {image_root}", f"cannot be read ({type(e).__name__}: {e})")
+    for kind in ("parquet", "json"):
+        first = next((s for s in shards if file_kind(s.path) == kind), None)
+        if first is None:
+            continue
+        try:
+            relative = [x for x in peek_image_paths(first.path) if not (storage.is_remote(x) or os.path.isabs(x))]
+        except (InputError, ShardReadError) as e:
+            p.add(f"--input {first.path}", str(e).replace(f"{first.path}: ", "").replace(f"shard {first.path} ", ""),
+                  "give a conversation table (LLaVA-style `conversations`, `image`)")
+            continue
+        if relative and not image_root:
+            p.add(f"--input {first.path}", f"its rows name images by relative paths (e.g. {relative[0]!r})",
+                  "pass --image-root FOLDER, the folder they are relative to (local or s3://)")
 
 
 def _parquet_schema(path: str):
@@ -228,7 +275,8 @@ def _parquet_schema(path: str):
 def _is_code_shard(path: str) -> bool:
     try:
         raw = (_parquet_schema(path).metadata or {}).get(schema.PARQUET_META_KEY)
-        return raw is not None and json.loads(raw).get("format") == schema.CODE_SHARD_FORMAT
+        return raw is not None and json.loads(raw).get("format") in (schema.CODE_SHARD_FORMAT,
+                                                                     schema.CONVERSATION_SHARD_FORMAT)
     except Exception:
         return False
 
@@ -293,11 +341,16 @@ def check_prompt_table(p: Problems, path: str) -> bool:
 
 def tokenize_problems(cfg) -> Problems:
     p = Problems()
-    check_img2dataset_input(p, list(cfg.input), cfg.input_format)
+    shards = check_img2dataset_input(p, list(cfg.input), cfg.input_format)
+    conversations = [s for s in shards if s.format == "conversations"]
+    if conversations:
+        check_conversation_input(p, conversations, getattr(cfg, "image_root", None), cfg.vq, cfg.latents)
+    if len(conversations) not in (0, len(shards)):
+        p.add("--input", "mixes conversation tables and img2dataset shards", "tokenize each kind into its own --output")
     check_checkpoint(p, cfg.tatok, "--tatok", "TA-Tok checkpoint (ta_tok.pth)")
-    if cfg.vq:
+    if cfg.vq and not conversations:
         check_checkpoint(p, cfg.vq, "--vq", "pixel VQ checkpoint (vq_ds16_t2i.pt)")
-    if cfg.latents:
+    if cfg.latents and not conversations:
         check_vae_folder(p, cfg.latents, "--latents", cfg.latent_resolution)
     check_output(p, cfg.output)
     return p

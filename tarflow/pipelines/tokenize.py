@@ -31,10 +31,12 @@ import numpy as np
 import pyarrow as pa
 
 from tarflow.data import schema, storage
-from tarflow.data.codeshard import CodeShardWriter, TokenizeFacts, code_shard_layout
+from tarflow.data.codeshard import (CONVERSATION_FACTS, CodeShardWriter, ConversationShardWriter, TokenizeFacts,
+                                    code_shard_layout)
+from tarflow.data.conversations import ConversationRow, iter_conversation_rows
 from tarflow.data.images import DEFAULT_MAX_PIXELS, SampleError, decode_rgb
-from tarflow.data.img2dataset import (DEFAULT_MAX_MEMBER_BYTES, RawSample, ShardEnd, ShardInput, iter_samples,
-                                      resolve_inputs)
+from tarflow.data.img2dataset import (DEFAULT_MAX_MEMBER_BYTES, InputError, RawSample, ShardEnd, ShardInput,
+                                      iter_samples, resolve_inputs)
 from tarflow.pipelines.sharded import OutputConflict  # noqa: F401  (raised by run_tokenize; jobs catch it)
 from tarflow.pipelines.sharded import (JobSummary, PartWriter, ShardJob, end_row, failed_row,
                                        check_pool_leaves_cpus, guarded, plan_pool, plan_shards, rows_table,
@@ -65,6 +67,28 @@ DECODED_SCHEMA = pa.schema(_COMMON + _DECODED_FIELDS + [pa.field("pixels", pa.bi
                                                         pa.field("latent_pixels", pa.binary())])
 
 
+_CONTROL = [f.name for f in _COMMON]
+# Conversation tables (tarflow.data.conversations): one row per conversation row, its images as lists in order;
+# `passthrough` carries the row's other columns to the writer untouched.
+_CONVERSATION_IMAGE_FIELDS = [
+    pa.field("num_images", pa.int32()), pa.field("image_sha256", pa.list_(pa.string())),
+    pa.field("image_path", pa.list_(pa.string())), pa.field("image_width", pa.list_(pa.int32())),
+    pa.field("image_height", pa.list_(pa.int32())), pa.field("passthrough", pa.binary()),
+]
+RAW_CONVERSATION_SCHEMA = pa.schema(_COMMON + [
+    pa.field("images", pa.list_(pa.binary())), pa.field("image_path", pa.list_(pa.string())),
+    pa.field("passthrough", pa.binary()),
+])
+DECODED_CONVERSATION_SCHEMA = pa.schema(_COMMON + [pa.field("ok", pa.bool_())] + _CONVERSATION_IMAGE_FIELDS
+                                        + [pa.field("pixels", pa.list_(pa.binary()))])
+
+
+def conversation_encoded_schema(scales: Sequence[int], codebook_size: int) -> pa.Schema:
+    vt = schema.code_value_type(codebook_size)
+    return pa.schema(_COMMON + [pa.field("ok", pa.bool_())] + _CONVERSATION_IMAGE_FIELDS
+                     + [pa.field(schema.code_column(s), pa.list_(pa.list_(vt))) for s in scales])
+
+
 def encoded_schema(scales: Sequence[int], codebook_size: int, vq: dict | None = None,
                    latents: dict | None = None) -> pa.Schema:
     vt = schema.code_value_type(codebook_size)
@@ -86,6 +110,7 @@ class ShardReader:
     fails that shard alone: a "failed" row with the reason instead of the end row."""
 
     MAX_CHUNK_BYTES = 256 << 20
+    schema = RAW_SCHEMA
 
     def __init__(self, chunk_size: int = 64, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES):
         self.chunk_size, self.max_member_bytes = chunk_size, max_member_bytes
@@ -96,18 +121,25 @@ class ShardReader:
             rows: list[dict] = []
             nbytes = 0
             try:
-                for item in iter_samples(shard, max_member_bytes=self.max_member_bytes):
+                for item in self._items(shard):
                     rows.append(self._row(shard.name, item))
-                    nbytes += len(getattr(item, "image", None) or b"")
+                    nbytes += self._nbytes(item)
                     # by bytes too: a chunk of large members must stay far below Arrow's 2 GiB per array
                     if len(rows) >= self.chunk_size or nbytes >= self.MAX_CHUNK_BYTES:
-                        yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
+                        yield pa.Table.from_pylist(rows, schema=self.schema)
                         rows, nbytes = [], 0
             except Exception as e:  # noqa: BLE001 - one bad shard must not stop the others
                 reason = getattr(e, "reason", None) or "read_failed"
                 log.warning("shard %s failed while reading: %s: %s", shard.path, type(e).__name__, e)
                 rows.append(failed_row(shard.name, reason, f"{shard.path}: {type(e).__name__}: {e}"))
-            yield rows_table(rows, RAW_SCHEMA)
+            yield rows_table(rows, self.schema)
+
+    def _items(self, shard: ShardInput):
+        return iter_samples(shard, max_member_bytes=self.max_member_bytes)
+
+    @staticmethod
+    def _nbytes(item) -> int:
+        return len(getattr(item, "image", None) or b"")
 
     @staticmethod
     def _row(shard: str, item: RawSample | ShardEnd) -> dict:
@@ -139,8 +171,7 @@ class ImageDecoder:
         Image.MAX_IMAGE_PIXELS = None  # our own limit (max_pixels) applies, with a per-sample error
         out = []
         for r in batch.to_pylist():
-            row = {k: r[k] for k in ("shard", "idx", "key", "kind", "error_stage", "error_reason",
-                                     "error_detail", "end_info")}
+            row = {k: r[k] for k in _CONTROL}
             row["ok"] = False
             if r["kind"] == "sample" and r["error_reason"] is None:
                 try:
@@ -176,14 +207,87 @@ class ImageDecoder:
                                   else None)}
 
 
+class ConversationReader(ShardReader):
+    """Conversation table files -> one raw row per conversation row (its images' bytes in order, its other
+    columns in `passthrough`), in chunks by rows and bytes, then the file's "end" row (which carries the
+    passthrough schema to the writer)."""
+
+    schema = RAW_CONVERSATION_SCHEMA
+
+    def __init__(self, chunk_size: int = 64, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+                 image_root: str | None = None):
+        super().__init__(chunk_size, max_member_bytes)
+        self.image_root = image_root
+
+    def _items(self, shard: ShardInput):
+        return iter_conversation_rows(shard, self.image_root, self.max_member_bytes)
+
+    @staticmethod
+    def _nbytes(item) -> int:
+        return item.nbytes if isinstance(item, ConversationRow) else 0
+
+    @staticmethod
+    def _row(shard: str, item: ConversationRow | ShardEnd) -> dict:
+        if isinstance(item, ShardEnd):
+            return end_row(shard, item.n_samples, complete=item.complete, detail=item.detail, **item.extra)
+        err = item.error or (None, None, None)
+        return {"shard": shard, "idx": item.idx, "key": f"{item.idx:09d}", "kind": "sample", "error_stage": err[0],
+                "error_reason": err[1], "error_detail": err[2], "images": item.images,
+                "image_path": item.image_paths, "passthrough": item.passthrough}
+
+
+class ConversationDecoder(ImageDecoder):
+    """Raw conversation rows -> every image of a row decoded and resized as ImageDecoder does; any image that
+    fails fails its row, with that image's reason."""
+
+    @guarded("decode", DECODED_CONVERSATION_SCHEMA)
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from PIL import Image
+
+        from tarflow.models.tatok import resize_uint8
+
+        Image.MAX_IMAGE_PIXELS = None  # our own limit (max_pixels) applies, with a per-row error
+        out = []
+        for r in batch.to_pylist():
+            row = {k: r[k] for k in _CONTROL}
+            row["ok"] = False
+            if r["kind"] == "sample" and r["error_reason"] is None:
+                try:
+                    row.update(self._decode_row(r, resize_uint8))
+                    row["ok"] = True
+                except SampleError as e:
+                    row.update(error_stage=e.stage, error_reason=e.reason, error_detail=e.detail)
+            out.append(row)
+        return pa.Table.from_pylist(out, schema=DECODED_CONVERSATION_SCHEMA)
+
+    def _decode_row(self, r: dict, resize_uint8) -> dict:
+        images, n = r["images"], len(r["images"])
+        decoded = []
+        for k, data in enumerate(images):
+            try:
+                decoded.append(decode_rgb(data, max_pixels=self.max_pixels, exif_transpose=self.exif_transpose))
+            except SampleError as e:
+                path = r["image_path"][k]
+                raise SampleError(e.stage, e.reason, f"image {k + 1} of {n}" + (f" ({path})" if path else "")
+                                  + f": {e.detail}") from None
+        return {"num_images": n, "image_sha256": [sha256(d).hexdigest() for d in images],
+                "image_path": r["image_path"], "image_width": [im.width for im in decoded],
+                "image_height": [im.height for im in decoded], "passthrough": r["passthrough"],
+                "pixels": [resize_uint8(im, self.input_size).tobytes() for im in decoded]}
+
+
 class TATokEncoder:
     """Actor: decoded rows -> rows with TA-Tok codes at every requested scale (one encoder pass), and with
     `vq` the pixel-VQ codes of the `vq_pixels` images, and with `latents` (the run's latents facts) the VAE
     latents of the `latent_pixels` images."""
 
     def __init__(self, checkpoint: str, scales: Sequence[int], dtype: str = "auto", device: str = "auto",
-                 vq: str | None = None, vq_resolution: int = 256, latents: dict | None = None):
+                 vq: str | None = None, vq_resolution: int = 256, latents: dict | None = None,
+                 conversations: bool = False, images_per_call: int = 256):
         import torch
+
+        if conversations and (vq or latents):
+            raise ValueError("--vq and --latents are for image-text pairs, not conversation tables")
 
         from tarflow.models.tatok import TATok
         from tarflow.models.vqvae import VQVAE
@@ -209,23 +313,34 @@ class TATokEncoder:
             self.vae = load_vae(latents["checkpoint"], self.device)
         self.schema = encoded_schema(self.scales, self.model.codebook_size, self.vq_facts, latents)
         self.code_type = schema.code_value_type(self.model.codebook_size)
+        self.conversations, self.images_per_call = conversations, max(1, int(images_per_call))
+        if conversations:
+            self.schema = conversation_encoded_schema(self.scales, self.model.codebook_size)
+
+    def _tatok_codes(self, arr: np.ndarray) -> dict[int, np.ndarray]:
+        """(N, S, S, 3) uint8 images -> {scale: (N, tokens) codes}: one encoder pass for every scale."""
+        from tarflow.models.tatok import pixels_from_uint8
+
+        x = self.torch.from_numpy(arr)
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        by_scale = self.model.encode_scales(pixels_from_uint8(x), self.scales)
+        return {s: c.cpu().numpy() for s, c in by_scale.items()}
 
     @guarded("encode", "schema")
     def __call__(self, batch: pa.Table) -> pa.Table:
         from tarflow.models.tatok import pixels_from_uint8
 
+        if self.conversations:
+            return self._encode_conversations(batch)
         torch, S = self.torch, self.model.input_size
         ok = batch.column("ok").to_numpy(zero_copy_only=False)
         idx_ok = np.flatnonzero(ok)
         codes = {}
         if len(idx_ok):
             pix = batch.column("pixels").to_pylist()
-            arr = np.stack([np.frombuffer(pix[i], dtype=np.uint8).reshape(S, S, 3) for i in idx_ok])
-            x = torch.from_numpy(arr)
-            if self.device.type == "cuda":
-                x = x.pin_memory().to(self.device, non_blocking=True)
-            by_scale = self.model.encode_scales(pixels_from_uint8(x), self.scales)
-            codes = {s: c.cpu().numpy() for s, c in by_scale.items()}
+            codes = self._tatok_codes(np.stack([np.frombuffer(pix[i], dtype=np.uint8).reshape(S, S, 3)
+                                                for i in idx_ok]))
         out = batch.drop_columns(["pixels", "vq_pixels", "latent_pixels"])
         for s in self.scales:
             out = out.append_column(schema.code_column(s), _code_lists(codes.get(s), idx_ok, ok,
@@ -247,6 +362,23 @@ class TATokEncoder:
                                                              schema.code_value_type(f["codebook_size"])))
         if self.vae is not None:
             out = out.append_column(self.latents["column"], self._latents(batch, idx_ok, ok))
+        return out.select(self.schema.names).cast(self.schema)
+
+    def _encode_conversations(self, batch: pa.Table) -> pa.Table:
+        """Every image of the batch's good rows through the encoder together (`images_per_call` at a time),
+        the codes split back per row in image order."""
+        S = self.model.input_size
+        ok = batch.column("ok").to_numpy(zero_copy_only=False)
+        pix = batch.column("pixels").to_pylist()
+        counts = np.array([len(pix[i]) if ok[i] else 0 for i in range(len(batch))], dtype=np.int64)
+        flat = [np.frombuffer(b, dtype=np.uint8).reshape(S, S, 3) for i in np.flatnonzero(ok) for b in pix[i]]
+        parts = [self._tatok_codes(np.stack(flat[i:i + self.images_per_call]))
+                 for i in range(0, len(flat), self.images_per_call)]
+        out = batch.drop_columns(["pixels"])
+        for s in self.scales:
+            n = self.model.num_tokens(s)
+            codes = np.concatenate([p[s] for p in parts]) if parts else np.zeros((0, n), dtype=np.int64)
+            out = out.append_column(schema.code_column(s), _nested_code_lists(codes, counts, ok, n, self.code_type))
         return out.select(self.schema.names).cast(self.schema)
 
     def _latents(self, batch: pa.Table, idx_ok, ok) -> pa.FixedSizeListArray:
@@ -280,6 +412,16 @@ def _code_lists(codes, idx_ok, ok, n: int, value_type: pa.DataType) -> pa.ListAr
         flat[idx_ok] = codes.astype(np_type)
     return pa.ListArray.from_arrays(pa.array(np.arange(0, (len(ok) + 1) * n, n, dtype=np.int32)),
                                     pa.array(flat.reshape(-1), type=value_type), mask=pa.array(~ok))
+
+
+def _nested_code_lists(codes, counts, ok, n: int, value_type: pa.DataType) -> pa.ListArray:
+    """(sum(counts), n) codes, rows' images in order -> one list of per-image code lists per row (an empty list
+    for a text-only row, null for a failed row)."""
+    np_type = value_type.to_pandas_dtype()
+    inner = pa.ListArray.from_arrays(pa.array(np.arange(0, (len(codes) + 1) * n, n, dtype=np.int32)),
+                                     pa.array(codes.astype(np_type).reshape(-1), type=value_type))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), inner, mask=pa.array(~ok))
 
 
 def vq_facts(vq, resolution: int) -> dict:
@@ -357,6 +499,7 @@ class TokenizeConfig:
     # AutoencoderDC folder, or a SANA pipeline folder (its vae/): also store latents (diffusion de-tok training data)
     latents: str | None = None
     latent_resolution: int = 512  # images are resized to this square for the VAE
+    image_root: str | None = None  # conversation tables: where relative image paths are read from (local or s3://)
 
 
 def tatok_header(path: str):
@@ -380,7 +523,7 @@ def tatok_header(path: str):
     return args, enc.image_size // enc.patch_size
 
 
-def model_facts(cfg: TokenizeConfig) -> TokenizeFacts:
+def model_facts(cfg: TokenizeConfig, conversations: bool = False) -> TokenizeFacts:
     """The facts of a run from the checkpoints' headers and content hashes; no model is built (the driver
     of a job over a 2.4 GB TA-Tok reads a few hundred KB of it and hashes the rest in a stream)."""
     from tarflow.data.checkpoint_header import HeaderError, read_header
@@ -408,6 +551,8 @@ def model_facts(cfg: TokenizeConfig) -> TokenizeFacts:
         codebook_size=args.codebook_size, input_size=args.input_size, scales=list(cfg.scales),
         options={"exif_transpose": cfg.exif_transpose, "max_pixels": cfg.max_pixels}, vq=vq,
         latents=latents_facts(cfg.latents, cfg.latent_resolution) if cfg.latents else None,
+        conversations=dict(CONVERSATION_FACTS) if conversations else None,
+        image_root=cfg.image_root if conversations else None,
     )
 
 
@@ -417,16 +562,26 @@ def read_and_decode(shards: list[ShardInput], cfg: TokenizeConfig, input_size: i
     --ImageDecoder (RGB, resized to input_size as uint8) -> DECODED_SCHEMA rows, every shard's rows in order
     followed by its "end" row. Reads `cfg`'s read_chunk, max_member_bytes, max_concurrent_shards, max_pixels,
     exif_transpose and decode_batch_size."""
+    return _read_and_decode(shards, cfg, ShardReader(cfg.read_chunk, cfg.max_member_bytes),
+                            ImageDecoder(input_size, cfg.max_pixels, cfg.exif_transpose, vq_resolution,
+                                         latent_resolution), decode_cpus)
+
+
+def read_and_decode_conversations(shards: list[ShardInput], cfg: TokenizeConfig, input_size: int,
+                                  decode_cpus: float):
+    """read_and_decode for conversation tables: DECODED_CONVERSATION_SCHEMA rows, one per conversation row."""
+    return _read_and_decode(shards, cfg, ConversationReader(cfg.read_chunk, cfg.max_member_bytes, cfg.image_root),
+                            ConversationDecoder(input_size, cfg.max_pixels, cfg.exif_transpose), decode_cpus)
+
+
+def _read_and_decode(shards: list[ShardInput], cfg: TokenizeConfig, reader: ShardReader, decoder, decode_cpus: float):
     import ray.data
 
     items = [{"path": s.path, "name": s.name, "format": s.format, "size": s.size} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(ShardReader(cfg.read_chunk, cfg.max_member_bytes), batch_size=1, batch_format="pyarrow",
-                        num_cpus=0.25,
+    ds = ds.map_batches(reader, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                         compute=ray.data.TaskPoolStrategy(size=max(1, min(cfg.max_concurrent_shards, len(items)))))
-    return ds.map_batches(ImageDecoder(input_size, cfg.max_pixels, cfg.exif_transpose, vq_resolution,
-                                       latent_resolution),
-                          batch_size=cfg.decode_batch_size, batch_format="pyarrow", num_cpus=decode_cpus)
+    return ds.map_batches(decoder, batch_size=cfg.decode_batch_size, batch_format="pyarrow", num_cpus=decode_cpus)
 
 
 def build_dataset(shards: list[ShardInput], cfg: TokenizeConfig, facts: TokenizeFacts, parts_dir: str | None,
@@ -454,8 +609,12 @@ def build_dataset(shards: list[ShardInput], cfg: TokenizeConfig, facts: Tokenize
         vae_bytes = sum(storage.list_sizes(vae_folder(facts.latents["checkpoint"]), recursive=True).values())
     encoder_memory = cfg.encoder_memory if cfg.encoder_memory is not None else max(
         512 << 20, 4 * (storage.size(cfg.tatok) + (storage.size(cfg.vq) if cfg.vq else 0) + vae_bytes))
-    ds = read_and_decode(shards, cfg, facts.input_size, decode_cpus, facts.vq["resolution"] if facts.vq else None,
-                         facts.latents["resolution"] if facts.latents else None)
+    if facts.conversations:
+        ds = read_and_decode_conversations(shards, cfg, facts.input_size, decode_cpus)
+        encoder_kwargs = {"conversations": True, "images_per_call": enc_bs, **(encoder_kwargs or {})}
+    else:
+        ds = read_and_decode(shards, cfg, facts.input_size, decode_cpus, facts.vq["resolution"] if facts.vq else None,
+                             facts.latents["resolution"] if facts.latents else None)
     ds = ds.map_batches(encoder_cls, fn_constructor_kwargs=dict(checkpoint=cfg.tatok, scales=cfg.scales,
                                                                 dtype=cfg.dtype, device=cfg.device,
                                                                 vq=cfg.vq, vq_resolution=cfg.vq_resolution,
@@ -473,13 +632,30 @@ def build_dataset(shards: list[ShardInput], cfg: TokenizeConfig, facts: Tokenize
 TokenizeSummary = JobSummary
 
 
+def input_is_conversations(shards: list[ShardInput], cfg: TokenizeConfig) -> bool:
+    """Whether the job reads conversation tables (then all its inputs must be; --vq and --latents do not apply).
+    Raises InputError (one line)."""
+    kinds = {s.format == "conversations" for s in shards}
+    if len(kinds) > 1:
+        conv = next(s.path for s in shards if s.format == "conversations")
+        other = next(s.path for s in shards if s.format != "conversations")
+        raise InputError(f"--input mixes conversation tables ({conv}) and img2dataset shards ({other}); their "
+                         "outputs differ: tokenize each kind into its own --output")
+    if True in kinds and (cfg.vq or cfg.latents):
+        flag = "--vq" if cfg.vq else "--latents"
+        raise InputError(f"{flag} with conversation tables: VQ codes and latents are the de-tokenizers' training "
+                         f"data, made from image-text pairs; drop {flag}, or give img2dataset shards")
+    return True in kinds
+
+
 def run_tokenize(cfg: TokenizeConfig, encoder_cls=TATokEncoder, encoder_kwargs: dict | None = None
                  ) -> JobSummary:
     t0 = time.time()
     shards = resolve_inputs(cfg.input, cfg.input_format)
     if cfg.max_shards:
         shards = shards[: cfg.max_shards]
-    facts = model_facts(cfg)
+    conversations = input_is_conversations(shards, cfg)
+    facts = model_facts(cfg, conversations)
     layout = code_shard_layout(cfg.output)
     by_name = {s.name: s for s in shards}
 
@@ -493,8 +669,10 @@ def run_tokenize(cfg: TokenizeConfig, encoder_cls=TATokEncoder, encoder_kwargs: 
              len(plan.todo), len(plan.done), plan.seconds)
     if plan.todo:
         spec = ShardJob(job="tokenize", layout=layout, facts=facts.facts(), sources=facts.sources(),
-                        writer=CodeShardWriter(facts),
-                        schema_versions={"code_shard": schema.CODE_SHARD_VERSION, "errors": schema.ERRORS_VERSION})
+                        writer=ConversationShardWriter(facts) if conversations else CodeShardWriter(facts),
+                        schema_versions={("conversation_shard" if conversations else "code_shard"):
+                                         schema.CONVERSATION_SHARD_VERSION if conversations
+                                         else schema.CODE_SHARD_VERSION, "errors": schema.ERRORS_VERSION})
         inputs = {n: {"path": by_name[n].path, "size": by_name[n].size, "format": by_name[n].format}
                   for n in plan.todo}
         run_sharded(spec, inputs, lambda names, parts: build_dataset([by_name[n] for n in names], cfg, facts, parts,
