@@ -13,27 +13,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import shardmaker
+from test_tokenize_job import tatok, tatok_path  # noqa: F401  (fixtures: the demo TA-Tok, its path)
 
 from tarflow.data import conversations, schema, storage
 from tarflow.data.codeshard import read_conversation_shard
 from tarflow.data.img2dataset import ShardEnd, ShardInput
-from tarflow.data.sample import ensure_random_tatok
-from tarflow.models.tatok import TATok
 from tarflow.pipelines.tokenize import OutputConflict, TokenizeConfig, run_tokenize
 
 SCALES = [1, 3]
 TURN = pa.struct([pa.field("from", pa.string()), pa.field("value", pa.string())])
 HF_IMAGE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
-
-
-@pytest.fixture(scope="module")
-def tatok_path():
-    return str(ensure_random_tatok())
-
-
-@pytest.fixture(scope="module")
-def tatok(tatok_path):
-    return TATok.from_checkpoint(tatok_path)
 
 
 @pytest.fixture(scope="module")
@@ -199,9 +188,15 @@ def test_tokenizes_a_hugging_face_folder_and_a_jsonl_exactly(ray_local, tmp_path
     assert got[1]["tatok_s1"] == _expected_codes(tatok, [photos[0], photos[7]])[1]
     assert _errors(out, "llava") == {"000000003": "missing_image", "000000004": "invalid_json"}
 
-    # a rerun skips every shard; other scales conflict; --overwrite redoes them
+    # a rerun skips every shard; img2dataset input of the same shard name, other scales conflict; --overwrite
+    # redoes them
     again = run_tokenize(_cfg(input=[hf, jsonl], output=out, tatok=tatok_path, image_root=image_root))
     assert (again.shards_done, again.shards_skipped) == (0, 3)
+    i2d = tmp_path / "i2d"
+    i2d.mkdir()
+    shardmaker.write_tar(str(i2d / "llava.tar"), [("a.jpg", photos[0]), ("a.txt", b"an astronaut")])
+    with pytest.raises(OutputConflict, match="conversations"):
+        run_tokenize(_cfg(input=str(i2d), output=out, tatok=tatok_path))
     with pytest.raises(OutputConflict, match="scales"):
         run_tokenize(_cfg(input=[hf], output=out, tatok=tatok_path, scales=[2]))
     redo = run_tokenize(_cfg(input=[hf], output=out, tatok=tatok_path, scales=[2], overwrite=True))
@@ -210,25 +205,24 @@ def test_tokenizes_a_hugging_face_folder_and_a_jsonl_exactly(ray_local, tmp_path
         "tatok_s2"
 
 
-def test_conversation_and_img2dataset_outputs_never_mix(ray_local, tmp_path, photos, tatok_path):
-    """A conversation table and an img2dataset shard of the same name into one output: each run refuses the
-    other's shard (the facts say which kind made it); --vq with conversation tables is refused."""
+def test_img2dataset_output_refuses_a_conversation_table_of_the_same_name(ray_local, tmp_path, photos,
+                                                                          tatok_path):
+    """The other direction of the conflict above (the facts say which kind made a shard); --vq with
+    conversation tables is refused; a job mixing both kinds is refused."""
     jsonl, root = _jsonl(tmp_path / "c", photos, name="00000.jsonl")
     i2d = tmp_path / "i2d"
     i2d.mkdir()
     shardmaker.write_tar(str(i2d / "00000.tar"), [("a.jpg", photos[0]), ("a.txt", b"an astronaut")])
     out = str(tmp_path / "out")
-    assert run_tokenize(_cfg(input=jsonl, output=out, tatok=tatok_path, image_root=root)).shards_done == 1
-    with pytest.raises(OutputConflict, match="conversations"):
-        run_tokenize(_cfg(input=str(i2d), output=out, tatok=tatok_path))
-    other = str(tmp_path / "out2")
-    assert run_tokenize(_cfg(input=str(i2d), output=other, tatok=tatok_path)).samples_ok == 1
-    with pytest.raises(OutputConflict, match="conversations"):
-        run_tokenize(_cfg(input=jsonl, output=other, tatok=tatok_path, image_root=root))
+    assert run_tokenize(_cfg(input=str(i2d), output=out, tatok=tatok_path)).samples_ok == 1
+    with pytest.raises(OutputConflict, match=r"conversations null != \{"):
+        run_tokenize(_cfg(input=jsonl, output=out, tatok=tatok_path, image_root=root))
     from tarflow.data.img2dataset import InputError
 
     with pytest.raises(InputError, match="--vq with conversation tables"):
         run_tokenize(_cfg(input=jsonl, output=str(tmp_path / "o3"), tatok=tatok_path, image_root=root, vq="vq.pt"))
+    with pytest.raises(InputError, match="mixes conversation tables"):
+        run_tokenize(_cfg(input=[jsonl, str(i2d / "00000.tar")], output=str(tmp_path / "o3"), tatok=tatok_path))
 
 
 def test_s3_jsonl_with_images_on_s3(ray_local, tmp_path, s3_bucket, photos, tatok_path, tatok):

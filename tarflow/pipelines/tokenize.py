@@ -162,7 +162,9 @@ class ImageDecoder:
         self.input_size, self.max_pixels, self.exif_transpose = input_size, max_pixels, exif_transpose
         self.vq_resolution, self.latent_resolution = vq_resolution, latent_resolution
 
-    @guarded("decode", DECODED_SCHEMA)
+    schema = DECODED_SCHEMA
+
+    @guarded("decode", "schema")
     def __call__(self, batch: pa.Table) -> pa.Table:
         from PIL import Image
 
@@ -180,7 +182,7 @@ class ImageDecoder:
                 except SampleError as e:
                     row.update(error_stage=e.stage, error_reason=e.reason, error_detail=e.detail)
             out.append(row)
-        return pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
+        return pa.Table.from_pylist(out, schema=self.schema)
 
     def _decode(self, r: dict, resize_uint8) -> dict:
         caption = meta = url = None
@@ -240,27 +242,9 @@ class ConversationDecoder(ImageDecoder):
     """Raw conversation rows -> every image of a row decoded and resized as ImageDecoder does; any image that
     fails fails its row, with that image's reason."""
 
-    @guarded("decode", DECODED_CONVERSATION_SCHEMA)
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from PIL import Image
+    schema = DECODED_CONVERSATION_SCHEMA
 
-        from tarflow.models.tatok import resize_uint8
-
-        Image.MAX_IMAGE_PIXELS = None  # our own limit (max_pixels) applies, with a per-row error
-        out = []
-        for r in batch.to_pylist():
-            row = {k: r[k] for k in _CONTROL}
-            row["ok"] = False
-            if r["kind"] == "sample" and r["error_reason"] is None:
-                try:
-                    row.update(self._decode_row(r, resize_uint8))
-                    row["ok"] = True
-                except SampleError as e:
-                    row.update(error_stage=e.stage, error_reason=e.reason, error_detail=e.detail)
-            out.append(row)
-        return pa.Table.from_pylist(out, schema=DECODED_CONVERSATION_SCHEMA)
-
-    def _decode_row(self, r: dict, resize_uint8) -> dict:
+    def _decode(self, r: dict, resize_uint8) -> dict:
         images, n = r["images"], len(r["images"])
         decoded = []
         for k, data in enumerate(images):
