@@ -56,10 +56,28 @@ def end_row(shard: str, n_samples: int, **info) -> dict:
             "end_info": json.dumps({"n_samples": n_samples, **info})}
 
 
-def failed_row(shard: str, reason: str, detail: str) -> dict:
-    """A row that fails a whole shard: no manifest is written, the summary lists the reason."""
-    return {"shard": shard, "idx": -1, "key": "", "kind": "failed",
-            "end_info": json.dumps({"reason": reason, "detail": str(detail)[:500]})}
+def failed_row(shard: str, reason: str, detail: str, error: BaseException | None = None) -> dict:
+    """A row that fails a whole shard: no manifest is written, the summary lists the reason; the traceback of
+    `error` goes with it to the driver, which keeps it in the job's log file."""
+    info = {"reason": reason, "detail": str(detail)[:500]}
+    if error is not None:
+        info["traceback"] = traceback_text(error)
+    return {"shard": shard, "idx": -1, "key": "", "kind": "failed", "end_info": json.dumps(info)}
+
+
+def traceback_text(error: BaseException, limit: int = 8000) -> str:
+    """The worker-side traceback of `error` (its end, where the cause is, if long)."""
+    import traceback
+
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return text if len(text) <= limit else "...\n" + text[-limit:]
+
+
+def read_failure_reason(e: BaseException) -> str:
+    """The summary's reason for a shard whose reader raised `e`: the reader's own (img2dataset.ShardReadError:
+    read_failed once transient errors outlasted the retries, not_found, corrupt_tar, ...), else
+    `unexpected_error` (not retried: a bug or input the reader does not understand; traceback in the log file)."""
+    return getattr(e, "reason", None) or "unexpected_error"
 
 
 def rows_table(rows: list[dict], row_schema: pa.Schema) -> pa.Table:
@@ -68,21 +86,214 @@ def rows_table(rows: list[dict], row_schema: pa.Schema) -> pa.Table:
 
 def guarded(stage: str, row_schema: pa.Schema | str):
     """Decorate a stage's `__call__(batch) -> table`: an exception fails the shards of that batch (a failed
-    row each, with the reason), never the job. `row_schema` is the stage's output schema, or the name of the
-    instance attribute holding it."""
+    row each, with the reason and the traceback), never the job. `row_schema` is the stage's output schema, or
+    the name of the instance attribute holding it.
+
+    An accelerator error that poisons the device (`is_device_poisoning`: every later call on it would fail too)
+    instead ends the actor (see `DeviceErrors`): Ray restarts it and runs its batch again, up to
+    DEVICE_ERROR_BATCH_ATTEMPTS times; then the batch runs a row at a time, and a row that poisons the device
+    on its own is recorded failed alone (`device_error`), the others written."""
     def wrap(fn):
         @functools.wraps(fn)
         def call(self, batch: pa.Table):
+            out_schema = row_schema if isinstance(row_schema, pa.Schema) else None
+            devices = DeviceErrors.for_batch(stage, batch)
+            if devices is not None and devices.row_by_row:
+                return devices.run_row_by_row(lambda b: call_guarded(b, fn, self, devices), batch,
+                                              out_schema or getattr(self, row_schema))
+            return call_guarded(batch, fn, self, devices)
+
+        def call_guarded(batch, fn, self, devices=None):
             try:
                 return fn(self, batch)
             except Exception as e:  # noqa: BLE001 - whatever a library raises on one batch stays with it
+                if is_device_poisoning(e) and in_actor():
+                    (devices or DeviceErrors(stage, batch)).poisoned(e)  # does not return
                 shards = pc.unique(batch.column("shard")).to_pylist() if len(batch) else []
                 log.warning("%s failed on shards %s: %s: %s", stage, shards, type(e).__name__, e)
                 detail = f"{stage}: {type(e).__name__}: {e}"
                 out_schema = row_schema if isinstance(row_schema, pa.Schema) else getattr(self, row_schema)
-                return rows_table([failed_row(s, f"{stage}_failed", detail) for s in shards], out_schema)
+                return rows_table([failed_row(s, f"{stage}_failed", detail, e) for s in shards], out_schema)
         return call
     return wrap
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Poisoned accelerators
+
+# A batch whose run poisoned the device this many times runs a row at a time on its next attempt.
+DEVICE_ERROR_BATCH_ATTEMPTS = 2
+# A batch in which more rows than this poison the device on their own fails its shards instead (a rerun redoes
+# them): the device, not the rows, is then the likely cause.
+DEVICE_ERROR_MAX_BAD_ROWS = 4
+_POISON_MARKERS = ("CUDA error", "HIP error", "device-side assert", "illegal memory access",
+                   "unspecified launch failure", "misaligned address", "CUBLAS_STATUS_EXECUTION_FAILED",
+                   "uncorrectable ECC error", "cudaErrorIllegalAddress", "cudaErrorLaunchFailure")
+LEDGER_CONFIG_KEY = "tarflow_device_error_ledger"  # DataContext config: the run's ledger actor's name
+_RESTARTED_ACTOR: bool | None = None
+
+
+def is_device_poisoning(e: BaseException) -> bool:
+    """A sticky accelerator error, after which every call on the device fails (the CUDA context is broken):
+    an illegal memory access, a device-side assert, a launch failure. torch raises torch.AcceleratorError for
+    them (torch >= 2.8), older torch a RuntimeError whose text says `CUDA error`. An out-of-memory error is not
+    one (the next, smaller batch can run)."""
+    text = str(e)
+    if "out of memory" in text.lower() or type(e).__name__ == "OutOfMemoryError":
+        return False
+    return type(e).__name__ == "AcceleratorError" or any(m in text for m in _POISON_MARKERS)
+
+
+def in_actor() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:  # noqa: BLE001 - outside Ray: a plain call
+        return False
+
+
+def batch_key(stage: str, batch: pa.Table) -> str:
+    """A batch's identity, the same when Ray runs it again: its stage and its rows' (shard, idx, kind)."""
+    import hashlib
+
+    cols = batch.select(["shard", "idx", "kind"]).to_pydict()
+    return hashlib.sha256(json.dumps([stage, cols["shard"], cols["idx"], cols["kind"]]).encode()).hexdigest()[:32]
+
+
+class DeviceErrorLedger:
+    """A Ray actor (one per run, named in the DataContext; the driver makes it): which batches poisoned a device,
+    how often, and which of their rows did so alone. It outlives the stage actors that Ray restarts."""
+
+    def __init__(self):
+        self.batches: dict[str, dict] = {}
+
+    def record(self, key: str, row: list | None = None) -> dict:
+        b = self.batches.setdefault(key, {"attempts": 0, "bad": []})
+        if row is None:
+            b["attempts"] += 1
+        elif row not in b["bad"]:
+            b["bad"].append(row)
+        return b
+
+    def get(self, key: str) -> dict | None:
+        return self.batches.get(key)
+
+    def poisoned_batches(self) -> int:
+        return len(self.batches)
+
+
+def start_device_error_ledger(run: str):
+    """The run's DeviceErrorLedger (before the stages are built: the DataContext carries its name to them)."""
+    import ray
+    import ray.data
+
+    name = f"tarflow-device-errors-{run}"
+    ledger = ray.remote(DeviceErrorLedger).options(name=name, num_cpus=0, max_restarts=0).remote()
+    ray.data.DataContext.get_current().set_config(LEDGER_CONFIG_KEY, name)
+    return ledger
+
+
+class DeviceErrors:
+    """A stage actor's view of one batch in the run's DeviceErrorLedger."""
+
+    def __init__(self, stage: str, batch: pa.Table, state: dict | None = None, ledger=None):
+        self.stage, self.batch, self.ledger = stage, batch, ledger
+        self.key = batch_key(stage, batch)
+        self.state = state or {"attempts": 0, "bad": []}
+        self.current_row: list | None = None  # [shard, idx] being run alone
+
+    @classmethod
+    def for_batch(cls, stage: str, batch: pa.Table) -> "DeviceErrors | None":
+        """Only in an actor that Ray restarted (the only place a batch that poisoned a device runs again): this
+        batch's record, or None."""
+        global _RESTARTED_ACTOR
+        try:
+            import ray
+
+            if _RESTARTED_ACTOR is None:  # once per process: a restarted actor is a new process
+                _RESTARTED_ACTOR = in_actor() and bool(ray.get_runtime_context().was_current_actor_reconstructed)
+            if not _RESTARTED_ACTOR:
+                return None
+            ledger = _ledger()
+            if ledger is None:
+                return None
+            state = ray.get(ledger.get.remote(batch_key(stage, batch)))
+        except Exception:  # noqa: BLE001 - no ledger (a stage used outside run_sharded): plain calls
+            return None
+        return cls(stage, batch, state, ledger) if state else None
+
+    @property
+    def row_by_row(self) -> bool:
+        return self.state["attempts"] >= DEVICE_ERROR_BATCH_ATTEMPTS
+
+    def poisoned(self, e: BaseException) -> None:
+        """Record the poisoning and end this actor's process: Ray restarts the actor (Ray Data's pools set
+        max_restarts=-1) and submits its unfinished batches to it again (max_task_retries=-1)."""
+        import ray
+
+        ledger = self.ledger or _ledger()
+        where = f"row {self.current_row}" if self.current_row else f"batch of {len(self.batch)} rows"
+        state = None
+        if ledger is not None:
+            try:
+                state = ray.get(ledger.record.remote(self.key, self.current_row), timeout=60)
+            except Exception as le:  # noqa: BLE001
+                log.error("%s: could not record a device error (%s: %s)", self.stage, type(le).__name__, le)
+        log.error("%s: the accelerator is poisoned (%s: %s) on a %s; ending this actor so that Ray restarts it "
+                  "(%s)\n%s", self.stage, type(e).__name__, str(e)[:300], where,
+                  f"attempt {state['attempts']} of this batch, rows failed alone: {state['bad']}" if state else
+                  "no ledger: the batch is retried without bound", traceback_text(e))
+        for h in logging.getLogger().handlers + log.handlers:
+            try:
+                h.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        import sys
+
+        sys.stderr.flush()
+        os._exit(1)  # not ray.actor.exit_actor(): an intended exit is never restarted
+
+    def run_row_by_row(self, run, batch: pa.Table, out_schema: pa.Schema) -> pa.Table:
+        """This batch poisoned the device DEVICE_ERROR_BATCH_ATTEMPTS times: each row on its own; the rows that
+        did so alone before are recorded failed (`device_error`), unless too many did (then the shards fail)."""
+        bad = {tuple(r) for r in self.state["bad"]}
+        if len(bad) > DEVICE_ERROR_MAX_BAD_ROWS:
+            shards = pc.unique(batch.column("shard")).to_pylist()
+            detail = (f"{self.stage}: {len(bad)} rows of one batch poisoned the accelerator each on its own; the "
+                      "device is the likely cause (check it: nvidia-smi, dmesg for Xid errors)")
+            return rows_table([failed_row(s, "device_failed", detail) for s in shards], out_schema)
+        outs = []
+        for i in range(len(batch)):
+            row = batch.slice(i, 1)
+            r = row.select(["shard", "idx"]).to_pylist()[0]
+            self.current_row = [r["shard"], r["idx"]]
+            if tuple(self.current_row) in bad:
+                outs.append(self.failed_alone(row.to_pylist()[0], out_schema))
+            else:
+                outs.append(run(row).select(out_schema.names).cast(out_schema))
+        self.current_row = None
+        return pa.concat_tables(outs) if outs else out_schema.empty_table()
+
+    def failed_alone(self, r: dict, out_schema: pa.Schema) -> pa.Table:
+        detail = (f"this row poisoned the accelerator on every attempt (its batch {DEVICE_ERROR_BATCH_ATTEMPTS} "
+                  "times, then alone); see the job's log file for the error")
+        out = {k: r.get(k) for k in out_schema.names}
+        out.update(ok=False, error_stage=self.stage, error_reason="device_error", error_detail=detail)
+        return rows_table([out], out_schema)
+
+
+def _ledger():
+    import ray
+    import ray.data
+
+    name = ray.data.DataContext.get_current().get_config(LEDGER_CONFIG_KEY)
+    if not name:
+        return None
+    try:
+        return ray.get_actor(name)
+    except ValueError:
+        return None
 
 
 def dedupe_by_index(table: pa.Table) -> pa.Table:
@@ -267,8 +478,14 @@ class PartWriter:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         kinds = batch.column("kind")
-        out = [{"shard": r["shard"], "kind": r["kind"], "path": None, "idx": None, "end_info": r["end_info"]}
-               for r in batch.filter(pc.not_equal(kinds, "sample")).select(["shard", "kind", "end_info"]).to_pylist()]
+        controls = batch.filter(pc.not_equal(kinds, "sample")).select(["shard", "kind", "end_info"]).to_pylist()
+        # A shard of no samples (a tar with no members, a Parquet of only failed rows) still gets one part: an
+        # empty table of this stage's schema, so that its writer has columns to write. Listed before the end
+        # row, so that the driver has the part when the end row makes the shard ready.
+        out = [self._empty_part(batch, r["shard"]) for r in controls
+               if r["kind"] == "end" and json.loads(r["end_info"])["n_samples"] == 0]
+        out += [{"shard": r["shard"], "kind": r["kind"], "path": None, "idx": None, "end_info": r["end_info"]}
+                for r in controls]
         samples = batch.filter(pc.equal(kinds, "sample"))
         for shard in pc.unique(samples.column("shard")).to_pylist():
             part = samples.filter(pc.equal(samples.column("shard"), shard))
@@ -277,6 +494,11 @@ class PartWriter:
             storage.write_bytes_atomic(path, _ipc_bytes(part))
             out.append({"shard": shard, "kind": "part", "path": path, "idx": idx, "end_info": None})
         return pa.Table.from_pylist(out, schema=PART_META_SCHEMA)
+
+    def _empty_part(self, batch: pa.Table, shard: str) -> dict:
+        path = storage.join(self.parts_dir, shard, f"empty-{uuid.uuid4().hex[:12]}.arrow")
+        storage.write_bytes_atomic(path, _ipc_bytes(batch.slice(0, 0)))
+        return {"shard": shard, "kind": "part", "path": path, "idx": [], "end_info": None}
 
 
 def _ipc_bytes(table: pa.Table) -> bytes:
@@ -411,6 +633,7 @@ class JobSummary:
     shards_total: int = 0
     shards_done: int = 0
     shards_skipped: int = 0
+    shards_empty: int = 0  # written shards of no samples (an img2dataset shard whose every download failed)
     shards_incomplete: list = field(default_factory=list)
     shards_failed: list = field(default_factory=list)
     failed_shard_reasons: dict = field(default_factory=dict)  # shard -> reason: detail
@@ -442,6 +665,7 @@ class JobSummary:
     def account(self, done: Mapping, elapsed: float) -> None:
         c = done["counts"]
         self.shards_done += 1
+        self.shards_empty += c["samples_in"] == 0
         self.samples_in += c["samples_in"]
         self.samples_ok += c["ok"]
         self.samples_failed += c["failed"]
@@ -475,6 +699,8 @@ class JobSummary:
         ]
         for reason, n in self.failed_by_reason.most_common():
             lines.append(f"    {reason:<22} {n}")
+        if self.shards_empty:
+            lines.append(f"  empty shards (no samples; written, with a manifest saying 0): {self.shards_empty}")
         for k, v in sorted(self.extra.items()):
             lines.append(f"  {k}: {v}")
         if self.shards_incomplete:
@@ -538,6 +764,11 @@ class StallWatch:
                         "satisfy may be pending (`ray status`)", self.job, idle, held)
 
 
+def file_log() -> logging.Logger:
+    """The logger of the job's log file alone (see runtime.open_job_log): tracebacks stay off the output."""
+    return logging.getLogger("tarflow.logfile")
+
+
 def _ray_resources() -> tuple[dict, dict]:
     import ray
 
@@ -579,8 +810,10 @@ def execute(ds, spec: ShardJob, inputs: Mapping[str, dict], summary: JobSummary,
                 done = ray.get(ref)
             except Exception as e:  # noqa: BLE001 - a shard that cannot be written fails alone
                 cause = getattr(e, "cause", None) or e
-                summary.fail(shard, f"write_failed: {type(cause).__name__}: {str(cause).splitlines()[0][:200]}")
+                summary.fail(shard, f"write_failed: {type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:200]}")
                 log.error("%s: shard %s could not be written: %s", summary.job, shard, cause)
+                file_log().error("%s: shard %s could not be written:\n%s", summary.job, shard,
+                                 traceback_text(e).rstrip())
                 continue
             summary.account(done, time.time() - t0)
             c = done["counts"]
@@ -617,6 +850,9 @@ def execute(ds, spec: ShardJob, inputs: Mapping[str, dict], summary: JobSummary,
                         summary.fail(shard, f"{info['reason']}: {info['detail']}")
                         log.error("%s: shard %s failed (%s); no manifest, a rerun redoes it", summary.job, shard,
                                   info["detail"][:300])
+                        if info.get("traceback"):
+                            file_log().error("%s: shard %s failed: %s\n%s", summary.job, shard, info["reason"],
+                                             info["traceback"].rstrip())
                         continue
                     o = open_.setdefault(shard, _Open())
                     if r["kind"] == "end":
@@ -654,14 +890,37 @@ def run_sharded(spec: ShardJob, inputs: Mapping[str, dict], build_stages: Callab
     run = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     parts_dir = storage.join(spec.layout.parts_root, run)
     spec = replace(spec, run=run)
+    ledger = start_device_error_ledger(run)
     try:
         ds = build_stages(list(inputs), parts_dir)
         execute(ds, spec, inputs, summary, t0, max_writers, progress_every_s, finalize_fn)
+        poisoned = _ask(ledger.poisoned_batches)
+        if poisoned:
+            summary.extra["batches_that_poisoned_the_accelerator"] += poisoned
     finally:
         if not summary.interrupted:
             storage.remove_tree(spec.layout.parts_root)
+        _end_actor(ledger)
     summary.seconds = time.time() - t0
     return summary
+
+
+def _ask(method, timeout: float = 60):
+    import ray
+
+    try:
+        return ray.get(method.remote(), timeout=timeout)
+    except Exception:  # noqa: BLE001 - a figure for the summary, never the job's fate
+        return None
+
+
+def _end_actor(actor) -> None:
+    import ray
+
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def warn_if_local_output_on_many_nodes(output: str) -> None:

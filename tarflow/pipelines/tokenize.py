@@ -37,8 +37,8 @@ from tarflow.data.img2dataset import (DEFAULT_MAX_MEMBER_BYTES, RawSample, Shard
                                       resolve_inputs)
 from tarflow.pipelines.sharded import OutputConflict  # noqa: F401  (raised by run_tokenize; jobs catch it)
 from tarflow.pipelines.sharded import (JobSummary, PartWriter, ShardJob, end_row, failed_row,
-                                       check_pool_leaves_cpus, guarded, plan_pool, plan_shards, rows_table,
-                                       run_sharded)
+                                       check_pool_leaves_cpus, guarded, plan_pool, plan_shards,
+                                       read_failure_reason, rows_table, run_sharded)
 
 log = logging.getLogger("tarflow.tokenize")
 
@@ -104,9 +104,9 @@ class ShardReader:
                         yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
                         rows, nbytes = [], 0
             except Exception as e:  # noqa: BLE001 - one bad shard must not stop the others
-                reason = getattr(e, "reason", None) or "read_failed"
+                reason = read_failure_reason(e)
                 log.warning("shard %s failed while reading: %s: %s", shard.path, type(e).__name__, e)
-                rows.append(failed_row(shard.name, reason, f"{shard.path}: {type(e).__name__}: {e}"))
+                rows.append(failed_row(shard.name, reason, f"{shard.path}: {type(e).__name__}: {e}", e))
             yield rows_table(rows, RAW_SCHEMA)
 
     @staticmethod
