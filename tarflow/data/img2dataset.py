@@ -13,8 +13,8 @@ Faults, and what each becomes:
   which s3fs raises as they are once its own retries are spent) are retried: the file is reopened and read on
   from the same position, with exponential backoff (`ReadRetry`). When the attempts run out the whole shard
   fails: `ShardReadError("read_failed")`. No sample of it is kept, so a rerun reads it again; nothing
-  transient is ever recorded as lost. Any other error (a TypeError, a KeyError: a bug, not the link) is not
-  retried: it propagates at once and fails its shard.
+  transient is ever recorded as lost. Any other error of the reading (a TypeError, a KeyError: a bug, not the
+  link) is not retried: the shard fails at once, `ShardReadError("unexpected_error")` with the error as cause.
 - A tar is truncated only when that is proven: every byte up to the file's size was read and the tar framing
   needs more (a member's data or a header runs past the end, or the end-of-archive blocks are missing). Then
   the samples before the cut are kept, the cut sample is `truncated_tar` and the ShardEnd has
@@ -195,7 +195,7 @@ class ShardEnd:
 class ShardReadError(Exception):
     """A shard that cannot be read reliably. The caller fails this shard alone (no manifest, `reason` in the
     summary) and a rerun reads it again. Reasons: read_failed, not_found, access_denied, changed_during_read,
-    corrupt_tar, corrupt_parquet."""
+    corrupt_tar, corrupt_parquet, unexpected_error (an error a retry cannot cure, raised by the reading itself)."""
 
     def __init__(self, reason: str, detail: str, path: str = ""):
         super().__init__(reason, detail, path)  # args as given: the error pickles (Ray) and rebuilds
@@ -345,8 +345,9 @@ class RetryingFile(io.RawIOBase):
             except Exception as e:  # noqa: BLE001 -- sorted below: transient or not
                 if type(e).__name__ == "FileExpired":  # s3fs: the ETag changed under an open file
                     raise ShardReadError("changed_during_read", str(e), self.path) from e
-                if not is_transient(e):
-                    raise  # a bug or a lasting condition: a retry cannot help, the shard fails now
+                if not is_transient(e):  # a bug or a lasting condition: a retry cannot help, the shard fails now
+                    raise ShardReadError("unexpected_error", f"{what}: {type(e).__name__}: {e} (not a transient "
+                                         "error: not retried; traceback in the job's log file)", self.path) from e
                 self._drop()
                 attempt += 1
                 self.retries += 1
