@@ -215,3 +215,87 @@ def test_device_poisoning_is_told_from_other_errors():
     assert not sharded.is_device_poisoning(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not sharded.is_device_poisoning(KeyError("CUDA"))
     assert not sharded.is_device_poisoning(ValueError("shapes do not match"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A starved job ends; the start-up check refuses only what cannot run
+
+
+def test_a_job_without_rows_while_the_cluster_does_not_grow_is_ended_naming_resources_and_flags():
+    import time
+
+    fixed = lambda: ({"CPU": 0.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0})  # noqa: E731
+    started = time.monotonic()
+    with pytest.raises(sharded.JobStalled) as e:
+        with sharded.StallWatch("tokenize", 0, fixed, stall_timeout_s=0.6):
+            time.sleep(120)  # what the driver does: wait on Ray Data (the watch interrupts the wait)
+    assert time.monotonic() - started < 100
+    text = "\n".join(e.value.lines)
+    assert "tokenize: no rows for" in text and "the cluster did not grow" in text
+    assert "CPU 0 free of 1, GPU 1 free of 1" in text
+    assert "--min-encoders" in text and "--cpus-per-encoder" in text and "--stall-timeout" in text
+    assert isinstance(e.value, runtime._usage_errors(()))  # exit status 2, one line per point
+
+    # a cluster that grows (an autoscaler adding nodes) is waited for; rows arriving keep the job going
+    sizes = iter(range(1, 10_000))
+
+    def growing():
+        n = float(next(sizes))
+        return {"CPU": 0.0}, {"CPU": n}
+
+    with sharded.StallWatch("caption", 0, growing, stall_timeout_s=0.4) as grows:
+        time.sleep(2.0)
+    assert grows.stalled is None
+    with sharded.StallWatch("caption", 0, fixed, stall_timeout_s=0.4) as busy:
+        for _ in range(20):
+            time.sleep(0.1)
+            busy.beat()
+    assert busy.stalled is None
+
+
+def test_gpu_actors_are_not_counted_against_cpu_only_nodes_and_unknown_autoscaler_limits_warn(monkeypatch, caplog):
+    from tarflow.preflight import UsageError
+
+    monkeypatch.setattr(sharded, "autoscaler_max_resources", lambda: {})
+    gpu_pool = sharded.PoolPlan(gpus_per_worker=1.0, min_workers=2, max_workers=2)
+    cpu_pool = sharded.PoolPlan(gpus_per_worker=0.0, min_workers=2, max_workers=2)
+    # a 1-CPU head and no GPU node up yet: GPU encoders will sit on the GPU nodes, with those nodes' CPUs
+    monkeypatch.setattr(sharded, "_cpus_by_node_kind", lambda: (1.0, 0.0))
+    monkeypatch.setattr(sharded, "autoscaler_running", lambda: False)
+    sharded.check_pool_leaves_cpus(gpu_pool, 1.0, 1.0, "--min-encoders", "--cpus-per-encoder")
+    with pytest.raises(UsageError):  # the same pool on CPUs cannot run there
+        sharded.check_pool_leaves_cpus(cpu_pool, 0.5, 0.75, "--min-encoders", "--cpus-per-encoder")
+    # GPU nodes whose CPUs the encoders take, and no CPU-only node: nothing left for the tasks
+    monkeypatch.setattr(sharded, "_cpus_by_node_kind", lambda: (0.0, 2.0))
+    with pytest.raises(UsageError, match="GPU nodes' CPUs"):
+        sharded.check_pool_leaves_cpus(gpu_pool, 1.0, 0.25, "--min-encoders", "--cpus-per-encoder")
+    # an autoscaler whose limits cannot be read (the v1 autoscaler): a warning, the job goes on
+    monkeypatch.setattr(sharded, "autoscaler_running", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="tarflow"):
+        sharded.check_pool_leaves_cpus(gpu_pool, 1.0, 0.25, "--min-encoders", "--cpus-per-encoder")
+    assert "its limits cannot be read, so the job goes on" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ray's own lines stay off a job's output
+
+
+def test_what_ray_prints_on_the_driver_goes_to_the_job_log_without_control_codes(ray_local, capfd):
+    """The raylet and GCS errors that Ray's listener thread prints (colourised, even without log_to_driver) and
+    worker lines (log_to_driver) reach the job's log file, not stdout/stderr; the `ray` logger too."""
+    import ray._private.worker as ray_worker
+
+    path = runtime.open_job_log("test")
+    runtime.route_ray_output_to_job_log()
+    capfd.readouterr()
+    line = "Task MapWorker.submit failed: the actor was killed by ray.kill (injected line)"
+    ray_worker.print_to_stdstream({"lines": [line], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    ray_worker.print_to_stdstream({"lines": ["\x1b[33mworker says hi\x1b[0m\r"], "pid": 4242, "is_err": True,
+                                   "ip": "127.0.0.1", "actor_name": "MapWorker(X)"}, ignore_prefix=False)
+    logging.getLogger("ray.some_module").warning("a warning from Ray's own logger")
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", (out, err)
+    logged = open(path).read()
+    assert f"(raylet) {line}" in logged and "(MapWorker(X) pid=4242, ip=127.0.0.1) worker says hi" in logged
+    assert "a warning from Ray's own logger" in logged
+    assert "\x1b" not in logged and "\r" not in logged

@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tarflow.data import schema, storage
-from tarflow.pipelines.sharded import (JobSummary, PartWriter, ShardJob, ShardLayout, ShardWritten, end_row,
-                                       check_pool_leaves_cpus, failed_row, folder_identity, guarded, parquet_bytes,
+from tarflow.pipelines.sharded import (DEFAULT_STALL_TIMEOUT_S, JobSummary, PartWriter, ShardJob, ShardLayout,
+                                       ShardWritten, end_row, check_pool_leaves_cpus, failed_row, folder_identity, guarded, parquet_bytes,
                                        plan_pool, plan_shards, read_failure_reason, rows_table, run_sharded,
                                        split_failed)
 
@@ -210,6 +210,7 @@ class CaptionConfig:
     max_shards: int | None = None
     max_writers: int = 8
     progress_every_s: float = 10.0
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S  # no rows for this long, the cluster not growing: stop
     sampling: dict = field(init=False)
 
     def __post_init__(self):
@@ -301,6 +302,7 @@ def run_caption(cfg: CaptionConfig, captioner_cls=Captioner) -> JobSummary:
                         writer=CaptionShardWriter(cfg, facts),
                         schema_versions={"captions": schema.CAPTIONS_VERSION, "errors": schema.ERRORS_VERSION})
         inputs = {n: {"path": by_name[n].path, "size": by_name[n].size} for n in plan.todo}
-        run_sharded(spec, inputs, stages, summary, t0, cfg.max_writers, cfg.progress_every_s)
+        run_sharded(spec, inputs, stages, summary, t0, cfg.max_writers, cfg.progress_every_s,
+                    stall_timeout_s=cfg.stall_timeout_s)
     summary.seconds = time.time() - t0
     return summary

@@ -473,7 +473,19 @@ def add_actor_pool_args(p, what: str, batch_help: str):
     r.add_argument("--gpus-per-worker", type=float, default=None,
                    help="GPUs per actor (default: 1 when the cluster has or can add GPUs, else 0); set it on an "
                         "autoscaling cluster that starts with no GPU node")
+    r.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each actor reserves [%(default)s]")
     r.add_argument("--batch-size", type=int, default=None, help=batch_help)
     r.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     r.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU)")
+    add_stall_timeout_arg(r)
     return r
+
+
+def add_stall_timeout_arg(group) -> None:
+    """--stall-timeout, in every sharded job's CLI (see sharded.StallWatch)."""
+    from tarflow.pipelines.sharded import DEFAULT_STALL_TIMEOUT_S
+
+    group.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT_S, metavar="SECONDS",
+                       help="stop the job (exit 2, saying which flags to change) when no row has arrived for this "
+                            "long and the cluster did not grow meanwhile: a pool that starves the other stages, or "
+                            "a request no node can satisfy, would wait forever; 0: never [%(default)g]")

@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tarflow.data import schema, storage
+from tarflow.preflight import UsageError
 
 log = logging.getLogger("tarflow")
 
@@ -717,46 +718,115 @@ class JobSummary:
         return "\n".join(lines)
 
 
-class StallWatch:
-    """Warns, every `after_s` while it lasts, that no row has reached the driver for `after_s` seconds, with the
-    cluster's free and total resources. A Ray Data job can wait forever on resources the cluster will never
-    have: after a node loss Ray restarts the lost actors on the survivors, and if they take every CPU there the
-    reader, decoder and writer tasks never run (reproduced: 2 encoders x 0.5 CPU on a 1-CPU cluster never
-    finish; on 2 CPUs, 12 s); or an actor asks for a resource no node type offers. Ray logs nothing then."""
+DEFAULT_STALL_TIMEOUT_S = 1800.0
+# The flags that size each job's actor pool: what a stalled job's message tells to change.
+POOL_FLAGS = {"tokenize": ("--min-encoders", "--cpus-per-encoder", "--gpus-per-encoder"),
+              "caption": ("--min-workers", "--cpus-per-worker", "--gpus-per-worker"),
+              "generate": ("--min-workers", "--cpus-per-worker", "--gpus-per-worker")}
 
-    def __init__(self, job: str, after_s: float, resources: Callable[[], tuple[dict, dict]] | None = None):
+
+class JobStalled(UsageError):
+    """No row reached the driver for --stall-timeout seconds and the cluster did not grow meanwhile: a setting
+    to change (exit status 2), one line per point."""
+
+
+class StallWatch:
+    """Watches that rows keep reaching the driver. A Ray Data job can wait forever on resources the cluster will
+    never have: after a node loss Ray restarts the lost actors on the survivors, and if they take every CPU there
+    the reader, decoder and writer tasks never run (reproduced: 2 encoders x 0.5 CPU on a 1-CPU cluster never
+    finish; on 2 CPUs, 12 s); or an actor asks for a resource no node type offers. Ray logs nothing then.
+
+    Every `after_s` without rows it warns, with the cluster's free and total resources. After `stall_timeout_s`
+    without rows (0: never), if the cluster's resources did not change in that time either (no node came or
+    went: an autoscaler that is adding nodes resets the clock), it ends the job: JobStalled is raised in the
+    main thread (by a signal, which interrupts whatever the main thread waits on), naming the resources and the
+    flags to change."""
+
+    def __init__(self, job: str, after_s: float, resources: Callable[[], tuple[dict, dict]] | None = None,
+                 stall_timeout_s: float = 0.0):
         import threading
 
-        self.job, self.after_s = job, after_s
+        self.job, self.after_s, self.stall_timeout_s = job, after_s, stall_timeout_s
         self.resources = resources or _ray_resources
         self.last = time.monotonic()
         self.warnings = 0
+        self.stalled: list[str] | None = None  # the message's lines, once the job is ended
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tarflow-stall-watch", daemon=True)
+        self._previous_handler = None
 
     def __enter__(self) -> "StallWatch":
-        if self.after_s > 0:
+        import signal
+        import threading
+
+        if self.stall_timeout_s > 0 and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGUSR1, self._raise_stalled)
+        else:
+            self.stall_timeout_s = 0.0  # only the main thread can be interrupted: warn only
+        if self.after_s > 0 or self.stall_timeout_s > 0:
             self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        import signal
+
         self._stop.set()
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGUSR1, self._previous_handler)
+            self._previous_handler = None
 
     def beat(self) -> None:
         self.last = time.monotonic()
 
+    def _raise_stalled(self, signum, frame):
+        if self.stalled and not self._stop.is_set():
+            raise JobStalled(self.stalled)
+
+    def _held(self) -> tuple[str, dict | None]:
+        try:
+            free, total = self.resources()
+            return ", ".join(f"{k} {free.get(k, 0):g} free of {total[k]:g}" for k in ("CPU", "GPU") if k in total), \
+                {k: total.get(k, 0) for k in ("CPU", "GPU")}
+        except Exception as e:  # noqa: BLE001 - the watch must not fail the job
+            return f"resources unknown ({type(e).__name__})", None
+
     def _run(self) -> None:
+        import signal
+        import threading
+
         warned_at = 0.0
-        while not self._stop.wait(min(self.after_s / 4, 15.0)):
-            idle = time.monotonic() - self.last
-            if idle < self.after_s or time.monotonic() - warned_at < self.after_s:
+        sizes: list[tuple[float, dict | None]] = []  # (when, total resources) while no row arrives
+        periods = [p for p in (self.after_s, self.stall_timeout_s) if p > 0]
+        while not self._stop.wait(min(min(periods) / 4, 15.0)):
+            now = time.monotonic()
+            idle = now - self.last
+            if idle < min(periods):
+                sizes.clear()
                 continue
-            warned_at = time.monotonic()
-            try:
-                free, total = self.resources()
-                held = ", ".join(f"{k} {free.get(k, 0):g} free of {total[k]:g}" for k in ("CPU", "GPU") if k in total)
-            except Exception as e:  # noqa: BLE001 - the warning must not fail the job
-                held = f"resources unknown ({type(e).__name__})"
+            held, total = self._held()
+            sizes.append((now, total))
+            sizes[:] = [x for x in sizes if x[0] >= self.last]
+            if self.stall_timeout_s > 0 and idle >= self.stall_timeout_s and total is not None:
+                changed_at = max((t for (t, tot), (_, before) in zip(sizes[1:], sizes) if tot != before),
+                                 default=self.last)
+                if now - changed_at >= self.stall_timeout_s and sizes[0][0] <= now - self.stall_timeout_s * 0.5:
+                    min_flag, cpus_flag, gpus_flag = POOL_FLAGS.get(self.job, ("the pool's minimum",
+                                                                               "its CPUs per worker",
+                                                                               "its GPUs per worker"))
+                    self.stalled = [
+                        f"{self.job}: no rows for {idle:.0f} s and the cluster did not grow meanwhile ({held}): "
+                        "stopped; nothing is lost, rerun the same command to resume",
+                        f"an actor pool may hold what the reading, decoding and writing tasks need: lower "
+                        f"{min_flag} or {cpus_flag}, or add nodes; or a request no node can satisfy is pending "
+                        f"(check {gpus_flag}, `ray status`)",
+                        f"to wait longer: --stall-timeout SECONDS (default {DEFAULT_STALL_TIMEOUT_S:.0f}; 0: never "
+                        "stop)"]
+                    log.error("%s", " ".join(self.stalled))
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+                    return
+            if idle < self.after_s or self.after_s <= 0 or now - warned_at < self.after_s:
+                continue
+            warned_at = now
             self.warnings += 1
             log.warning("%s: no rows for %.0f s (%s). If nothing is free, an actor pool may hold what the other "
                         "stages need (after a node loss Ray restarts actors on the nodes left): lower the pool's "
@@ -783,7 +853,8 @@ class _Open:
 
 
 def execute(ds, spec: ShardJob, inputs: Mapping[str, dict], summary: JobSummary, t0: float,
-            max_writers: int = 8, progress_every_s: float = 10.0, finalize_fn=None, stall_warn_s: float = 300.0) -> None:
+            max_writers: int = 8, progress_every_s: float = 10.0, finalize_fn=None, stall_warn_s: float = 300.0,
+            stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S) -> None:
     """Run the job's dataset (ending in a PartWriter stage), finalize each shard on a worker as soon as all
     its rows are written, keep the summary and log a line per finished shard plus periodic progress.
 
@@ -834,7 +905,7 @@ def execute(ds, spec: ShardJob, inputs: Mapping[str, dict], summary: JobSummary,
         del open_[shard]
         inflight[finalize.remote(spec_ref, shard, inputs[shard], o.parts, o.end)] = shard
 
-    with StallWatch(summary.job, stall_warn_s) as watch:
+    with StallWatch(summary.job, stall_warn_s, stall_timeout_s=stall_timeout_s) as watch:
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 watch.beat()
@@ -881,10 +952,11 @@ def execute(ds, spec: ShardJob, inputs: Mapping[str, dict], summary: JobSummary,
 
 def run_sharded(spec: ShardJob, inputs: Mapping[str, dict], build_stages: Callable[[list[str], str], Any],
                 summary: JobSummary, t0: float, max_writers: int = 8, progress_every_s: float = 10.0,
-                finalize_fn=None) -> JobSummary:
+                finalize_fn=None, stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S) -> JobSummary:
     """Plan-independent part of every job: a fresh parts folder for this run, the stages (a Ray Dataset of
     rows for the shards `todo`, made by `build_stages(todo, parts_dir)` and ending in PartWriter), the
-    finalize tasks, then the parts folder removed."""
+    finalize tasks, then the parts folder removed. A job that gets no rows for `stall_timeout_s` while the
+    cluster does not grow ends with JobStalled (see StallWatch)."""
     warn_if_local_output_on_many_nodes(spec.layout.output)
     storage.remove_tree(spec.layout.parts_root)  # a killed run's leftovers: their shards are redone now
     run = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
@@ -893,7 +965,8 @@ def run_sharded(spec: ShardJob, inputs: Mapping[str, dict], build_stages: Callab
     ledger = start_device_error_ledger(run)
     try:
         ds = build_stages(list(inputs), parts_dir)
-        execute(ds, spec, inputs, summary, t0, max_writers, progress_every_s, finalize_fn)
+        execute(ds, spec, inputs, summary, t0, max_writers, progress_every_s, finalize_fn,
+                stall_timeout_s=stall_timeout_s)
         poisoned = _ask(ledger.poisoned_batches)
         if poisoned:
             summary.extra["batches_that_poisoned_the_accelerator"] += poisoned
@@ -982,19 +1055,70 @@ def check_pool_leaves_cpus(pool: PoolPlan, cpus_per_worker: float, task_cpus: fl
                            cpus_flag: str) -> None:
     """Refuse a pool whose minimum takes so many CPUs that no CPU task of the job (the largest asks `task_cpus`)
     fits beside it: Ray Data starts the minimum at once and the job then waits forever, silently (reproduced:
-    --min-encoders 2 x 0.5 CPU on a 1-CPU cluster never finishes; min 1, max 2 does). The CPUs counted are
-    those up now or, if more, those the autoscaler can add."""
+    --min-encoders 2 x 0.5 CPU on a 1-CPU cluster never finishes; min 1, max 2 does).
+
+    Only what cannot run is refused. Actors that need GPUs run on GPU nodes and take those nodes' CPUs: the
+    CPUs of nodes without GPUs stay for the tasks. The CPUs counted are those up now or, if more, those the
+    autoscaler can add. Where an autoscaler runs but its limits cannot be read (the v1 autoscaler does not
+    publish them), the check cannot know what will come up: it warns, and --stall-timeout ends the job if it
+    does starve."""
+    if cpus_per_worker <= 0:
+        return
+    held = pool.min_workers * cpus_per_worker
+    cpu_only, on_gpu_nodes = _cpus_by_node_kind()
+    if pool.gpus_per_worker > 0:
+        left = cpu_only + max(0.0, on_gpu_nodes - held)
+    else:
+        left = cpu_only + on_gpu_nodes - held
+    limits = autoscaler_max_resources()
+    if limits.get("CPU"):
+        left = max(left, limits["CPU"] - held)
+    if left >= task_cpus or cpu_only + on_gpu_nodes <= 0:
+        return
+    where = "GPU nodes' " if pool.gpus_per_worker > 0 else ""
+    problem = (f"{min_flag} {pool.min_workers} x {cpus_flag} {cpus_per_worker:g} holds {held:g} of this cluster's "
+               f"{where}CPUs ({cpu_only + on_gpu_nodes:g} in all, {cpu_only:g} on nodes without GPUs), leaving less "
+               f"than the {task_cpus:g} that reading, decoding and writing tasks need")
+    if not limits and autoscaler_running():
+        log.warning("%s, counting the nodes up now; this cluster's autoscaler may add more, but its limits cannot "
+                    "be read, so the job goes on (if it starves, --stall-timeout ends it)", problem)
+        return
+    raise UsageError([f"{problem} (the job would wait forever): lower {min_flag} or {cpus_flag}, or add CPUs"])
+
+
+def _cpus_by_node_kind() -> tuple[float, float]:
+    """(CPUs of the alive nodes without GPUs, CPUs of those with GPUs)."""
     import ray
 
-    from tarflow.preflight import UsageError
+    cpu_only = on_gpu = 0.0
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        res = node.get("Resources", {})
+        if res.get("GPU", 0) > 0:
+            on_gpu += res.get("CPU", 0.0)
+        else:
+            cpu_only += res.get("CPU", 0.0)
+    return cpu_only, on_gpu
 
-    cpus = max(ray.cluster_resources().get("CPU", 0.0), autoscaler_max_resources().get("CPU", 0.0))
-    held = pool.min_workers * cpus_per_worker
-    if cpus_per_worker > 0 and cpus > 0 and cpus - held < task_cpus:
-        raise UsageError([f"{min_flag} {pool.min_workers} x {cpus_flag} {cpus_per_worker:g} holds {held:g} of this "
-                          f"cluster's {cpus:g} CPUs, leaving less than the {task_cpus:g} that reading, decoding and "
-                          f"writing tasks need (the job would wait forever): lower {min_flag} or {cpus_flag}, or "
-                          f"add CPUs"])
+
+def autoscaler_running() -> bool:
+    """Whether an autoscaler watches this cluster: its status in the GCS (the v1 monitor writes it every few
+    seconds; autoscaler v2 keeps its state in the GCS too)."""
+    try:
+        from ray._private import ray_constants
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        if _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS):
+            return True
+    except Exception:  # noqa: BLE001 - another Ray: no autoscaler known
+        pass
+    try:
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+        return bool(is_autoscaler_v2())
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def autoscaler_max_resources() -> dict:
