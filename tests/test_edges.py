@@ -63,8 +63,9 @@ def test_empty_shards_are_written_with_a_manifest_of_0_skipped_by_a_rerun_and_co
         assert manifest["counts"] == {"samples_in": 0, "ok": 0, "failed": 0, "failed_by_reason": {}}
         assert read_code_shard(str(out / "codes" / "00001.parquet")).num_rows == 0
         assert "empty shards (no samples; written, with a manifest saying 0): 1" in summary.render()
-        again = run_tokenize(cfg)
-        assert (again.shards_skipped, again.shards_done, again.shards_failed) == (2, 0, [])
+        if fmt == "webdataset":  # the rerun's planning is the same for both formats
+            again = run_tokenize(cfg)
+            assert (again.shards_skipped, again.shards_done, again.shards_failed) == (2, 0, [])
 
     model = tmp_path / "model"
     model.mkdir()
@@ -176,6 +177,7 @@ def test_a_programming_error_fails_the_shard_at_once_and_link_errors_are_retried
 # A poisoned accelerator
 
 
+@pytest.mark.cluster  # fault injection: 4 actor restarts, each loading the model again (9.8 min at a load of 50)
 def test_a_poisoned_accelerator_restarts_its_actor_and_only_the_row_that_poisons_it_fails(ray_local, tmp_path,
                                                                                           tatok_path):
     """A sticky CUDA error (injected on CPU): once in the batch holding row B, and whenever row A runs. The actor
@@ -293,9 +295,10 @@ def test_what_ray_prints_on_the_driver_goes_to_the_job_log_without_control_codes
     ray_worker.print_to_stdstream({"lines": ["\x1b[33mworker says hi\x1b[0m\r"], "pid": 4242, "is_err": True,
                                    "ip": "127.0.0.1", "actor_name": "MapWorker(X)"}, ignore_prefix=False)
     logging.getLogger("ray.some_module").warning("a warning from Ray's own logger")
+    logging.getLogger("ray.data._internal.some_module").warning("a warning from Ray Data")
     out, err = capfd.readouterr()
     assert out == "" and err == "", (out, err)
     logged = open(path).read()
     assert f"(raylet) {line}" in logged and "(MapWorker(X) pid=4242, ip=127.0.0.1) worker says hi" in logged
-    assert "a warning from Ray's own logger" in logged
+    assert "a warning from Ray's own logger" in logged and "a warning from Ray Data" in logged
     assert "\x1b" not in logged and "\r" not in logged

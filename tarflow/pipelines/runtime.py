@@ -221,8 +221,9 @@ def route_ray_output_to_job_log() -> None:
     Ray prints, on the driver, from two background threads: the lines of its workers (with log_to_driver) and
     the errors that raylets and the GCS publish (even without log_to_driver: e.g. the colourised `(raylet) Task
     ... submit failed ... killed by ray.kill` when Ray Data ends its actors under load). Both go through
-    `ray._private.worker.print_worker_logs`, which is replaced here; so are the `ray` logger's console handlers
-    (Ray Data's own logger, with its progress lines, is left as it is). Without a job log file, nothing changes.
+    `ray._private.worker.print_worker_logs`, which is replaced here; so are the console handlers of the `ray` and
+    `ray.data` loggers (Ray Data's execution plans, warnings and, off a terminal, its progress lines; its bars on
+    a terminal are not logging and stay). Without a job log file, nothing changes.
     """
     if not _job_log["path"]:
         return
@@ -248,8 +249,14 @@ def route_ray_output_to_job_log() -> None:
 
         ray_worker.print_worker_logs = print_worker_logs
         ray_worker._tarflow_routed = True
-    ray_logger = logging.getLogger("ray")
-    if not any(isinstance(h, _ToJobLog) for h in ray_logger.handlers):
+    try:
+        import ray.data  # noqa: F401  (configures its logger on import: its console handler is replaced here)
+    except ImportError:
+        pass
+    for name in ("ray", "ray.data"):
+        ray_logger = logging.getLogger(name)
+        if any(isinstance(h, _ToJobLog) for h in ray_logger.handlers):
+            continue
         for h in list(ray_logger.handlers):
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
                 ray_logger.removeHandler(h)
