@@ -45,8 +45,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, progress_b
         else:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             _token_auth_without_warning()
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-                     object_store_memory=_local_object_store_bytes())
+            start_local_ray(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                            object_store_memory=_local_object_store_bytes())
     _pass_small_actor_arguments_by_value()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress_bars is not False
@@ -58,6 +58,24 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, progress_b
         # Ray Data logs progress lines instead of bars when stdout is not a terminal, except inside Ray workers
         # (Ray Train's data coordinator), where its default ray-tqdm bars would still write control codes
         ctx.use_ray_tqdm = False
+
+
+def start_local_ray(attempts: int = 3, **init_kwargs) -> None:
+    """`ray.init(address="local", ...)`, tried again when the new node does not register in time: Ray 2.60 gives
+    its raylet a fixed 30 s to register with the GCS, which a loaded machine can miss (`The current node timed
+    out during startup`); the half-started processes are shut down before the next try."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", **init_kwargs)
+            return
+        except Exception as e:  # noqa: BLE001 - only that startup timeout is retried
+            if "timed out during startup" not in str(e) or attempt == attempts:
+                raise
+            log.warning("Ray's local node did not start in time (attempt %d of %d, the machine is busy); trying "
+                        "again", attempt, attempts)
+            ray.shutdown()
 
 
 def _token_auth_without_warning() -> None:
