@@ -65,8 +65,8 @@ def main(argv=None) -> int:
         max_new_tokens=args.max_new_tokens, greedy=not args.sample, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, overwrite=args.overwrite, batch_size=args.batch_size,
         num_workers=args.num_workers, min_workers=args.min_workers, max_writers=args.max_writers,
-        gpus_per_worker=args.gpus_per_worker, dtype=args.dtype, compile=args.compile,
-        max_shards=args.max_shards)
+        gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, dtype=args.dtype,
+        compile=args.compile, max_shards=args.max_shards, stall_timeout_s=args.stall_timeout)
 
     def check():
         checks.caption_problems(cfg).raise_if_any()

@@ -111,8 +111,8 @@ def main(argv=None) -> int:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
         guidance_scale=args.guidance_scale, num_inference_steps=args.steps, overwrite=args.overwrite,
         batch_size=args.batch_size, num_workers=args.num_workers, min_workers=args.min_workers,
-        max_writers=args.max_writers, gpus_per_worker=args.gpus_per_worker, dtype=args.dtype, compile=args.compile,
-        **reflect_kwargs(args))
+        max_writers=args.max_writers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+        dtype=args.dtype, compile=args.compile, stall_timeout_s=args.stall_timeout, **reflect_kwargs(args))
 
     def check():
         problems = checks.generate_problems(cfg)

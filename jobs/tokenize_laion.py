@@ -21,6 +21,8 @@ from tarflow.data.img2dataset import DEFAULT_MAX_MEMBER_BYTES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from tarflow.pipelines.runtime import add_stall_timeout_arg
+
     p = argparse.ArgumentParser(
         prog="tokenize_laion.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("input and output")
@@ -84,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--gpus-per-encoder", type=float, default=None,
                    help="GPUs per encoder (default: 1 when the cluster has or can add GPUs, or with --device cuda; "
                         "else 0). Set it (or --device cuda) on an autoscaling cluster that starts with no GPU node")
+    r.add_argument("--cpus-per-encoder", type=float, default=1.0, help="CPUs each encoder actor reserves "
+                   "[%(default)s]")
     r.add_argument("--max-concurrent-shards", type=int, default=8, help="shards read at once [%(default)s]")
     r.add_argument("--encoder-memory", type=int, default=None,
                    help="bytes of memory each encoder actor reserves (default: 4x the checkpoints, >= 512 MiB; 0: "
@@ -93,6 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--encode-batch-size", type=int, default=None, help="images per encoder call (256 GPU / 32 CPU)")
     r.add_argument("--decode-batch-size", type=int, default=32, help="images per decode task batch [%(default)s]")
     r.add_argument("--read-chunk", type=int, default=64, help="samples per block read from a shard [%(default)s]")
+    add_stall_timeout_arg(r)
     p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars (log lines only)")
     p.add_argument("--summary-json", default=None, help="also write the final summary as JSON here")
     args = p.parse_args(argv)
@@ -135,9 +140,10 @@ def main(argv=None) -> int:
         encode_batch_size=args.encode_batch_size, num_encoders=args.num_encoders, min_encoders=args.min_encoders,
         max_concurrent_shards=args.max_concurrent_shards, max_writers=args.max_writers,
         max_member_bytes=args.max_member_bytes, encoder_memory=args.encoder_memory,
-        gpus_per_encoder=args.gpus_per_encoder, dtype=args.dtype, device=args.device, max_shards=args.max_shards,
-        vq=args.vq, vq_resolution=args.vq_resolution, latents=args.latents, latent_resolution=args.latent_resolution,
-        image_root=args.image_root)
+        gpus_per_encoder=args.gpus_per_encoder, cpus_per_encoder=args.cpus_per_encoder, dtype=args.dtype,
+        device=args.device, max_shards=args.max_shards, vq=args.vq, vq_resolution=args.vq_resolution,
+        latents=args.latents, latent_resolution=args.latent_resolution, image_root=args.image_root,
+        stall_timeout_s=args.stall_timeout)
 
     def check():
         checks.tokenize_problems(cfg).raise_if_any()

@@ -2,6 +2,7 @@
 
     python tests/cluster_scenarios.py node-removal WORKDIR     # ray.cluster_utils.Cluster, a node removed mid-job
     python tests/cluster_scenarios.py autoscaling WORKDIR      # fake_multinode autoscaler, GPU nodes from 0
+    python tests/cluster_scenarios.py autoscaling-defaults WORKDIR   # the same, the job's CPU settings at defaults
 
 Each prints one JSON line of findings (prefixed `RESULT `) for tests/test_clusters.py to assert on. Every
 node listens on 127.0.0.1 with its own ports and temp dir; clusters are ended by their own PIDs, never by
@@ -136,7 +137,14 @@ def node_removal(work: Path) -> dict:
         cluster.shutdown()
 
 
-def autoscaling(work: Path) -> dict:
+def autoscaling_defaults(work: Path) -> dict:
+    """The same cluster, and the job as the README gives it for such a cluster: `--gpus-per-encoder 1
+    --num-encoders 2`, every CPU setting at its default (1 CPU per encoder, 1 per decode task). The start-up check
+    must let it run (the encoders take the GPU nodes' CPUs, not the head's), and it must finish."""
+    return autoscaling(work, defaults=True)
+
+
+def autoscaling(work: Path, defaults: bool = False) -> dict:
     """A head with 1 CPU and no GPU, and a node type declaring {CPU: 1, GPU: 1} with min 0, max 2, started by
     the fake_multinode autoscaler on demand. Asked for GPU encoders (`--gpus-per-encoder 1 --num-encoders 2`,
     as `--device cuda` does), the job requests them although no GPU is up at start; the autoscaler adds GPU
@@ -199,12 +207,13 @@ def autoscaling(work: Path) -> dict:
         pool = plan_pool("auto")
         if os.environ.get("TARFLOW_PROBE_ONLY"):
             return {"gpus_at_start": gpus_at_start, "offered": offered}
-        shards = make_shards(work / "in", 16, 6)
+        shards = make_shards(work / "in", 8 if defaults else 16, 6)
         placements = work / "placements.txt"
+        cpus = {} if defaults else {"cpus_per_encoder": 0.25, "decode_cpus": 0.25}
         summary = run_tokenize(
             TokenizeConfig(input=shards, output=str(work / "out"), tatok=str(ensure_random_tatok()), scales=[1],
                            encode_batch_size=2, decode_batch_size=2, read_chunk=2, progress_every_s=0,
-                           cpus_per_encoder=0.25, decode_cpus=0.25, gpus_per_encoder=1.0, num_encoders=2,
+                           gpus_per_encoder=1.0, num_encoders=2, stall_timeout_s=300, **cpus,
                            encoder_memory=0),  # the fake node type declares no memory: a reservation would hang
             encoder_cls=EncoderReportingPlacement, encoder_kwargs={"log": str(placements), "delay_s": 1.0})
         lines = [json.loads(x) for x in placements.read_text().splitlines()]
@@ -245,5 +254,6 @@ def kill_processes_mentioning(*needles: str) -> None:
 if __name__ == "__main__":
     scenario, workdir = sys.argv[1], Path(sys.argv[2])
     workdir.mkdir(parents=True, exist_ok=True)
-    result = {"node-removal": node_removal, "autoscaling": autoscaling}[scenario](workdir)
+    result = {"node-removal": node_removal, "autoscaling": autoscaling,
+              "autoscaling-defaults": autoscaling_defaults}[scenario](workdir)
     print("RESULT " + json.dumps(result, default=str), flush=True)

@@ -102,8 +102,10 @@ def ray_local(s3_endpoint):
     """One local Ray for the session (after the S3 server so that workers inherit its address)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 << 20,
-             log_to_driver=False, configure_logging=False)
+    from tarflow.pipelines.runtime import start_local_ray
+
+    start_local_ray(num_cpus=2, include_dashboard=False, object_store_memory=512 << 20, log_to_driver=False,
+                    configure_logging=False)
     import ray.data
 
     ctx = ray.data.DataContext.get_current()

@@ -14,7 +14,7 @@ from tarflow.pipelines.tokenize import TATokEncoder
 
 
 class EncoderFailingOnShard(TATokEncoder):
-    """Raises on every batch that holds a row of `bad_shard` (a CUDA error, a library bug...)."""
+    """Raises on every batch that holds a row of `bad_shard` (a library bug that leaves the device usable)."""
 
     def __init__(self, *a, bad_shard: str, **kw):
         super().__init__(*a, **kw)
@@ -23,8 +23,54 @@ class EncoderFailingOnShard(TATokEncoder):
     @guarded("encode", "schema")
     def __call__(self, batch):
         if self.bad_shard in batch.column("shard").to_pylist():
-            raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+            raise KeyError("a library bug on this shard (injected)")
         return super().__call__(batch)
+
+
+POISON = "CUDA error: an illegal memory access was encountered (injected)"
+
+
+class EncoderPoisoningTheDevice(TATokEncoder):
+    """Raises a sticky CUDA error, as a poisoned device does: on every batch that holds the row `always` (a row
+    that breaks the device whenever it runs), and on the first batch that holds the row `once` (a fault of the
+    device, not of the row; `marker`, a file, records it). Appends {pid, keys} per batch it encodes to `log`."""
+
+    def __init__(self, *a, always: str, once: str, marker: str, log: str, **kw):
+        super().__init__(*a, **kw)
+        self.always, self.once, self.marker, self.log = always, once, marker, log
+
+    @guarded("encode", "schema")
+    def __call__(self, batch):
+        import json
+
+        keys = batch.column("key").to_pylist()
+        if self.always in keys:
+            raise RuntimeError(POISON)
+        if self.once in keys and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            raise RuntimeError(POISON)
+        out = TATokEncoder.__call__.__wrapped__(self, batch)  # the encoder itself, without a second guard
+        with open(self.log, "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "keys": keys}) + "\n")
+        return out
+
+
+class FakeCaptioner:
+    """No model: every sample's caption is `caption of KEY`."""
+
+    def __init__(self, *a, **kw):
+        pass
+
+    def __call__(self, batch):
+        from tarflow.pipelines.caption import CAPTIONED_ROW_SCHEMA
+
+        rows = batch.to_pylist()
+        for r in rows:
+            r.pop("codes", None)
+            ok = r["kind"] == "sample"
+            r.update(ok=ok, prompt="q" if ok else None, caption=f"caption of {r['key']}" if ok else None,
+                     prompt_tokens=1 if ok else None, caption_tokens=3 if ok else None, finished=True if ok else None)
+        return pa.Table.from_pylist(rows, schema=CAPTIONED_ROW_SCHEMA)
 
 
 class EncoderWithBallast(TATokEncoder):

@@ -120,10 +120,29 @@ def flaky(monkeypatch):
     return install
 
 
+def _raised_while_handling(outer: Exception, inner: Exception) -> Exception:
+    try:
+        try:
+            raise inner
+        except type(inner):
+            raise outer
+    except type(outer) as e:
+        return e
+
+
+def _client_payload_error():
+    import aiohttp
+
+    return aiohttp.ClientPayloadError("Response payload is not completed")
+
+
 @pytest.mark.parametrize("error", [ConnectionResetError(104, "Connection reset by peer"),
-                                   IndexError("pop from an empty deque"),  # what s3fs raised after 10 resets
+                                   _client_payload_error(),  # what s3fs raises once its own retries are spent
+                                   # a library tripping over a broken connection (s3fs raised this after resets)
+                                   _raised_while_handling(IndexError("pop from an empty deque"),
+                                                          ConnectionResetError(104, "Connection reset by peer")),
                                    None],  # an early EOF: the stream ends before the file's size
-                         ids=["connection_reset", "s3fs_index_error", "early_eof"])
+                         ids=["connection_reset", "s3_payload_error", "error_while_handling_a_reset", "early_eof"])
 def test_a_transient_fault_mid_shard_is_retried_and_every_sample_read(good_tar, flaky, error):
     clean, clean_end = i2d.read_all(_shard(good_tar))
     fs = flaky(fault_at=os.path.getsize(good_tar) // 2, error=error, times=1)

@@ -128,15 +128,14 @@ def test_pool_requests_gpus_the_autoscaler_offers_even_when_none_is_up(ray_local
 def test_a_pool_minimum_that_leaves_no_cpu_for_the_tasks_is_refused(ray_local, monkeypatch):
     """2 encoders x 0.5 CPU on a 1-CPU cluster never finish (the decoder's tasks never get a CPU): refused with
     the flags to change; the same minimum passes where the autoscaler can add CPUs."""
-    import ray
-
     from tarflow.preflight import UsageError
 
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 1.0})
+    monkeypatch.setattr(sharded, "_cpus_by_node_kind", lambda: (1.0, 0.0))
     monkeypatch.setattr(sharded, "autoscaler_max_resources", lambda: {})
+    monkeypatch.setattr(sharded, "autoscaler_running", lambda: False)
     pool = sharded.plan_pool("cpu", min_workers=2, max_workers=2)
-    with pytest.raises(UsageError, match=r"--min-encoders 2 x --cpus-per-encoder 0.5 holds 1 of this cluster's 1 "
-                                         r"CPUs.*lower --min-encoders or --cpus-per-encoder"):
+    with pytest.raises(UsageError, match=r"--min-encoders 2 x --cpus-per-encoder 0.5 holds 1 of this cluster's "
+                                         r"CPUs \(1 in all.*lower --min-encoders or --cpus-per-encoder"):
         sharded.check_pool_leaves_cpus(pool, 0.5, 0.25, "--min-encoders", "--cpus-per-encoder")
     sharded.check_pool_leaves_cpus(sharded.plan_pool("cpu", min_workers=1, max_workers=2), 0.5, 0.25, "a", "b")
     monkeypatch.setattr(sharded, "autoscaler_max_resources", lambda: {"CPU": 8})

@@ -248,11 +248,20 @@ def test_driver_killed_midway_loses_and_duplicates_nothing(ray_local, i2d_shards
 
 def test_a_shard_failing_in_a_stage_fails_alone_and_the_rerun_redoes_it(ray_local, i2d_shards, tatok_path,
                                                                         tmp_path):
+    """A library error that leaves the device usable: the shard fails at once (no retry), the reason in the
+    summary, the worker's traceback in the job's log file."""
+    from tarflow.pipelines import runtime
+
     out = tmp_path / "out"
+    log_file = runtime.open_job_log("test")
     summary = run_tokenize(_cfg(input=i2d_shards, output=str(out), tatok=tatok_path, scales=[1]),
                            encoder_cls=slowstages.EncoderFailingOnShard, encoder_kwargs={"bad_shard": "00001"})
     assert summary.shards_failed == ["00001"] and summary.shards_done == 2
-    assert "illegal memory access" in summary.failed_shard_reasons["00001"]
+    assert summary.failed_shard_reasons["00001"].startswith("encode_failed: encode: KeyError")
+    assert "a library bug on this shard" in summary.failed_shard_reasons["00001"]
+    logged = open(log_file).read()
+    assert "tokenize: shard 00001 failed: encode_failed\nTraceback" in logged
+    assert 'raise KeyError("a library bug on this shard (injected)")' in logged  # the worker's own frame
     assert sorted(p.stem for p in (out / "_manifest").glob("*.json")) == ["00000", "00002"]
     again = run_tokenize(_cfg(input=i2d_shards, output=str(out), tatok=tatok_path, scales=[1]))
     assert (again.shards_done, again.shards_skipped, again.shards_failed) == (1, 2, [])

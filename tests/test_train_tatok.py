@@ -222,19 +222,55 @@ def test_tatok_learns_on_cpu_and_its_codes_survive_save_and_load(models, images,
     assert ModelPlan(**plan["model"]).codebook_size == loaded.codebook_size == K
 
 
-def test_teacher_and_llm_folders_read_from_s3(models, s3_bucket):
-    """Only the vision weights and the embedding rows are read (by byte ranges), from S3 as from disk."""
+def test_teacher_and_llm_folders_read_from_s3(models, s3_bucket, monkeypatch):
+    """Only the vision weights and the embedding rows are read (by byte ranges), from S3 as from disk: the bytes
+    that S3 sends are counted."""
     import s3fs
+    from safetensors import safe_open
 
     fs = s3fs.S3FileSystem()
     for key in ("teacher", "llm"):
         fs.put(models[key].rstrip("/") + "/", f"{s3_bucket}/{key}/".removeprefix("s3://"), recursive=True)
+    sent = []  # bytes of every GET's body, through the S3 client itself (ranged or whole-object reads alike)
+    real_cat, real_fetch = s3fs.S3FileSystem._cat_file, s3fs.core.S3File._fetch_range
+
+    async def cat_file(self, path, *a, **kw):
+        data = await real_cat(self, path, *a, **kw)
+        sent.append((path, len(data)))
+        return data
+
+    def fetch_range(self, start, end):
+        data = real_fetch(self, start, end)
+        sent.append((self.path, len(data)))
+        return data
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_cat_file", cat_file)
+    monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", fetch_range)
+
+    def weights_read(key):
+        return sum(n for path, n in sent if path.endswith(f"{key}/model.safetensors"))
+
+    def tensor_bytes(folder, want):
+        with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
+            return sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys() if want(k))
+
     enc, sd = load_siglip_folder(f"{s3_bucket}/teacher")
     enc_local, sd_local = load_siglip_folder(models["teacher"])
     assert enc == enc_local and sd.keys() == sd_local.keys() and all(torch.equal(sd[k], sd_local[k]) for k in sd)
     assert not any(k.startswith("text_model") for k in sd)
-    rows = [3, 1, 200]
-    assert torch.equal(embedding_rows(f"{s3_bucket}/llm", rows), embedding_rows(models["llm"], rows))
+    vision = tensor_bytes(models["teacher"], lambda k: k.startswith("vision_model."))
+    header = 8 + int.from_bytes(open(os.path.join(models["teacher"], "model.safetensors"), "rb").read(8), "little")
+    assert weights_read("teacher") == vision + header  # no text tower, no read-ahead around the ranges
+    assert os.path.getsize(os.path.join(models["teacher"], "model.safetensors")) > weights_read("teacher")
+    rows = [3, 1, 200, 2]
+    got = embedding_rows(f"{s3_bucket}/llm", rows)
+    assert torch.equal(got, embedding_rows(models["llm"], rows))
+    with safe_open(os.path.join(models["llm"], "model.safetensors"), "pt") as f:
+        table = f.get_tensor(next(k for k in f.keys() if k.endswith("embed_tokens.weight")))
+    assert torch.equal(got, table[rows].float())
+    row_bytes = table[0].numel() * table.element_size()
+    header = 8 + int.from_bytes(open(os.path.join(models["llm"], "model.safetensors"), "rb").read(8), "little")
+    assert weights_read("llm") == header + len(rows) * row_bytes  # those 4 rows, not the matrix
     tok = load_tokenizer(f"{s3_bucket}/llm")  # its small files only, copied to the cache
     assert select_rows(tok, len(tok), 64) == select_rows(load_tokenizer(models["llm"]), len(tok), 64)
     assert not any(p.suffix == ".safetensors" for p in Path(tok.name_or_path).iterdir())

@@ -8,11 +8,13 @@ Readers never decode images: they yield raw member bytes, and a named reason (st
 are broken at the container level. `iter_samples` yields `RawSample`s in shard order, then one `ShardEnd`.
 
 Faults, and what each becomes:
-- Transient read errors (a connection reset, s3fs giving up after its own retries, any other error from the
-  underlying read but FileNotFoundError/PermissionError, or a read that ends before the file's size) are
-  retried: the file is reopened and read on from the same position, with exponential backoff (`ReadRetry`).
-  When the attempts run out the whole shard fails: `ShardReadError("read_failed")`. No sample of it is kept,
-  so a rerun reads it again; nothing transient is ever recorded as lost.
+- Transient read errors (`is_transient`: the OSError family but FileNotFoundError/PermissionError, i.e. a
+  connection reset, a timeout, a read that ends before the file's size; and the S3 client's retryable errors,
+  which s3fs raises as they are once its own retries are spent) are retried: the file is reopened and read on
+  from the same position, with exponential backoff (`ReadRetry`). When the attempts run out the whole shard
+  fails: `ShardReadError("read_failed")`. No sample of it is kept, so a rerun reads it again; nothing
+  transient is ever recorded as lost. Any other error of the reading (a TypeError, a KeyError: a bug, not the
+  link) is not retried: the shard fails at once, `ShardReadError("unexpected_error")` with the error as cause.
 - A tar is truncated only when that is proven: every byte up to the file's size was read and the tar framing
   needs more (a member's data or a header runs past the end, or the end-of-archive blocks are missing). Then
   the samples before the cut are kept, the cut sample is `truncated_tar` and the ShardEnd has
@@ -217,7 +219,7 @@ class ShardEnd:
 class ShardReadError(Exception):
     """A shard that cannot be read reliably. The caller fails this shard alone (no manifest, `reason` in the
     summary) and a rerun reads it again. Reasons: read_failed, not_found, access_denied, changed_during_read,
-    corrupt_tar, corrupt_parquet."""
+    corrupt_tar, corrupt_parquet, unexpected_error (an error a retry cannot cure, raised by the reading itself)."""
 
     def __init__(self, reason: str, detail: str, path: str = ""):
         super().__init__(reason, detail, path)  # args as given: the error pickles (Ray) and rebuilds
@@ -253,9 +255,54 @@ class _EarlyEOF(OSError):
 
 
 _NOT_FOUND = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
-# Not retried: a retry cannot help. Anything else is (bounded): s3fs and aiohttp raise many types on a broken
-# connection, IndexError and AttributeError among them.
-_NOT_TRANSIENT = (MemoryError, NotImplementedError, RecursionError)
+_S3_RETRYABLE: tuple | None = None
+
+
+def _s3_retryable() -> tuple:
+    """The S3 stack's errors of a broken or slow link, as s3fs retries them itself (s3fs.core.S3_RETRYABLE_ERRORS:
+    botocore's HTTP client errors, aiohttp's payload errors, parser errors of throttled responses) plus
+    botocore's connection errors and aiohttp's client errors; () where those packages are absent."""
+    global _S3_RETRYABLE
+    if _S3_RETRYABLE is None:
+        found: list = []
+        try:
+            import s3fs.core
+
+            found += list(s3fs.core.S3_RETRYABLE_ERRORS)
+        except ImportError:
+            pass
+        try:
+            import botocore.exceptions as be
+
+            found += [be.ConnectionError, be.HTTPClientError, be.IncompleteReadError]
+        except ImportError:
+            pass
+        try:
+            import aiohttp
+
+            found.append(aiohttp.ClientError)
+        except ImportError:
+            pass
+        import http.client
+
+        found.append(http.client.HTTPException)  # IncompleteRead of a cut response
+        _S3_RETRYABLE = tuple(found)
+    return _S3_RETRYABLE
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether a retry can cure `e`: an OSError (a reset, a timeout, an early end of stream; s3fs turns S3's
+    throttling and server errors into OSError too) or one of the S3 client's retryable errors, or an error
+    raised while handling one (a library tripping over a broken connection). Not a missing or forbidden file."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, _NOT_FOUND + (PermissionError,)):
+            return False
+        if isinstance(e, OSError) or isinstance(e, _s3_retryable()):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 class RetryingFile(io.RawIOBase):
@@ -319,11 +366,12 @@ class RetryingFile(io.RawIOBase):
                 raise ShardReadError("not_found", f"{type(e).__name__}: {e}", self.path) from e
             except PermissionError as e:
                 raise ShardReadError("access_denied", f"{e}; check the credentials' read access", self.path) from e
-            except _NOT_TRANSIENT:
-                raise
-            except Exception as e:  # noqa: BLE001 -- OSError, s3fs/botocore/aiohttp errors (s3fs raised IndexError)
+            except Exception as e:  # noqa: BLE001 -- sorted below: transient or not
                 if type(e).__name__ == "FileExpired":  # s3fs: the ETag changed under an open file
                     raise ShardReadError("changed_during_read", str(e), self.path) from e
+                if not is_transient(e):  # a bug or a lasting condition: a retry cannot help, the shard fails now
+                    raise ShardReadError("unexpected_error", f"{what}: {type(e).__name__}: {e} (not a transient "
+                                         "error: not retried; traceback in the job's log file)", self.path) from e
                 self._drop()
                 attempt += 1
                 self.retries += 1

@@ -50,23 +50,38 @@ def _safetensors_files(folder: str) -> list[str]:
 
 
 def _header(path: str) -> tuple[dict, int]:
-    fs, p = storage.filesystem(path)
-    with fs.open(p, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(n)), 8 + n
+    n = int.from_bytes(storage.read_ranges(path, [(0, 8)])[0], "little")
+    return json.loads(storage.read_ranges(path, [(8, 8 + n)])[0]), 8 + n
 
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
-def read_tensor(path: str, entry: dict, start: int) -> torch.Tensor:
-    """One tensor of a safetensors file, reading only its byte range."""
-    fs, p = storage.filesystem(path)
+def read_tensor(path: str, entry: dict, start: int, rows: list[int] | None = None) -> torch.Tensor:
+    """One tensor of a safetensors file, reading only its byte range; with `rows`, only those rows' bytes
+    (in that order)."""
     b, e = entry["data_offsets"]
-    with fs.open(p, "rb") as f:
-        f.seek(start + b)
-        data = bytearray(f.read(e - b))
-    return torch.frombuffer(data, dtype=_ST_DTYPES[entry["dtype"]]).reshape(entry["shape"]).clone()
+    dtype, shape = _ST_DTYPES[entry["dtype"]], list(entry["shape"])
+    if rows is None:
+        data = bytearray(storage.read_ranges(path, [(start + b, start + e)])[0])
+        return torch.frombuffer(data, dtype=dtype).reshape(shape).clone()
+    row_bytes = (e - b) // shape[0]
+    bad = [r for r in rows if not 0 <= r < shape[0]]
+    if bad:
+        raise TrainInitError(f"{path}: rows {bad[:3]} are outside the tensor's {shape[0]} rows")
+    runs: list[list[int]] = []  # consecutive rows in one request each
+    for r in sorted(set(rows)):
+        if runs and r == runs[-1][1]:
+            runs[-1][1] = r + 1
+        else:
+            runs.append([r, r + 1])
+    parts = storage.read_ranges(path, [(start + b + lo * row_bytes, start + b + hi * row_bytes) for lo, hi in runs])
+    got = torch.cat([torch.frombuffer(bytearray(p), dtype=dtype).reshape([hi - lo] + shape[1:])
+                     for p, (lo, hi) in zip(parts, runs)])
+    where = {}
+    for (lo, hi), offset in zip(runs, np.cumsum([0] + [hi - lo for lo, hi in runs])):
+        where.update({r: int(offset) + r - lo for r in range(lo, hi)})
+    return got[torch.tensor([where[r] for r in rows], dtype=torch.long)].clone()
 
 
 def find_tensors(folder: str, want) -> dict[str, tuple[str, dict, int]]:
@@ -170,8 +185,7 @@ def embedding_rows(folder: str, ids: list[int]) -> torch.Tensor:
         raise TrainInitError(f"{folder}: expected one *embed_tokens.weight tensor, found {sorted(found) or 'none'}; "
                              "give a Qwen2 causal-LM folder")
     (path, entry, start), = found.values()
-    table = read_tensor(path, entry, start)
-    return table[torch.tensor(ids, dtype=torch.long)].float()
+    return read_tensor(path, entry, start, rows=list(ids)).float()  # those rows' bytes only, not the matrix
 
 
 # ----------------------------------------------------------------------------------------------------------

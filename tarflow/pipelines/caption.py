@@ -19,9 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tarflow.data import schema, storage
-from tarflow.pipelines.sharded import (JobSummary, PartWriter, ShardJob, ShardLayout, ShardWritten, end_row,
-                                       check_pool_leaves_cpus, failed_row, folder_identity, guarded, parquet_bytes,
-                                       plan_pool, plan_shards, rows_table, run_sharded, split_failed)
+from tarflow.pipelines.sharded import (DEFAULT_STALL_TIMEOUT_S, JobSummary, PartWriter, ShardJob, ShardLayout,
+                                       ShardWritten, end_row, check_pool_leaves_cpus, failed_row, folder_identity, guarded, parquet_bytes,
+                                       plan_pool, plan_shards, read_failure_reason, rows_table, run_sharded,
+                                       split_failed)
 
 log = logging.getLogger("tarflow.caption")
 
@@ -90,12 +91,13 @@ class CodeShardReader:
                 yield from self._read(d)
             except Exception as e:  # noqa: BLE001 - one bad shard must not stop the others
                 log.warning("code shard %s failed while reading: %s: %s", d["path"], type(e).__name__, e)
-                yield rows_table([failed_row(d["name"], "read_failed", f"{d['path']}: {type(e).__name__}: {e}")],
-                                 CODES_ROW_SCHEMA)
+                yield rows_table([failed_row(d["name"], read_failure_reason(e),
+                                             f"{d['path']}: {type(e).__name__}: {e}", e)], CODES_ROW_SCHEMA)
 
     def _read(self, d: dict):
-        fs, p = storage.filesystem(d["path"])
-        with fs.open(p, "rb") as f:
+        from tarflow.data.img2dataset import RetryingFile
+
+        with RetryingFile(d["path"]) as f:  # transient read errors retried, as for img2dataset shards
             pf = pq.ParquetFile(f)
             schema.check_code_shard(pf.schema_arrow, d["path"])
             if self.column not in pf.schema_arrow.names:
@@ -208,6 +210,7 @@ class CaptionConfig:
     max_shards: int | None = None
     max_writers: int = 8
     progress_every_s: float = 10.0
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S  # no rows for this long, the cluster not growing: stop
     sampling: dict = field(init=False)
 
     def __post_init__(self):
@@ -299,6 +302,7 @@ def run_caption(cfg: CaptionConfig, captioner_cls=Captioner) -> JobSummary:
                         writer=CaptionShardWriter(cfg, facts),
                         schema_versions={"captions": schema.CAPTIONS_VERSION, "errors": schema.ERRORS_VERSION})
         inputs = {n: {"path": by_name[n].path, "size": by_name[n].size} for n in plan.todo}
-        run_sharded(spec, inputs, stages, summary, t0, cfg.max_writers, cfg.progress_every_s)
+        run_sharded(spec, inputs, stages, summary, t0, cfg.max_writers, cfg.progress_every_s,
+                    stall_timeout_s=cfg.stall_timeout_s)
     summary.seconds = time.time() - t0
     return summary

@@ -31,8 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tarflow.data import schema, storage
-from tarflow.pipelines.sharded import (JobSummary, PartWriter, ShardJob, ShardLayout, ShardWritten, end_row,
-                                       check_pool_leaves_cpus, file_identity, folder_identity, guarded,
+from tarflow.pipelines.sharded import (DEFAULT_STALL_TIMEOUT_S, JobSummary, PartWriter, ShardJob, ShardLayout,
+                                       ShardWritten, end_row, check_pool_leaves_cpus, file_identity, folder_identity, guarded,
                                        parquet_bytes, plan_pool, plan_shards, run_sharded, split_failed)
 
 log = logging.getLogger("tarflow.generate")
@@ -401,6 +401,7 @@ class GenerateConfig:
     device: str = "auto"
     compile: bool = False
     progress_every_s: float = 10.0
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S  # no rows for this long, the cluster not growing: stop
     # self-reflection (best-of-N): off unless reflect
     reflect: bool = False
     candidates: int = 1
@@ -598,7 +599,8 @@ def run_generate(cfg: GenerateConfig, generator_cls=T2IGenerator) -> JobSummary:
         spec = ShardJob(job="generate", layout=layout, facts=facts, sources=cfg.detokenizer_id() | {"mllm": cfg.mllm},
                         writer=GeneratedShardWriter(cfg), schema_versions={"errors": schema.ERRORS_VERSION})
         inputs = {n: {"prompts": cfg.prompts, "sha256": table_sha} for n in plan.todo}
-        run_sharded(spec, inputs, stages, summary, t0, cfg.max_writers, cfg.progress_every_s)
+        run_sharded(spec, inputs, stages, summary, t0, cfg.max_writers, cfg.progress_every_s,
+                    stall_timeout_s=cfg.stall_timeout_s)
     if summary.extra.get("reflect_seconds"):  # per generator actor: the shards' scoring times add up
         summary.extra["reflect_tokens_scored_per_s"] = round(
             summary.extra["reflect_tokens_scored"] / summary.extra["reflect_seconds"], 1)

@@ -36,6 +36,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, progress_b
     import ray.data
 
     quiet_progress_bars_unless_tty()
+    open_job_log()
+    route_ray_output_to_job_log()
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
@@ -43,8 +45,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, progress_b
         else:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             _token_auth_without_warning()
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-                     object_store_memory=_local_object_store_bytes())
+            start_local_ray(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                            object_store_memory=_local_object_store_bytes())
     _pass_small_actor_arguments_by_value()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress_bars is not False
@@ -56,6 +58,24 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, progress_b
         # Ray Data logs progress lines instead of bars when stdout is not a terminal, except inside Ray workers
         # (Ray Train's data coordinator), where its default ray-tqdm bars would still write control codes
         ctx.use_ray_tqdm = False
+
+
+def start_local_ray(attempts: int = 3, **init_kwargs) -> None:
+    """`ray.init(address="local", ...)`, tried again when the new node does not register in time: Ray 2.60 gives
+    its raylet a fixed 30 s to register with the GCS, which a loaded machine can miss (`The current node timed
+    out during startup`); the half-started processes are shut down before the next try."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", **init_kwargs)
+            return
+        except Exception as e:  # noqa: BLE001 - only that startup timeout is retried
+            if "timed out during startup" not in str(e) or attempt == attempts:
+                raise
+            log.warning("Ray's local node did not start in time (attempt %d of %d, the machine is busy); trying "
+                        "again", attempt, attempts)
+            ray.shutdown()
 
 
 def _token_auth_without_warning() -> None:
@@ -154,6 +174,111 @@ def setup_logging(verbose: bool = False) -> None:
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("tarflow").setLevel(logging.DEBUG if verbose else logging.INFO)
     quiet_progress_bars_unless_tty()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The job's log file
+
+# Records for the job's log file alone (the tracebacks of failed shards, Ray's own lines): never on the output.
+FILE_ONLY = logging.getLogger("tarflow.logfile")
+FILE_ONLY.propagate = False
+FILE_ONLY.setLevel(logging.DEBUG)
+_job_log: dict = {"path": None}
+_CONTROL_CODES = None
+
+
+def open_job_log(job: str | None = None) -> str | None:
+    """The job's log file, `$TARFLOW_HOME/logs/JOB-TIME-PID.log`, opened once per process (None if it cannot
+    be written): every tarflow line, the traceback of every failed shard or batch, and what Ray prints on its
+    own (worker output, raylet and GCS errors, the `ray` logger), which stays off the job's output."""
+    if _job_log["path"]:
+        return _job_log["path"]
+    from tarflow.data.sample import tarflow_home
+
+    job = job or os.path.splitext(os.path.basename(sys.argv[0] or ""))[0] or "tarflow"
+    try:
+        folder = tarflow_home() / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{job}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError:
+        return None
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    FILE_ONLY.addHandler(handler)
+    _job_log["path"] = str(path)
+    return _job_log["path"]
+
+
+def job_log_path() -> str | None:
+    return _job_log["path"]
+
+
+def without_control_codes(text: str) -> str:
+    """`text` without terminal control sequences (colours, cursor moves) and carriage returns."""
+    import re
+
+    global _CONTROL_CODES
+    if _CONTROL_CODES is None:
+        _CONTROL_CODES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]|[\r\x00-\x08\x0b-\x1f\x7f]")
+    return _CONTROL_CODES.sub("", text)
+
+
+class _ToJobLog(logging.Handler):
+    """Hands a record to the job's log file alone (Ray rewrites the formatters of its logger's handlers)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record.msg = without_control_codes(record.getMessage())
+        record.args = None
+        FILE_ONLY.handle(record)
+
+
+def route_ray_output_to_job_log() -> None:
+    """Keep what Ray prints by itself on the driver off the job's output, in the job's log file instead.
+
+    Ray prints, on the driver, from two background threads: the lines of its workers (with log_to_driver) and
+    the errors that raylets and the GCS publish (even without log_to_driver: e.g. the colourised `(raylet) Task
+    ... submit failed ... killed by ray.kill` when Ray Data ends its actors under load). Both go through
+    `ray._private.worker.print_worker_logs`, which is replaced here; so are the console handlers of the `ray` and
+    `ray.data` loggers (Ray Data's execution plans, warnings and, off a terminal, its progress lines; its bars on
+    a terminal are not logging and stay). Without a job log file, nothing changes.
+    """
+    if not _job_log["path"]:
+        return
+    try:
+        import ray._private.worker as ray_worker
+    except ImportError:
+        return
+    if not getattr(ray_worker, "_tarflow_routed", False):
+        magic = getattr(ray_worker, "RAY_TQDM_MAGIC", None)
+
+        def print_worker_logs(data, print_file=None, ignore_prefix=False):
+            source = data.get("pid")
+            lines = data.get("lines", [])
+            if source == "autoscaler":
+                lines = ray_worker.filter_autoscaler_events(lines)
+            name = data.get("actor_name") or data.get("task_name") or ""
+            where = f"{name} pid={source}" if name else str(source)
+            for line in lines:
+                if magic and magic in line:
+                    continue  # Ray's distributed tqdm bars
+                FILE_ONLY.info("(%s%s) %s", where, f", ip={data['ip']}" if data.get("ip") else "",
+                               without_control_codes(line))
+
+        ray_worker.print_worker_logs = print_worker_logs
+        ray_worker._tarflow_routed = True
+    try:
+        import ray.data  # noqa: F401  (configures its logger on import: its console handler is replaced here)
+    except ImportError:
+        pass
+    for name in ("ray", "ray.data"):
+        ray_logger = logging.getLogger(name)
+        if any(isinstance(h, _ToJobLog) for h in ray_logger.handlers):
+            continue
+        for h in list(ray_logger.handlers):
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                ray_logger.removeHandler(h)
+        ray_logger.addHandler(_ToJobLog())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -256,11 +381,15 @@ def write_error_log(job: str, e: BaseException) -> str | None:
     """Keep the full traceback (with Ray's remote one) in $TARFLOW_HOME/logs; return the file's path."""
     from tarflow.data.sample import tarflow_home
 
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    if job_log_path():  # the job's log file, where the rest of the run's story is
+        FILE_ONLY.error("%s failed:\n%s", job, text.rstrip())
+        return job_log_path()
     try:
         folder = tarflow_home() / "logs"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{job}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-        path.write_text("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+        path.write_text(text)
         return str(path)
     except OSError:
         return None
@@ -369,7 +498,19 @@ def add_actor_pool_args(p, what: str, batch_help: str):
     r.add_argument("--gpus-per-worker", type=float, default=None,
                    help="GPUs per actor (default: 1 when the cluster has or can add GPUs, else 0); set it on an "
                         "autoscaling cluster that starts with no GPU node")
+    r.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each actor reserves [%(default)s]")
     r.add_argument("--batch-size", type=int, default=None, help=batch_help)
     r.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     r.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU)")
+    add_stall_timeout_arg(r)
     return r
+
+
+def add_stall_timeout_arg(group) -> None:
+    """--stall-timeout, in every sharded job's CLI (see sharded.StallWatch)."""
+    from tarflow.pipelines.sharded import DEFAULT_STALL_TIMEOUT_S
+
+    group.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT_S, metavar="SECONDS",
+                       help="stop the job (exit 2, saying which flags to change) when no row has arrived for this "
+                            "long and the cluster did not grow meanwhile: a pool that starves the other stages, or "
+                            "a request no node can satisfy, would wait forever; 0: never [%(default)g]")

@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tarflow.data import schema, storage
+from tarflow.preflight import UsageError
 
 log = logging.getLogger("tarflow")
 
@@ -56,10 +57,28 @@ def end_row(shard: str, n_samples: int, **info) -> dict:
             "end_info": json.dumps({"n_samples": n_samples, **info})}
 
 
-def failed_row(shard: str, reason: str, detail: str) -> dict:
-    """A row that fails a whole shard: no manifest is written, the summary lists the reason."""
-    return {"shard": shard, "idx": -1, "key": "", "kind": "failed",
-            "end_info": json.dumps({"reason": reason, "detail": str(detail)[:500]})}
+def failed_row(shard: str, reason: str, detail: str, error: BaseException | None = None) -> dict:
+    """A row that fails a whole shard: no manifest is written, the summary lists the reason; the traceback of
+    `error` goes with it to the driver, which keeps it in the job's log file."""
+    info = {"reason": reason, "detail": str(detail)[:500]}
+    if error is not None:
+        info["traceback"] = traceback_text(error)
+    return {"shard": shard, "idx": -1, "key": "", "kind": "failed", "end_info": json.dumps(info)}
+
+
+def traceback_text(error: BaseException, limit: int = 8000) -> str:
+    """The worker-side traceback of `error` (its end, where the cause is, if long)."""
+    import traceback
+
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return text if len(text) <= limit else "...\n" + text[-limit:]
+
+
+def read_failure_reason(e: BaseException) -> str:
+    """The summary's reason for a shard whose reader raised `e`: the reader's own (img2dataset.ShardReadError:
+    read_failed once transient errors outlasted the retries, not_found, corrupt_tar, ...), else
+    `unexpected_error` (not retried: a bug or input the reader does not understand; traceback in the log file)."""
+    return getattr(e, "reason", None) or "unexpected_error"
 
 
 def rows_table(rows: list[dict], row_schema: pa.Schema) -> pa.Table:
@@ -68,21 +87,214 @@ def rows_table(rows: list[dict], row_schema: pa.Schema) -> pa.Table:
 
 def guarded(stage: str, row_schema: pa.Schema | str):
     """Decorate a stage's `__call__(batch) -> table`: an exception fails the shards of that batch (a failed
-    row each, with the reason), never the job. `row_schema` is the stage's output schema, or the name of the
-    instance attribute holding it."""
+    row each, with the reason and the traceback), never the job. `row_schema` is the stage's output schema, or
+    the name of the instance attribute holding it.
+
+    An accelerator error that poisons the device (`is_device_poisoning`: every later call on it would fail too)
+    instead ends the actor (see `DeviceErrors`): Ray restarts it and runs its batch again, up to
+    DEVICE_ERROR_BATCH_ATTEMPTS times; then the batch runs a row at a time, and a row that poisons the device
+    on its own is recorded failed alone (`device_error`), the others written."""
     def wrap(fn):
         @functools.wraps(fn)
         def call(self, batch: pa.Table):
+            out_schema = row_schema if isinstance(row_schema, pa.Schema) else None
+            devices = DeviceErrors.for_batch(stage, batch)
+            if devices is not None and devices.row_by_row:
+                return devices.run_row_by_row(lambda b: call_guarded(b, fn, self, devices), batch,
+                                              out_schema or getattr(self, row_schema))
+            return call_guarded(batch, fn, self, devices)
+
+        def call_guarded(batch, fn, self, devices=None):
             try:
                 return fn(self, batch)
             except Exception as e:  # noqa: BLE001 - whatever a library raises on one batch stays with it
+                if is_device_poisoning(e) and in_actor():
+                    (devices or DeviceErrors(stage, batch)).poisoned(e)  # does not return
                 shards = pc.unique(batch.column("shard")).to_pylist() if len(batch) else []
                 log.warning("%s failed on shards %s: %s: %s", stage, shards, type(e).__name__, e)
                 detail = f"{stage}: {type(e).__name__}: {e}"
                 out_schema = row_schema if isinstance(row_schema, pa.Schema) else getattr(self, row_schema)
-                return rows_table([failed_row(s, f"{stage}_failed", detail) for s in shards], out_schema)
+                return rows_table([failed_row(s, f"{stage}_failed", detail, e) for s in shards], out_schema)
         return call
     return wrap
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Poisoned accelerators
+
+# A batch whose run poisoned the device this many times runs a row at a time on its next attempt.
+DEVICE_ERROR_BATCH_ATTEMPTS = 2
+# A batch in which more rows than this poison the device on their own fails its shards instead (a rerun redoes
+# them): the device, not the rows, is then the likely cause.
+DEVICE_ERROR_MAX_BAD_ROWS = 4
+_POISON_MARKERS = ("CUDA error", "HIP error", "device-side assert", "illegal memory access",
+                   "unspecified launch failure", "misaligned address", "CUBLAS_STATUS_EXECUTION_FAILED",
+                   "uncorrectable ECC error", "cudaErrorIllegalAddress", "cudaErrorLaunchFailure")
+LEDGER_CONFIG_KEY = "tarflow_device_error_ledger"  # DataContext config: the run's ledger actor's name
+_RESTARTED_ACTOR: bool | None = None
+
+
+def is_device_poisoning(e: BaseException) -> bool:
+    """A sticky accelerator error, after which every call on the device fails (the CUDA context is broken):
+    an illegal memory access, a device-side assert, a launch failure. torch raises torch.AcceleratorError for
+    them (torch >= 2.8), older torch a RuntimeError whose text says `CUDA error`. An out-of-memory error is not
+    one (the next, smaller batch can run)."""
+    text = str(e)
+    if "out of memory" in text.lower() or type(e).__name__ == "OutOfMemoryError":
+        return False
+    return type(e).__name__ == "AcceleratorError" or any(m in text for m in _POISON_MARKERS)
+
+
+def in_actor() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:  # noqa: BLE001 - outside Ray: a plain call
+        return False
+
+
+def batch_key(stage: str, batch: pa.Table) -> str:
+    """A batch's identity, the same when Ray runs it again: its stage and its rows' (shard, idx, kind)."""
+    import hashlib
+
+    cols = batch.select(["shard", "idx", "kind"]).to_pydict()
+    return hashlib.sha256(json.dumps([stage, cols["shard"], cols["idx"], cols["kind"]]).encode()).hexdigest()[:32]
+
+
+class DeviceErrorLedger:
+    """A Ray actor (one per run, named in the DataContext; the driver makes it): which batches poisoned a device,
+    how often, and which of their rows did so alone. It outlives the stage actors that Ray restarts."""
+
+    def __init__(self):
+        self.batches: dict[str, dict] = {}
+
+    def record(self, key: str, row: list | None = None) -> dict:
+        b = self.batches.setdefault(key, {"attempts": 0, "bad": []})
+        if row is None:
+            b["attempts"] += 1
+        elif row not in b["bad"]:
+            b["bad"].append(row)
+        return b
+
+    def get(self, key: str) -> dict | None:
+        return self.batches.get(key)
+
+    def poisoned_batches(self) -> int:
+        return len(self.batches)
+
+
+def start_device_error_ledger(run: str):
+    """The run's DeviceErrorLedger (before the stages are built: the DataContext carries its name to them)."""
+    import ray
+    import ray.data
+
+    name = f"tarflow-device-errors-{run}"
+    ledger = ray.remote(DeviceErrorLedger).options(name=name, num_cpus=0, max_restarts=0).remote()
+    ray.data.DataContext.get_current().set_config(LEDGER_CONFIG_KEY, name)
+    return ledger
+
+
+class DeviceErrors:
+    """A stage actor's view of one batch in the run's DeviceErrorLedger."""
+
+    def __init__(self, stage: str, batch: pa.Table, state: dict | None = None, ledger=None):
+        self.stage, self.batch, self.ledger = stage, batch, ledger
+        self.key = batch_key(stage, batch)
+        self.state = state or {"attempts": 0, "bad": []}
+        self.current_row: list | None = None  # [shard, idx] being run alone
+
+    @classmethod
+    def for_batch(cls, stage: str, batch: pa.Table) -> "DeviceErrors | None":
+        """Only in an actor that Ray restarted (the only place a batch that poisoned a device runs again): this
+        batch's record, or None."""
+        global _RESTARTED_ACTOR
+        try:
+            import ray
+
+            if _RESTARTED_ACTOR is None:  # once per process: a restarted actor is a new process
+                _RESTARTED_ACTOR = in_actor() and bool(ray.get_runtime_context().was_current_actor_reconstructed)
+            if not _RESTARTED_ACTOR:
+                return None
+            ledger = _ledger()
+            if ledger is None:
+                return None
+            state = ray.get(ledger.get.remote(batch_key(stage, batch)))
+        except Exception:  # noqa: BLE001 - no ledger (a stage used outside run_sharded): plain calls
+            return None
+        return cls(stage, batch, state, ledger) if state else None
+
+    @property
+    def row_by_row(self) -> bool:
+        return self.state["attempts"] >= DEVICE_ERROR_BATCH_ATTEMPTS
+
+    def poisoned(self, e: BaseException) -> None:
+        """Record the poisoning and end this actor's process: Ray restarts the actor (Ray Data's pools set
+        max_restarts=-1) and submits its unfinished batches to it again (max_task_retries=-1)."""
+        import ray
+
+        ledger = self.ledger or _ledger()
+        where = f"row {self.current_row}" if self.current_row else f"batch of {len(self.batch)} rows"
+        state = None
+        if ledger is not None:
+            try:
+                state = ray.get(ledger.record.remote(self.key, self.current_row), timeout=60)
+            except Exception as le:  # noqa: BLE001
+                log.error("%s: could not record a device error (%s: %s)", self.stage, type(le).__name__, le)
+        log.error("%s: the accelerator is poisoned (%s: %s) on a %s; ending this actor so that Ray restarts it "
+                  "(%s)\n%s", self.stage, type(e).__name__, str(e)[:300], where,
+                  f"attempt {state['attempts']} of this batch, rows failed alone: {state['bad']}" if state else
+                  "no ledger: the batch is retried without bound", traceback_text(e))
+        for h in logging.getLogger().handlers + log.handlers:
+            try:
+                h.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        import sys
+
+        sys.stderr.flush()
+        os._exit(1)  # not ray.actor.exit_actor(): an intended exit is never restarted
+
+    def run_row_by_row(self, run, batch: pa.Table, out_schema: pa.Schema) -> pa.Table:
+        """This batch poisoned the device DEVICE_ERROR_BATCH_ATTEMPTS times: each row on its own; the rows that
+        did so alone before are recorded failed (`device_error`), unless too many did (then the shards fail)."""
+        bad = {tuple(r) for r in self.state["bad"]}
+        if len(bad) > DEVICE_ERROR_MAX_BAD_ROWS:
+            shards = pc.unique(batch.column("shard")).to_pylist()
+            detail = (f"{self.stage}: {len(bad)} rows of one batch poisoned the accelerator each on its own; the "
+                      "device is the likely cause (check it: nvidia-smi, dmesg for Xid errors)")
+            return rows_table([failed_row(s, "device_failed", detail) for s in shards], out_schema)
+        outs = []
+        for i in range(len(batch)):
+            row = batch.slice(i, 1)
+            r = row.select(["shard", "idx"]).to_pylist()[0]
+            self.current_row = [r["shard"], r["idx"]]
+            if tuple(self.current_row) in bad:
+                outs.append(self.failed_alone(row.to_pylist()[0], out_schema))
+            else:
+                outs.append(run(row).select(out_schema.names).cast(out_schema))
+        self.current_row = None
+        return pa.concat_tables(outs) if outs else out_schema.empty_table()
+
+    def failed_alone(self, r: dict, out_schema: pa.Schema) -> pa.Table:
+        detail = (f"this row poisoned the accelerator on every attempt (its batch {DEVICE_ERROR_BATCH_ATTEMPTS} "
+                  "times, then alone); see the job's log file for the error")
+        out = {k: r.get(k) for k in out_schema.names}
+        out.update(ok=False, error_stage=self.stage, error_reason="device_error", error_detail=detail)
+        return rows_table([out], out_schema)
+
+
+def _ledger():
+    import ray
+    import ray.data
+
+    name = ray.data.DataContext.get_current().get_config(LEDGER_CONFIG_KEY)
+    if not name:
+        return None
+    try:
+        return ray.get_actor(name)
+    except ValueError:
+        return None
 
 
 def dedupe_by_index(table: pa.Table) -> pa.Table:
@@ -267,8 +479,14 @@ class PartWriter:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         kinds = batch.column("kind")
-        out = [{"shard": r["shard"], "kind": r["kind"], "path": None, "idx": None, "end_info": r["end_info"]}
-               for r in batch.filter(pc.not_equal(kinds, "sample")).select(["shard", "kind", "end_info"]).to_pylist()]
+        controls = batch.filter(pc.not_equal(kinds, "sample")).select(["shard", "kind", "end_info"]).to_pylist()
+        # A shard of no samples (a tar with no members, a Parquet of only failed rows) still gets one part: an
+        # empty table of this stage's schema, so that its writer has columns to write. Listed before the end
+        # row, so that the driver has the part when the end row makes the shard ready.
+        out = [self._empty_part(batch, r["shard"]) for r in controls
+               if r["kind"] == "end" and json.loads(r["end_info"])["n_samples"] == 0]
+        out += [{"shard": r["shard"], "kind": r["kind"], "path": None, "idx": None, "end_info": r["end_info"]}
+                for r in controls]
         samples = batch.filter(pc.equal(kinds, "sample"))
         for shard in pc.unique(samples.column("shard")).to_pylist():
             part = samples.filter(pc.equal(samples.column("shard"), shard))
@@ -277,6 +495,11 @@ class PartWriter:
             storage.write_bytes_atomic(path, _ipc_bytes(part))
             out.append({"shard": shard, "kind": "part", "path": path, "idx": idx, "end_info": None})
         return pa.Table.from_pylist(out, schema=PART_META_SCHEMA)
+
+    def _empty_part(self, batch: pa.Table, shard: str) -> dict:
+        path = storage.join(self.parts_dir, shard, f"empty-{uuid.uuid4().hex[:12]}.arrow")
+        storage.write_bytes_atomic(path, _ipc_bytes(batch.slice(0, 0)))
+        return {"shard": shard, "kind": "part", "path": path, "idx": [], "end_info": None}
 
 
 def _ipc_bytes(table: pa.Table) -> bytes:
@@ -411,6 +634,7 @@ class JobSummary:
     shards_total: int = 0
     shards_done: int = 0
     shards_skipped: int = 0
+    shards_empty: int = 0  # written shards of no samples (an img2dataset shard whose every download failed)
     shards_incomplete: list = field(default_factory=list)
     shards_failed: list = field(default_factory=list)
     failed_shard_reasons: dict = field(default_factory=dict)  # shard -> reason: detail
@@ -442,6 +666,7 @@ class JobSummary:
     def account(self, done: Mapping, elapsed: float) -> None:
         c = done["counts"]
         self.shards_done += 1
+        self.shards_empty += c["samples_in"] == 0
         self.samples_in += c["samples_in"]
         self.samples_ok += c["ok"]
         self.samples_failed += c["failed"]
@@ -475,6 +700,8 @@ class JobSummary:
         ]
         for reason, n in self.failed_by_reason.most_common():
             lines.append(f"    {reason:<22} {n}")
+        if self.shards_empty:
+            lines.append(f"  empty shards (no samples; written, with a manifest saying 0): {self.shards_empty}")
         for k, v in sorted(self.extra.items()):
             lines.append(f"  {k}: {v}")
         if self.shards_incomplete:
@@ -491,51 +718,125 @@ class JobSummary:
         return "\n".join(lines)
 
 
-class StallWatch:
-    """Warns, every `after_s` while it lasts, that no row has reached the driver for `after_s` seconds, with the
-    cluster's free and total resources. A Ray Data job can wait forever on resources the cluster will never
-    have: after a node loss Ray restarts the lost actors on the survivors, and if they take every CPU there the
-    reader, decoder and writer tasks never run (reproduced: 2 encoders x 0.5 CPU on a 1-CPU cluster never
-    finish; on 2 CPUs, 12 s); or an actor asks for a resource no node type offers. Ray logs nothing then."""
+DEFAULT_STALL_TIMEOUT_S = 1800.0
+# The flags that size each job's actor pool: what a stalled job's message tells to change.
+POOL_FLAGS = {"tokenize": ("--min-encoders", "--cpus-per-encoder", "--gpus-per-encoder"),
+              "caption": ("--min-workers", "--cpus-per-worker", "--gpus-per-worker"),
+              "generate": ("--min-workers", "--cpus-per-worker", "--gpus-per-worker")}
 
-    def __init__(self, job: str, after_s: float, resources: Callable[[], tuple[dict, dict]] | None = None):
+
+class JobStalled(UsageError):
+    """No row reached the driver for --stall-timeout seconds and the cluster did not grow meanwhile: a setting
+    to change (exit status 2), one line per point."""
+
+
+class StallWatch:
+    """Watches that rows keep reaching the driver. A Ray Data job can wait forever on resources the cluster will
+    never have: after a node loss Ray restarts the lost actors on the survivors, and if they take every CPU there
+    the reader, decoder and writer tasks never run (reproduced: 2 encoders x 0.5 CPU on a 1-CPU cluster never
+    finish; on 2 CPUs, 12 s); or an actor asks for a resource no node type offers. Ray logs nothing then.
+
+    Every `after_s` without rows it warns, with the cluster's free and total resources. After `stall_timeout_s`
+    without rows (0: never), if the cluster's resources did not change in that time either (no node came or
+    went: an autoscaler that is adding nodes resets the clock), it ends the job: JobStalled is raised in the
+    main thread (by a signal, which interrupts whatever the main thread waits on), naming the resources and the
+    flags to change."""
+
+    def __init__(self, job: str, after_s: float, resources: Callable[[], tuple[dict, dict]] | None = None,
+                 stall_timeout_s: float = 0.0):
         import threading
 
-        self.job, self.after_s = job, after_s
+        self.job, self.after_s, self.stall_timeout_s = job, after_s, stall_timeout_s
         self.resources = resources or _ray_resources
         self.last = time.monotonic()
         self.warnings = 0
+        self.stalled: list[str] | None = None  # the message's lines, once the job is ended
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tarflow-stall-watch", daemon=True)
+        self._previous_handler = None
 
     def __enter__(self) -> "StallWatch":
-        if self.after_s > 0:
+        import signal
+        import threading
+
+        if self.stall_timeout_s > 0 and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGUSR1, self._raise_stalled)
+        else:
+            self.stall_timeout_s = 0.0  # only the main thread can be interrupted: warn only
+        if self.after_s > 0 or self.stall_timeout_s > 0:
             self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        import signal
+
         self._stop.set()
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGUSR1, self._previous_handler)
+            self._previous_handler = None
 
     def beat(self) -> None:
         self.last = time.monotonic()
 
+    def _raise_stalled(self, signum, frame):
+        if self.stalled and not self._stop.is_set():
+            raise JobStalled(self.stalled)
+
+    def _held(self) -> tuple[str, dict | None]:
+        try:
+            free, total = self.resources()
+            return ", ".join(f"{k} {free.get(k, 0):g} free of {total[k]:g}" for k in ("CPU", "GPU") if k in total), \
+                {k: total.get(k, 0) for k in ("CPU", "GPU")}
+        except Exception as e:  # noqa: BLE001 - the watch must not fail the job
+            return f"resources unknown ({type(e).__name__})", None
+
     def _run(self) -> None:
+        import signal
+        import threading
+
         warned_at = 0.0
-        while not self._stop.wait(min(self.after_s / 4, 15.0)):
-            idle = time.monotonic() - self.last
-            if idle < self.after_s or time.monotonic() - warned_at < self.after_s:
+        sizes: list[tuple[float, dict | None]] = []  # (when, total resources) while no row arrives
+        periods = [p for p in (self.after_s, self.stall_timeout_s) if p > 0]
+        while not self._stop.wait(min(min(periods) / 4, 15.0)):
+            now = time.monotonic()
+            idle = now - self.last
+            if idle < min(periods):
+                sizes.clear()
                 continue
-            warned_at = time.monotonic()
-            try:
-                free, total = self.resources()
-                held = ", ".join(f"{k} {free.get(k, 0):g} free of {total[k]:g}" for k in ("CPU", "GPU") if k in total)
-            except Exception as e:  # noqa: BLE001 - the warning must not fail the job
-                held = f"resources unknown ({type(e).__name__})"
+            held, total = self._held()
+            sizes.append((now, total))
+            sizes[:] = [x for x in sizes if x[0] >= self.last]
+            if self.stall_timeout_s > 0 and idle >= self.stall_timeout_s and total is not None:
+                changed_at = max((t for (t, tot), (_, before) in zip(sizes[1:], sizes) if tot != before),
+                                 default=self.last)
+                if now - changed_at >= self.stall_timeout_s and sizes[0][0] <= now - self.stall_timeout_s * 0.5:
+                    min_flag, cpus_flag, gpus_flag = POOL_FLAGS.get(self.job, ("the pool's minimum",
+                                                                               "its CPUs per worker",
+                                                                               "its GPUs per worker"))
+                    self.stalled = [
+                        f"{self.job}: no rows for {idle:.0f} s and the cluster did not grow meanwhile ({held}): "
+                        "stopped; nothing is lost, rerun the same command to resume",
+                        f"an actor pool may hold what the reading, decoding and writing tasks need: lower "
+                        f"{min_flag} or {cpus_flag}, or add nodes; or a request no node can satisfy is pending "
+                        f"(check {gpus_flag}, `ray status`)",
+                        f"to wait longer: --stall-timeout SECONDS (default {DEFAULT_STALL_TIMEOUT_S:.0f}; 0: never "
+                        "stop)"]
+                    log.error("%s", " ".join(self.stalled))
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+                    return
+            if idle < self.after_s or self.after_s <= 0 or now - warned_at < self.after_s:
+                continue
+            warned_at = now
             self.warnings += 1
             log.warning("%s: no rows for %.0f s (%s). If nothing is free, an actor pool may hold what the other "
                         "stages need (after a node loss Ray restarts actors on the nodes left): lower the pool's "
                         "size or CPUs per worker, or add nodes; if resources are free, a request no node can "
                         "satisfy may be pending (`ray status`)", self.job, idle, held)
+
+
+def file_log() -> logging.Logger:
+    """The logger of the job's log file alone (see runtime.open_job_log): tracebacks stay off the output."""
+    return logging.getLogger("tarflow.logfile")
 
 
 def _ray_resources() -> tuple[dict, dict]:
@@ -552,7 +853,8 @@ class _Open:
 
 
 def execute(ds, spec: ShardJob, inputs: Mapping[str, dict], summary: JobSummary, t0: float,
-            max_writers: int = 8, progress_every_s: float = 10.0, finalize_fn=None, stall_warn_s: float = 300.0) -> None:
+            max_writers: int = 8, progress_every_s: float = 10.0, finalize_fn=None, stall_warn_s: float = 300.0,
+            stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S) -> None:
     """Run the job's dataset (ending in a PartWriter stage), finalize each shard on a worker as soon as all
     its rows are written, keep the summary and log a line per finished shard plus periodic progress.
 
@@ -579,8 +881,10 @@ def execute(ds, spec: ShardJob, inputs: Mapping[str, dict], summary: JobSummary,
                 done = ray.get(ref)
             except Exception as e:  # noqa: BLE001 - a shard that cannot be written fails alone
                 cause = getattr(e, "cause", None) or e
-                summary.fail(shard, f"write_failed: {type(cause).__name__}: {str(cause).splitlines()[0][:200]}")
+                summary.fail(shard, f"write_failed: {type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:200]}")
                 log.error("%s: shard %s could not be written: %s", summary.job, shard, cause)
+                file_log().error("%s: shard %s could not be written:\n%s", summary.job, shard,
+                                 traceback_text(e).rstrip())
                 continue
             summary.account(done, time.time() - t0)
             c = done["counts"]
@@ -601,7 +905,7 @@ def execute(ds, spec: ShardJob, inputs: Mapping[str, dict], summary: JobSummary,
         del open_[shard]
         inflight[finalize.remote(spec_ref, shard, inputs[shard], o.parts, o.end)] = shard
 
-    with StallWatch(summary.job, stall_warn_s) as watch:
+    with StallWatch(summary.job, stall_warn_s, stall_timeout_s=stall_timeout_s) as watch:
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 watch.beat()
@@ -617,6 +921,9 @@ def execute(ds, spec: ShardJob, inputs: Mapping[str, dict], summary: JobSummary,
                         summary.fail(shard, f"{info['reason']}: {info['detail']}")
                         log.error("%s: shard %s failed (%s); no manifest, a rerun redoes it", summary.job, shard,
                                   info["detail"][:300])
+                        if info.get("traceback"):
+                            file_log().error("%s: shard %s failed: %s\n%s", summary.job, shard, info["reason"],
+                                             info["traceback"].rstrip())
                         continue
                     o = open_.setdefault(shard, _Open())
                     if r["kind"] == "end":
@@ -645,23 +952,48 @@ def execute(ds, spec: ShardJob, inputs: Mapping[str, dict], summary: JobSummary,
 
 def run_sharded(spec: ShardJob, inputs: Mapping[str, dict], build_stages: Callable[[list[str], str], Any],
                 summary: JobSummary, t0: float, max_writers: int = 8, progress_every_s: float = 10.0,
-                finalize_fn=None) -> JobSummary:
+                finalize_fn=None, stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S) -> JobSummary:
     """Plan-independent part of every job: a fresh parts folder for this run, the stages (a Ray Dataset of
     rows for the shards `todo`, made by `build_stages(todo, parts_dir)` and ending in PartWriter), the
-    finalize tasks, then the parts folder removed."""
+    finalize tasks, then the parts folder removed. A job that gets no rows for `stall_timeout_s` while the
+    cluster does not grow ends with JobStalled (see StallWatch)."""
     warn_if_local_output_on_many_nodes(spec.layout.output)
     storage.remove_tree(spec.layout.parts_root)  # a killed run's leftovers: their shards are redone now
     run = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     parts_dir = storage.join(spec.layout.parts_root, run)
     spec = replace(spec, run=run)
+    ledger = start_device_error_ledger(run)
     try:
         ds = build_stages(list(inputs), parts_dir)
-        execute(ds, spec, inputs, summary, t0, max_writers, progress_every_s, finalize_fn)
+        execute(ds, spec, inputs, summary, t0, max_writers, progress_every_s, finalize_fn,
+                stall_timeout_s=stall_timeout_s)
+        poisoned = _ask(ledger.poisoned_batches)
+        if poisoned:
+            summary.extra["batches_that_poisoned_the_accelerator"] += poisoned
     finally:
         if not summary.interrupted:
             storage.remove_tree(spec.layout.parts_root)
+        _end_actor(ledger)
     summary.seconds = time.time() - t0
     return summary
+
+
+def _ask(method, timeout: float = 60):
+    import ray
+
+    try:
+        return ray.get(method.remote(), timeout=timeout)
+    except Exception:  # noqa: BLE001 - a figure for the summary, never the job's fate
+        return None
+
+
+def _end_actor(actor) -> None:
+    import ray
+
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def warn_if_local_output_on_many_nodes(output: str) -> None:
@@ -723,19 +1055,70 @@ def check_pool_leaves_cpus(pool: PoolPlan, cpus_per_worker: float, task_cpus: fl
                            cpus_flag: str) -> None:
     """Refuse a pool whose minimum takes so many CPUs that no CPU task of the job (the largest asks `task_cpus`)
     fits beside it: Ray Data starts the minimum at once and the job then waits forever, silently (reproduced:
-    --min-encoders 2 x 0.5 CPU on a 1-CPU cluster never finishes; min 1, max 2 does). The CPUs counted are
-    those up now or, if more, those the autoscaler can add."""
+    --min-encoders 2 x 0.5 CPU on a 1-CPU cluster never finishes; min 1, max 2 does).
+
+    Only what cannot run is refused. Actors that need GPUs run on GPU nodes and take those nodes' CPUs: the
+    CPUs of nodes without GPUs stay for the tasks. The CPUs counted are those up now or, if more, those the
+    autoscaler can add. Where an autoscaler runs but its limits cannot be read (the v1 autoscaler does not
+    publish them), the check cannot know what will come up: it warns, and --stall-timeout ends the job if it
+    does starve."""
+    if cpus_per_worker <= 0:
+        return
+    held = pool.min_workers * cpus_per_worker
+    cpu_only, on_gpu_nodes = _cpus_by_node_kind()
+    if pool.gpus_per_worker > 0:
+        left = cpu_only + max(0.0, on_gpu_nodes - held)
+    else:
+        left = cpu_only + on_gpu_nodes - held
+    limits = autoscaler_max_resources()
+    if limits.get("CPU"):
+        left = max(left, limits["CPU"] - held)
+    if left >= task_cpus or cpu_only + on_gpu_nodes <= 0:
+        return
+    where = "GPU nodes' " if pool.gpus_per_worker > 0 else ""
+    problem = (f"{min_flag} {pool.min_workers} x {cpus_flag} {cpus_per_worker:g} holds {held:g} of this cluster's "
+               f"{where}CPUs ({cpu_only + on_gpu_nodes:g} in all, {cpu_only:g} on nodes without GPUs), leaving less "
+               f"than the {task_cpus:g} that reading, decoding and writing tasks need")
+    if not limits and autoscaler_running():
+        log.warning("%s, counting the nodes up now; this cluster's autoscaler may add more, but its limits cannot "
+                    "be read, so the job goes on (if it starves, --stall-timeout ends it)", problem)
+        return
+    raise UsageError([f"{problem} (the job would wait forever): lower {min_flag} or {cpus_flag}, or add CPUs"])
+
+
+def _cpus_by_node_kind() -> tuple[float, float]:
+    """(CPUs of the alive nodes without GPUs, CPUs of those with GPUs)."""
     import ray
 
-    from tarflow.preflight import UsageError
+    cpu_only = on_gpu = 0.0
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        res = node.get("Resources", {})
+        if res.get("GPU", 0) > 0:
+            on_gpu += res.get("CPU", 0.0)
+        else:
+            cpu_only += res.get("CPU", 0.0)
+    return cpu_only, on_gpu
 
-    cpus = max(ray.cluster_resources().get("CPU", 0.0), autoscaler_max_resources().get("CPU", 0.0))
-    held = pool.min_workers * cpus_per_worker
-    if cpus_per_worker > 0 and cpus > 0 and cpus - held < task_cpus:
-        raise UsageError([f"{min_flag} {pool.min_workers} x {cpus_flag} {cpus_per_worker:g} holds {held:g} of this "
-                          f"cluster's {cpus:g} CPUs, leaving less than the {task_cpus:g} that reading, decoding and "
-                          f"writing tasks need (the job would wait forever): lower {min_flag} or {cpus_flag}, or "
-                          f"add CPUs"])
+
+def autoscaler_running() -> bool:
+    """Whether an autoscaler watches this cluster: its status in the GCS (the v1 monitor writes it every few
+    seconds; autoscaler v2 keeps its state in the GCS too)."""
+    try:
+        from ray._private import ray_constants
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        if _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS):
+            return True
+    except Exception:  # noqa: BLE001 - another Ray: no autoscaler known
+        pass
+    try:
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+        return bool(is_autoscaler_v2())
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def autoscaler_max_resources() -> dict:

@@ -38,9 +38,9 @@ from tarflow.data.images import DEFAULT_MAX_PIXELS, SampleError, decode_rgb
 from tarflow.data.img2dataset import (DEFAULT_MAX_MEMBER_BYTES, InputError, RawSample, ShardEnd, ShardInput,
                                       iter_samples, resolve_inputs)
 from tarflow.pipelines.sharded import OutputConflict  # noqa: F401  (raised by run_tokenize; jobs catch it)
-from tarflow.pipelines.sharded import (JobSummary, PartWriter, ShardJob, end_row, failed_row,
-                                       check_pool_leaves_cpus, guarded, plan_pool, plan_shards, rows_table,
-                                       run_sharded)
+from tarflow.pipelines.sharded import (DEFAULT_STALL_TIMEOUT_S, JobSummary, PartWriter, ShardJob, end_row,
+                                       failed_row, check_pool_leaves_cpus, guarded, plan_pool, plan_shards,
+                                       read_failure_reason, rows_table, run_sharded)
 
 log = logging.getLogger("tarflow.tokenize")
 
@@ -129,9 +129,9 @@ class ShardReader:
                         yield pa.Table.from_pylist(rows, schema=self.schema)
                         rows, nbytes = [], 0
             except Exception as e:  # noqa: BLE001 - one bad shard must not stop the others
-                reason = getattr(e, "reason", None) or "read_failed"
+                reason = read_failure_reason(e)
                 log.warning("shard %s failed while reading: %s: %s", shard.path, type(e).__name__, e)
-                rows.append(failed_row(shard.name, reason, f"{shard.path}: {type(e).__name__}: {e}"))
+                rows.append(failed_row(shard.name, reason, f"{shard.path}: {type(e).__name__}: {e}", e))
             yield rows_table(rows, self.schema)
 
     def _items(self, shard: ShardInput):
@@ -478,6 +478,7 @@ class TokenizeConfig:
     device: str = "auto"
     max_shards: int | None = None
     progress_every_s: float = 10.0
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S  # no rows for this long, the cluster not growing: stop
     vq: str | None = None  # pixel VQ checkpoint: also store its codes (AR de-tokenizer training data)
     vq_resolution: int = 256  # the de-tokenizer's resolution: images are resized to this square for the VQ
     # AutoencoderDC folder, or a SANA pipeline folder (its vae/): also store latents (diffusion de-tok training data)
@@ -661,6 +662,6 @@ def run_tokenize(cfg: TokenizeConfig, encoder_cls=TATokEncoder, encoder_kwargs: 
                   for n in plan.todo}
         run_sharded(spec, inputs, lambda names, parts: build_dataset([by_name[n] for n in names], cfg, facts, parts,
                                                                      encoder_cls, encoder_kwargs),
-                    summary, t0, cfg.max_writers, cfg.progress_every_s)
+                    summary, t0, cfg.max_writers, cfg.progress_every_s, stall_timeout_s=cfg.stall_timeout_s)
     summary.seconds = time.time() - t0
     return summary
