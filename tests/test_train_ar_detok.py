@@ -244,3 +244,41 @@ def test_a_worker_killed_mid_run_is_restarted_and_reaches_the_straight_runs_weig
     assert summary.steps == 6 and summary.starts == [0, 3]  # Ray Train restarted the workers from it
     torch.testing.assert_close(ARDetokenizer.from_checkpoint(str(tmp_path / "6.pth")).state_dict(),
                                ARDetokenizer.from_checkpoint(str(straight["out"] / "ar.pth")).state_dict())
+
+
+def test_sigterm_stops_a_trainer_with_where_it_stands_and_a_rerun_resumes(family, data, straight, tmp_path):
+    """SIGTERM (what `ray job stop` sends) to a training job after its first checkpoint: exit 143, no traceback,
+    one line with the step and the checkpoint a rerun resumes from; the rerun of the same command resumes there.
+    The trainers share the jobs' driver wrapper (tarflow.driver.run_driver)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    storage, name = tmp_path / "runs", "stopped"
+    argv = [sys.executable, os.path.join(os.path.dirname(__file__), "..", "jobs", "train_ar_detok.py"),
+            "--data", *data["specs"], "--tatok", family["tatok"], "--init", family["ar"], "--scale", "1",
+            "--steps", "500", "--batch-size", "5", "--checkpoint-every", "2", "--log-every", "2",
+            "--num-workers", "1", "--cpus-per-worker", "0.5", "--storage-path", str(storage), "--name", name]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own private Ray, as from a shell
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if list((storage / name).glob("checkpoint_*/train_meta.json")):
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    own = [ln for ln in stderr.splitlines() if "pid=" not in ln]  # not the lines Ray forwards from its actors
+    assert not any("Traceback" in ln or "KeyboardInterrupt" in ln for ln in own), own[-40:]
+    line = next(ln for ln in stderr.splitlines() if ln.startswith("tarflow train-ar-de-tokenizer: interrupted"))
+    step = int(line.split("(SIGTERM) at step ", 1)[1].split(" ", 1)[0])
+    assert step >= 2 and step % 2 == 0 and " of 500 (checkpoint: " in line, line
+    assert line.endswith("rerun the same command to resume from it"), line
+    # the same command again (stopped two steps later) starts from that checkpoint, data position and all
+    assert straight["job"].main([*argv[2:], "--stop-at-step", str(step + 2),
+                                 "--summary-json", str(tmp_path / "s.json")]) == 0
+    resumed = json.loads((tmp_path / "s.json").read_text())
+    assert resumed["steps"] == step + 2 and resumed["starts"][-1] == step and not resumed["interrupted"]
