@@ -127,12 +127,15 @@ def main(argv=None) -> int:
         gpus_per_encoder=args.gpus_per_encoder, dtype=args.dtype, device=args.device, max_shards=args.max_shards,
         vq=args.vq, vq_resolution=args.vq_resolution, latents=args.latents, latent_resolution=args.latent_resolution)
 
+    found: dict = {}
+
     def check():
-        checks.tokenize_problems(cfg).raise_if_any()
+        checks.tokenize_problems(cfg, found).raise_if_any()
         cfg.output = absolute_output(cfg.output)
 
-    return run_job(run_tokenize, cfg, args.summary_json, (InputError,), check=check,
-                   start=lambda: init_ray(args.address, progress_bars=not args.no_progress))
+    return run_job(lambda c: run_tokenize(c, shards=found["inputs"]), cfg, args.summary_json, (InputError,),
+                   check=check, start=lambda: init_ray(args.address, progress_bars=not args.no_progress),
+                   job="tokenize")
 
 
 if __name__ == "__main__":

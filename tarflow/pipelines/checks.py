@@ -209,12 +209,22 @@ def check_img2dataset_input(p: Problems, inputs: list[str], input_format: str) -
     except PermissionError as e:
         p.add(f"--input {e.filename or inputs}", "is not readable by this user", "fix its permissions")
         return []
-    for s in shards:
-        if s.format == "parquet" and _is_code_shard(s.path):
-            p.add(f"--input {s.path}", "is a tarflow code shard, not img2dataset output",
+    # a few footers spread over the inputs, read at once, tell a folder of code shards (opening every footer
+    # would cost a request per shard; a stray code shard among image shards fails alone when it is read)
+    parquets = [s for s in shards if s.format == "parquet"]
+    sample = parquets[:: max(1, len(parquets) // FOOTERS_CHECKED)][:FOOTERS_CHECKED]
+    if sample:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(sample)) as pool:
+            code = [s for s, is_code in zip(sample, pool.map(lambda s: _is_code_shard(s.path), sample)) if is_code]
+        if code:
+            p.add(f"--input {code[0].path}", "is a tarflow code shard, not img2dataset output",
                   "give img2dataset's output (.tar, or .parquet with image bytes)")
-            break
     return shards
+
+
+FOOTERS_CHECKED = 8
 
 
 def _parquet_schema(path: str):
@@ -291,9 +301,12 @@ def check_prompt_table(p: Problems, path: str) -> bool:
 # Per job
 
 
-def tokenize_problems(cfg) -> Problems:
+def tokenize_problems(cfg, found: dict | None = None) -> Problems:
+    """`found["inputs"]`: the input shards resolved here, for the job to use (inputs are resolved once)."""
     p = Problems()
-    check_img2dataset_input(p, list(cfg.input), cfg.input_format)
+    shards = check_img2dataset_input(p, list(cfg.input), cfg.input_format)
+    if found is not None:
+        found["inputs"] = shards
     check_checkpoint(p, cfg.tatok, "--tatok", "TA-Tok checkpoint (ta_tok.pth)")
     if cfg.vq:
         check_checkpoint(p, cfg.vq, "--vq", "pixel VQ checkpoint (vq_ds16_t2i.pt)")
@@ -303,9 +316,12 @@ def tokenize_problems(cfg) -> Problems:
     return p
 
 
-def caption_problems(cfg) -> Problems:
+def caption_problems(cfg, found: dict | None = None) -> Problems:
+    """`found["inputs"]`: the code shards resolved here, for the job to use (inputs are resolved once)."""
     p = Problems()
-    check_code_shard_input(p, list(cfg.input), cfg.scale)
+    shards = check_code_shard_input(p, list(cfg.input), cfg.scale)
+    if found is not None:
+        found["inputs"] = shards
     check_model_folder(p, cfg.model, "--model")
     check_output(p, cfg.output)
     return p

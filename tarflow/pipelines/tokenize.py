@@ -473,10 +473,11 @@ def build_dataset(shards: list[ShardInput], cfg: TokenizeConfig, facts: Tokenize
 TokenizeSummary = JobSummary
 
 
-def run_tokenize(cfg: TokenizeConfig, encoder_cls=TATokEncoder, encoder_kwargs: dict | None = None
-                 ) -> JobSummary:
+def run_tokenize(cfg: TokenizeConfig, encoder_cls=TATokEncoder, encoder_kwargs: dict | None = None,
+                 shards: list[ShardInput] | None = None) -> JobSummary:
+    """`shards`: cfg.input already resolved (by the job's check), else resolved here."""
     t0 = time.time()
-    shards = resolve_inputs(cfg.input, cfg.input_format)
+    shards = shards or resolve_inputs(cfg.input, cfg.input_format)
     if cfg.max_shards:
         shards = shards[: cfg.max_shards]
     facts = model_facts(cfg)
