@@ -179,7 +179,8 @@ def read_many(paths: list[str], max_workers: int = 64) -> dict[str, bytes | None
         out = {}
         for path in paths:
             try:
-                out[path] = read_bytes(path)
+                with fs.open(filesystem(path)[1], "rb") as f:  # one open per file (a folder raises IsADirectoryError)
+                    out[path] = f.read()
             except FileNotFoundError:
                 out[path] = None
         return out
