@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -406,12 +407,13 @@ JOB_ARGS = ["--codebook-size", str(K), "--decoder-depth", "1", "--batch-size", "
 @pytest.fixture(scope="module")
 def trained(ray_local, models, tmp_path_factory):
     out = tmp_path_factory.mktemp("tatok-job")
+    t0 = time.monotonic()
     rc = _job().main(["--data", str(ensure_sample_shards()), "--teacher", models["teacher"], "--llm", models["llm"],
                       *JOB_ARGS, "--storage-path", str(out / "runs"), "--name", "job",
                       "--output", str(out / "model" / "ta_tok.pth"), "--summary-json", str(out / "summary.json")])
     assert rc == 0
     return {"out": out, "path": str(out / "model" / "ta_tok.pth"),
-            "summary": json.loads((out / "summary.json").read_text())}
+            "summary": json.loads((out / "summary.json").read_text()), "wall_s": time.monotonic() - t0}
 
 
 def test_ray_train_job_streams_the_sample_and_writes_a_reference_checkpoint(trained, images):
@@ -419,7 +421,10 @@ def test_ray_train_job_streams_the_sample_and_writes_a_reference_checkpoint(trai
     assert [h["step"] for h in s["history"]] == list(range(1, 7)) and s["starts"] == [0]
     # 8 images over 2 DDP workers, 2 each per micro-batch: two steps an epoch, every image decoded by the
     # tokenize job's stages
-    assert all(h["images"] == 4 and h["skipped_failed"] == 0 for h in s["history"])
+    assert all(h["images"] == 4 and h["skipped_failed"] == 0 and h["failed_shards"] == 0 for h in s["history"])
+    # images/s = the step's images over the step's time: the times it implies add up to less than the run took
+    implied = [h["images"] / h["images_per_s"] for h in s["history"]]
+    assert all(t > 0 for t in implied) and sum(implied) < trained["wall_s"], (implied, trained["wall_s"])
     assert [h["epoch"] for h in s["history"]] == [0, 0, 1, 1, 2, 2]
     assert all(0 < h["codes_used"] <= K and h["codes_used"] + h["dead_codes"] == K for h in s["history"])
     # each worker draws its own scale per micro-batch: one or two scales reported per step, each a mean
