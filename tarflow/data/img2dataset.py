@@ -126,15 +126,8 @@ def _listed(folder: str, sizes: dict[str, int]) -> list[str]:
 def _expand(spec: str, input_format: str, sizes: dict[str, int]) -> list[str]:
     spec = spec.strip()
     if "{" in spec and ".." in spec or "{" in spec and "," in spec:
-        out, listed = [], {}
-        for p in storage.expand_braces(spec):
-            parent = storage.dirname(p)
-            if parent not in listed:
-                listed[parent] = {_norm(x) for x in _listed(parent, sizes)}
-            if _norm(p) not in listed[parent]:
-                raise InputError(f"input shard {p} (from pattern {spec}) does not exist")
-            out.append(p)
-        return out
+        listed: dict[str, set] = {}
+        return [_listed_file(p, f"from pattern {spec}", listed, sizes) for p in storage.expand_braces(spec)]
     if any(c in spec for c in "*?["):
         return _select(_globbed(spec, sizes), input_format, spec)
     if storage.isdir(spec):
@@ -148,6 +141,16 @@ def _expand(spec: str, input_format: str, sizes: dict[str, int]) -> list[str]:
     if spec.endswith((".txt", ".lst")):
         return _from_list_file(spec, input_format, sizes)
     return [spec]
+
+
+def _listed_file(path: str, source: str, listed: dict[str, set], sizes: dict[str, int]) -> str:
+    """`path`, checked against one listing of its folder (kept in `listed` for the next file of that folder)."""
+    parent = storage.dirname(path)
+    if parent not in listed:
+        listed[parent] = {_norm(x) for x in _listed(parent, sizes)}
+    if _norm(path) not in listed[parent]:
+        raise InputError(f"input shard {path} ({source}) does not exist")
+    return path
 
 
 def _globbed(pattern: str, sizes: dict[str, int]) -> list[str]:
@@ -167,12 +170,7 @@ def _from_list_file(spec: str, input_format: str, sizes: dict[str, int]) -> list
             continue
         p = line if (storage.is_remote(line) or os.path.isabs(line)) else storage.join(base, line)
         if p.endswith((".tar", ".parquet")) and not any(c in p for c in "*?[{"):
-            parent = storage.dirname(p)
-            if parent not in listed:
-                listed[parent] = {_norm(x) for x in _listed(parent, sizes)}
-            if _norm(p) not in listed[parent]:
-                raise InputError(f"input shard {p} (listed in {spec}) does not exist")
-            out.append(p)
+            out.append(_listed_file(p, f"listed in {spec}", listed, sizes))
         else:
             out.extend(_expand(p, input_format, sizes))
     return out
