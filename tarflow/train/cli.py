@@ -118,21 +118,14 @@ def run_trainer(preflight, train, cfg, args, what: str) -> int:
         plan["plan"] = preflight(cfg)
 
     return run_driver(lambda c: train(c, plan["plan"]), cfg, args.summary_json,
-                      report=lambda summary: report_train_summary(summary, what), job="train-" + "-".join(what.lower().split()),
-                      check=check, start=lambda: init_ray(args.address, progress_bars=sys.stdout.isatty()),
+                      report=lambda summary: report_train_summary(summary, what),
+                      job="train-" + "-".join(what.lower().split()), check=check,
+                      start=lambda: init_ray(args.address, progress_bars=sys.stdout.isatty()),
                       interrupted_early=lambda: interrupted_line(cfg))
 
 
 def report_train_summary(summary, what: str) -> int:
-    """Print a trainer's summary; its exit status: 130/143 when the run was stopped before its last step, else
-    0 (rows and shards that could not be read are counted in the summary, not failures of the run)."""
-    from tarflow.driver import interrupted_exit_code
-
+    """Print a trainer's summary; exit status 0 (rows and shards that could not be read are counted in the
+    summary, not failures of the run; an interrupted run never gets here: run_driver says where it stopped)."""
     print(summary.render(what))
-    if summary.interrupted:
-        import signal
-
-        print(f"  interrupted ({signal.Signals(interrupted_exit_code() - 128).name}) after step {summary.steps}: "
-              "rerun the same command to resume from the checkpoint above")
-        return interrupted_exit_code()
     return 0

@@ -396,7 +396,6 @@ class TrainSummary:
     starts: list[int]  # the step each start of the workers began from: [0] for a run that never resumed
     checkpoint: str  # the latest checkpoint folder (local or s3://)
     output: str | None = None
-    interrupted: bool = False  # stopped (SIGINT) before its last step: a rerun resumes from `checkpoint`
 
     def render(self, what: str = "training") -> str:
         m = self.metrics
@@ -485,16 +484,18 @@ def fit(cfg: TrainConfig, loop, loop_config: dict, dataset) -> TrainSummary:
     result = trainer.fit()
     if result.error:
         raise result.error
-    # Without an error a run ends early only when Ray Train's own SIGINT handler (fit() installs it) aborted it
+    # Without an error a run ends before its last step only when Ray Train's own SIGINT handler (fit() installs
+    # it) aborted it: an interrupt, as SIGTERM is (nothing is exported; the driver says where the run stands)
     if result.checkpoint is None:
-        raise KeyboardInterrupt("SIGINT")  # aborted before its first checkpoint
+        raise KeyboardInterrupt("SIGINT")
     with result.checkpoint.as_directory() as d:
         with open(os.path.join(d, META_FILE)) as f:
             meta = json.load(f)
+    if meta["step"] < cfg.end_step():
+        raise KeyboardInterrupt("SIGINT")
     return TrainSummary(steps=meta["step"], metrics=meta["history"][-1] if meta["history"] else {},
                         history=meta["history"], starts=meta["starts"],
-                        checkpoint=storage.protocol_prefix(cfg.storage_path) + result.checkpoint.path,
-                        interrupted=meta["step"] < cfg.end_step())
+                        checkpoint=storage.protocol_prefix(cfg.storage_path) + result.checkpoint.path)
 
 
 # ----------------------------------------------------------------------------------------------------------
