@@ -258,10 +258,9 @@ def test_sigterm_stops_a_trainer_with_where_it_stands_and_a_rerun_resumes(family
     """SIGTERM (what `ray job stop` sends) to a training job after its first checkpoint: exit 143, no traceback,
     one line with the step and the checkpoint a rerun resumes from; the rerun of the same command resumes there.
     The trainers share the jobs' driver wrapper (tarflow.driver.run_driver)."""
-    import signal
-    import subprocess
     import sys
-    import time
+
+    from faults import sigterm_when
 
     storage, name = tmp_path / "runs", "stopped"
     argv = [sys.executable, os.path.join(os.path.dirname(__file__), "..", "jobs", "train_ar_detok.py"),
@@ -269,16 +268,9 @@ def test_sigterm_stops_a_trainer_with_where_it_stands_and_a_rerun_resumes(family
             "--steps", "500", "--batch-size", "5", "--checkpoint-every", "2", "--log-every", "2",
             "--num-workers", "1", "--cpus-per-worker", "0.5", "--storage-path", str(storage), "--name", name]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own private Ray, as from a shell
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if list((storage / name).glob("checkpoint_*/train_meta.json")):
-            break
-        time.sleep(0.5)
-    assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stderr[-3000:]
+    rc, stdout, stderr = sigterm_when(argv, lambda: bool(list((storage / name).glob("checkpoint_*/train_meta.json"))),
+                                      env)
+    assert rc == 143, stderr[-3000:]
     own = [ln for ln in stderr.splitlines() if "pid=" not in ln]  # not the lines Ray forwards from its actors
     assert not any("Traceback" in ln or "KeyboardInterrupt" in ln for ln in own), own[-40:]
     line = next(ln for ln in stderr.splitlines() if ln.startswith("tarflow train-ar-de-tokenizer: interrupted"))
