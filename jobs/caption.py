@@ -68,12 +68,14 @@ def main(argv=None) -> int:
         gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, dtype=args.dtype,
         compile=args.compile, max_shards=args.max_shards, stall_timeout_s=args.stall_timeout)
 
+    found: dict = {}
+
     def check():
-        checks.caption_problems(cfg).raise_if_any()
+        checks.caption_problems(cfg, found).raise_if_any()
         cfg.output = absolute_output(cfg.output)
 
-    return run_job(run_caption, cfg, args.summary_json, check=check,
-                   start=lambda: init_ray(args.address, progress_bars=not args.no_progress))
+    return run_job(lambda c: run_caption(c, shards=found["inputs"]), cfg, args.summary_json, check=check,
+                   start=lambda: init_ray(args.address, progress_bars=not args.no_progress), job="caption")
 
 
 if __name__ == "__main__":

@@ -145,12 +145,15 @@ def main(argv=None) -> int:
         latents=args.latents, latent_resolution=args.latent_resolution, image_root=args.image_root,
         stall_timeout_s=args.stall_timeout)
 
+    found: dict = {}
+
     def check():
-        checks.tokenize_problems(cfg).raise_if_any()
+        checks.tokenize_problems(cfg, found).raise_if_any()
         cfg.output = absolute_output(cfg.output)
 
-    return run_job(run_tokenize, cfg, args.summary_json, (InputError,), check=check,
-                   start=lambda: init_ray(args.address, progress_bars=not args.no_progress))
+    return run_job(lambda c: run_tokenize(c, shards=found["inputs"]), cfg, args.summary_json, (InputError,),
+                   check=check, start=lambda: init_ray(args.address, progress_bars=not args.no_progress),
+                   job="tokenize")
 
 
 if __name__ == "__main__":

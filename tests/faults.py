@@ -26,3 +26,20 @@ def die_once_after_report(train_loop, config: dict) -> None:
 
     core.report = report  # the trainer core's loop looks `report` up in tarflow.train.core at every call
     train_loop(config)
+
+
+def sigterm_when(argv: list[str], ready, env: dict | None = None, wait_s: float = 300.0,
+                 exit_s: float = 120.0) -> tuple[int, str, str]:
+    """Start `argv`, wait (at most `wait_s`) until `ready()` is true, send SIGTERM (what `ray job stop` sends),
+    and return (exit status, stdout, stderr). Fails if the process ended before it was ready."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + wait_s
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=exit_s)
+    return proc.returncode, stdout, stderr

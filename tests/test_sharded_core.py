@@ -177,3 +177,65 @@ def _bound(cls, **kw):
 
     Bound.__name__ = cls.__name__
     return Bound
+
+
+def test_planning_on_s3_makes_a_request_per_listing_page_not_per_shard(s3_bucket, monkeypatch):
+    """The tokenize job's check (inputs resolved once, sizes from listings and globs) and the plan make as many
+    S3 requests for 40 input shards as for 5 (one listing page each), plus one GET per finished shard's
+    manifest: planning 100,000 shards costs about 100 listings (bench/plan.py measures it)."""
+    import s3fs
+
+    from tarflow.pipelines import checks
+    from tarflow.preflight import Problems
+
+    calls = []
+    real = s3fs.S3FileSystem._call_s3
+
+    async def counting(self, method, *a, **kw):
+        calls.append(method)
+        return await real(self, method, *a, **kw)
+
+    fs, _ = storage.filesystem(s3_bucket + "/x")
+
+    def requests(root: str, n: int, spec: str) -> list[str]:
+        manifest = {"format": "test.manifest", "version": 1, "input": {"size": 0}, "f": 1}
+        fs.pipe({**{f"{root}/in/{i:05d}.tar": b"" for i in range(n)},
+                 **{f"{root}/out/_manifest/{i:05d}.json": json.dumps(manifest).encode() for i in (1, 3)}})
+        fs.invalidate_cache()
+        monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counting)
+        calls.clear()
+        p = Problems()
+        shards = checks.check_img2dataset_input(p, [spec.format(root=f"s3://{root}")], "auto")
+        by_name = {s.name: s for s in shards}
+        plan = sharded.plan_shards(_layout(f"s3://{root}/out"), by_name, {"f": 1},
+                                   lambda name, m: m["input"]["size"] == by_name[name].size, overwrite=False)
+        monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", real)
+        assert not p and len(shards) == n and plan.done == ["00001", "00003"], (p.lines, plan.done)
+        return list(calls)
+
+    bucket = s3_bucket.removeprefix("s3://")
+    for i, spec in enumerate(("{root}/in/", "{root}/in/*.tar")):  # a folder, a glob
+        few, many = requests(f"{bucket}/few{i}", 5, spec), requests(f"{bucket}/many{i}", 40, spec)
+        assert len(few) == len(many) <= 8, (spec, few, many)
+        assert many.count("get_object") == 2  # the two finished shards' manifests, nothing per input shard
+
+
+def test_the_input_check_opens_a_few_parquet_footers_not_every_one(tmp_path, monkeypatch):
+    """img2dataset Parquet input: the check that it is not a folder of code shards reads a few footers spread over
+    the inputs (at once), not one per shard in turn; a folder of code shards is still named."""
+    import pyarrow.parquet as pq
+
+    from tarflow.pipelines import checks
+    from tarflow.preflight import Problems
+
+    for i in range(40):
+        pq.write_table(pa.table({"jpg": [b"x"]}), tmp_path / f"{i:05d}.parquet")
+    opened = []
+    real = checks._is_code_shard
+    monkeypatch.setattr(checks, "_is_code_shard", lambda path: opened.append(path) or real(path))
+    p = Problems()
+    assert len(checks.check_img2dataset_input(p, [str(tmp_path)], "parquet")) == 40 and not p
+    assert 1 <= len(opened) <= checks.FOOTERS_CHECKED
+    monkeypatch.setattr(checks, "_is_code_shard", lambda path: True)  # every shard a code shard
+    checks.check_img2dataset_input(p, [str(tmp_path)], "parquet")
+    assert len(p.lines) == 1 and "is a tarflow code shard, not img2dataset output" in p.lines[0]

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -98,11 +99,13 @@ def straight(family, data, tmp_path_factory):
         os.path.dirname(__file__), "..", "jobs", "train_ar_detok.py"))
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
+    t0 = time.monotonic()
     rc = job.main(["--data", *data["specs"], "--tatok", family["tatok"], "--init", family["ar"], *ARGS,
                    "--storage-path", str(out / "runs"), "--name", "straight", "--output", str(out / "ar.pth"),
                    "--summary-json", str(out / "summary.json"), "--keep-checkpoints", "1"])
     assert rc == 0
-    return {"job": job, "out": out, "summary": json.loads((out / "summary.json").read_text())}
+    return {"job": job, "out": out, "summary": json.loads((out / "summary.json").read_text()),
+            "wall_s": time.monotonic() - t0}
 
 
 def test_job_script_help_and_argument_errors(straight, capsys):
@@ -128,7 +131,12 @@ def test_two_workers_loss_falls_and_bad_rows_are_counted(straight):
     # one epoch: every row seen once, the 4 bad ones skipped and counted, never trained on
     assert (s["metrics"]["skipped_missing"], s["metrics"]["skipped_length"], s["metrics"]["skipped_range"]) == (1, 1, 2)
     assert sum(h["rows_trained"] for h in s["history"]) == 56 and sum(h["rows"] for h in s["history"]) == 60
-    assert all(h["tokens_per_s"] > 0 and h["epoch"] == 0 for h in s["history"])
+    assert all(h["epoch"] == 0 for h in s["history"])
+    # throughput = the step's VQ tokens (16 a row) over the step's time: the times it implies are positive and
+    # add up to less than the run took (a rate per row instead of per token, per millisecond, or over the
+    # wrong rows would not)
+    implied = [h["rows_trained"] * 16 / h["tokens_per_s"] for h in s["history"]]
+    assert all(t > 0 for t in implied) and sum(implied) < straight["wall_s"], (implied, straight["wall_s"])
 
 
 def test_bad_rows_are_split_off_and_counted(family, data):
@@ -244,3 +252,33 @@ def test_a_worker_killed_mid_run_is_restarted_and_reaches_the_straight_runs_weig
     assert summary.steps == 6 and summary.starts == [0, 3]  # Ray Train restarted the workers from it
     torch.testing.assert_close(ARDetokenizer.from_checkpoint(str(tmp_path / "6.pth")).state_dict(),
                                ARDetokenizer.from_checkpoint(str(straight["out"] / "ar.pth")).state_dict())
+
+
+def test_sigterm_stops_a_trainer_with_where_it_stands_and_a_rerun_resumes(family, data, straight, tmp_path):
+    """SIGTERM (what `ray job stop` sends) to a training job after its first checkpoint: exit 143, no traceback,
+    one line with the step and the checkpoint a rerun resumes from; the rerun of the same command resumes there.
+    The trainers share the jobs' driver wrapper (tarflow.driver.run_driver)."""
+    import sys
+
+    from faults import sigterm_when
+
+    storage, name = tmp_path / "runs", "stopped"
+    argv = [sys.executable, os.path.join(os.path.dirname(__file__), "..", "jobs", "train_ar_detok.py"),
+            "--data", *data["specs"], "--tatok", family["tatok"], "--init", family["ar"], "--scale", "1",
+            "--steps", "500", "--batch-size", "5", "--checkpoint-every", "2", "--log-every", "2",
+            "--num-workers", "1", "--cpus-per-worker", "0.5", "--storage-path", str(storage), "--name", name]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own private Ray, as from a shell
+    rc, stdout, stderr = sigterm_when(argv, lambda: bool(list((storage / name).glob("checkpoint_*/train_meta.json"))),
+                                      env)
+    assert rc == 143, stderr[-3000:]
+    own = [ln for ln in stderr.splitlines() if "pid=" not in ln]  # not the lines Ray forwards from its actors
+    assert not any("Traceback" in ln or "KeyboardInterrupt" in ln for ln in own), own[-40:]
+    line = next(ln for ln in stderr.splitlines() if ln.startswith("tarflow train-ar-de-tokenizer: interrupted"))
+    step = int(line.split("(SIGTERM) at step ", 1)[1].split(" ", 1)[0])
+    assert step >= 2 and step % 2 == 0 and " of 500 (checkpoint: " in line, line
+    assert line.endswith("rerun the same command to resume from it"), line
+    # the same command again (stopped two steps later) starts from that checkpoint, data position and all
+    assert straight["job"].main([*argv[2:], "--stop-at-step", str(step + 2),
+                                 "--summary-json", str(tmp_path / "s.json")]) == 0
+    resumed = json.loads((tmp_path / "s.json").read_text())
+    assert resumed["steps"] == step + 2 and resumed["starts"][-1] == step

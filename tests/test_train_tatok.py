@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +223,91 @@ def test_tatok_learns_on_cpu_and_its_codes_survive_save_and_load(models, images,
     assert ModelPlan(**plan["model"]).codebook_size == loaded.codebook_size == K
 
 
+def _stream(shards, chunk: int = 3) -> pa.Table:
+    """The trainer's row stream of `shards` (the tokenize job's reader and decoder, then training_rows), in
+    process and in order, as Ray Data hands it to the workers (one worker, no shuffle)."""
+    from tarflow.pipelines.tokenize import ImageDecoder, ShardReader
+
+    tables = []
+    for s in shards:
+        item = pa.Table.from_pylist([{"path": s.path, "name": s.name, "format": s.format, "size": s.size}])
+        tables += [training_rows(ImageDecoder(TRAIN_SIZE)(t)) for t in ShardReader(chunk)(item)]
+    return pa.concat_tables(tables)
+
+
+def test_failed_shards_and_images_reach_the_workers_and_are_counted(models, tmp_path):
+    """A shard that cannot be read is a row of its own in the workers' stream (before, only samples reached
+    them and the shard vanished): counted in failed_shards (a run total) beside the images that failed to
+    decode (skipped_failed), and named in the summary."""
+    from tarflow.data.img2dataset import ShardInput, resolve_inputs
+    from tarflow.train.core import TrainSummary
+
+    shards = resolve_inputs(str(ensure_sample_shards()))
+    gone = ShardInput(path=str(tmp_path / "00002.tar"), name="00002", format="webdataset", size=10)
+    table = _stream([shards[0], gone, shards[1]])
+    kinds = table.column("kind").to_pylist()
+    assert kinds.count("failed") == 1 and kinds.count("sample") == 8
+    rows = table.to_pylist()
+    bad = next(i for i, r in enumerate(rows) if r["kind"] == "sample")  # an image that failed to decode
+    rows[bad] = {**rows[bad], "ok": False, "pixels": None}
+    table = pa.Table.from_pylist(rows, schema=table.schema)
+    cfg = _cfg(models, tmp_path)
+    torch.manual_seed(0)
+    task = TATokTask(cfg, preflight(cfg), torch.device("cpu"))
+    model = task.load_model(None)
+    loss, sums = task.loss(model, table)
+    assert torch.isfinite(loss)
+    assert (sums["images"], sums["skipped_failed"], sums["failed_shards"], sums["rows"]) == (7, 1, 1, 8)
+    totals = {"skipped_failed": 2.0, "failed_shards": 1.0}  # the core's run totals, this step's included
+    m = task.metrics(dict.fromkeys(task.sum_keys, 0.0) | sums, totals, 1.0)
+    assert (m["skipped_failed"], m["failed_shards"], m["images"]) == (2, 1, 7)
+    line = TrainSummary(steps=1, metrics=m, history=[m], starts=[0], checkpoint="c").render("TA-Tok")
+    assert "rows skipped {'failed': 2}" in line and "shards failed 1" in line, line
+
+
+class _Split:
+    """What a worker's Ray Data split gives the core: iter_batches over a table, in order."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def iter_batches(self, batch_size, drop_last=False, **kw):
+        for i in range(0, len(self.table), batch_size):
+            if not drop_last or i + batch_size <= len(self.table):
+                yield self.table.slice(i, batch_size)
+
+
+def test_a_read_that_fails_once_then_succeeds_keeps_every_row_where_it_was(models, tmp_path, monkeypatch):
+    """A connection reset mid-shard is retried inside the read (reopened, sought back): the trainer's stream is
+    row for row the clean one, so the position a checkpoint saved still names the same row and the core's
+    exact-resume skip (tarflow.train.core._epoch_rows) resumes with the same rows. A failed read that left a
+    gap or repeated rows would move every later row, and the resumed run would skip or repeat images."""
+    from test_reader_faults import FlakyFS
+
+    from tarflow.data import storage
+    from tarflow.data.img2dataset import resolve_inputs
+    from tarflow.train.common import TrainState
+    from tarflow.train.core import _epoch_rows
+
+    shards = resolve_inputs(str(ensure_sample_shards()))
+    clean = _stream(shards)
+    real = storage.filesystem
+    fs = FlakyFS(fault_at=shards[0].size // 2, error=ConnectionResetError(104, "Connection reset by peer"), times=1)
+    monkeypatch.setattr(storage, "filesystem",
+                        lambda p: (fs, os.path.abspath(str(p))) if not storage.is_remote(p) else real(p))
+    flaky = _stream(shards)
+    assert fs.faults == 1 and fs.opens >= 2  # it broke once, mid-shard, and was reopened
+    assert flaky.column("kind").to_pylist() == clean.column("kind").to_pylist() == ["sample"] * 8
+    assert flaky.column("pixels").to_pylist() == clean.column("pixels").to_pylist()
+    cfg = _cfg(models, tmp_path, shuffle_buffer=0)
+    task = TATokTask.__new__(TATokTask)
+    task.read_rows, task.drop_last = 2, True
+    for seen in (0, 3, 5):  # a checkpoint's data position: the rows after it, from either stream
+        resumed = [_epoch_rows(_Split(t), task, cfg, TrainState(samples_seen=seen)) for t in (clean, flaky)]
+        got = [[(pos, tab.column("pixels").to_pylist()) for pos, tab in r] for r in resumed]
+        assert got[0] == got[1] and got[0][0][0] == seen
+
+
 def test_teacher_and_llm_folders_read_from_s3(models, s3_bucket, monkeypatch):
     """Only the vision weights and the embedding rows are read (by byte ranges), from S3 as from disk: the bytes
     that S3 sends are counted."""
@@ -357,12 +443,13 @@ JOB_ARGS = ["--codebook-size", str(K), "--decoder-depth", "1", "--batch-size", "
 @pytest.fixture(scope="module")
 def trained(ray_local, models, tmp_path_factory):
     out = tmp_path_factory.mktemp("tatok-job")
+    t0 = time.monotonic()
     rc = _job().main(["--data", str(ensure_sample_shards()), "--teacher", models["teacher"], "--llm", models["llm"],
                       *JOB_ARGS, "--storage-path", str(out / "runs"), "--name", "job",
                       "--output", str(out / "model" / "ta_tok.pth"), "--summary-json", str(out / "summary.json")])
     assert rc == 0
     return {"out": out, "path": str(out / "model" / "ta_tok.pth"),
-            "summary": json.loads((out / "summary.json").read_text())}
+            "summary": json.loads((out / "summary.json").read_text()), "wall_s": time.monotonic() - t0}
 
 
 def test_ray_train_job_streams_the_sample_and_writes_a_reference_checkpoint(trained, images):
@@ -370,7 +457,10 @@ def test_ray_train_job_streams_the_sample_and_writes_a_reference_checkpoint(trai
     assert [h["step"] for h in s["history"]] == list(range(1, 7)) and s["starts"] == [0]
     # 8 images over 2 DDP workers, 2 each per micro-batch: two steps an epoch, every image decoded by the
     # tokenize job's stages
-    assert all(h["images"] == 4 and h["skipped_failed"] == 0 for h in s["history"])
+    assert all(h["images"] == 4 and h["skipped_failed"] == 0 and h["failed_shards"] == 0 for h in s["history"])
+    # images/s = the step's images over the step's time: the times it implies add up to less than the run took
+    implied = [h["images"] / h["images_per_s"] for h in s["history"]]
+    assert all(t > 0 for t in implied) and sum(implied) < trained["wall_s"], (implied, trained["wall_s"])
     assert [h["epoch"] for h in s["history"]] == [0, 0, 1, 1, 2, 2]
     assert all(0 < h["codes_used"] <= K and h["codes_used"] + h["dead_codes"] == K for h in s["history"])
     # each worker draws its own scale per micro-batch: one or two scales reported per step, each a mean

@@ -114,6 +114,22 @@ def remove(path: str) -> None:
         fs.rm(p)
 
 
+def remove_many(paths: list[str]) -> None:
+    """Remove files (missing ones are fine): batched deletes on object stores (1,000 keys a request)."""
+    if not paths:
+        return
+    fs, _ = filesystem(paths[0])
+    if not is_remote(paths[0]):
+        for path in paths:
+            remove(path)
+        return
+    try:
+        fs.rm([filesystem(x)[1] for x in paths])
+    except FileNotFoundError:  # one was gone already: the rest one by one
+        for path in paths:
+            remove(path)
+
+
 def listdir(path: str) -> list[str]:
     """Full paths (with the protocol prefix) of the files directly under `path`; [] if it does not exist."""
     fs, p = filesystem(path)
@@ -145,6 +161,23 @@ def list_sizes(path: str, recursive: bool = False) -> dict[str, int]:
             if e.get("type") != "directory"}
 
 
+def glob_sizes(pattern: str) -> dict[str, int]:
+    """{full path: size} of the files matching `pattern`, from the listings the glob makes anyway (no request
+    per file)."""
+    fs, p = filesystem(pattern)
+    prefix = protocol_prefix(pattern)
+    found = fs.glob(p, detail=True)
+    return {prefix + k.removeprefix(prefix): int(e.get("size") or 0) for k, e in found.items()
+            if e.get("type") != "directory"}
+
+
+def iter_read_many(paths: list[str], chunk: int = 1000, max_workers: int = 64):
+    """(path, bytes or None when missing) for many small files, `chunk` of them in memory at a time (read
+    concurrently, as `read_many`): what a driver needs to go through 100,000 manifests in bounded memory."""
+    for i in range(0, len(paths), chunk):
+        yield from read_many(paths[i:i + chunk], max_workers=max_workers).items()
+
+
 def read_many(paths: list[str], max_workers: int = 64) -> dict[str, bytes | None]:
     """{path: bytes, or None when missing} for many small files at once: concurrent requests on object
     stores (s3fs batches them), plain reads locally. Other errors raise."""
@@ -155,7 +188,8 @@ def read_many(paths: list[str], max_workers: int = 64) -> dict[str, bytes | None
         out = {}
         for path in paths:
             try:
-                out[path] = read_bytes(path)
+                with fs.open(filesystem(path)[1], "rb") as f:  # one open per file (a folder raises IsADirectoryError)
+                    out[path] = f.read()
             except FileNotFoundError:
                 out[path] = None
         return out

@@ -50,23 +50,25 @@ def resolve_code_shards(spec: str | list[str]) -> list[CodeShard]:
     specs = [spec] if isinstance(spec, str) else list(spec)
     out = []
     for s in specs:
+        # sizes from the listings (a request per 1,000 files), never a request per shard
         if storage.isdir(storage.join(s, schema.CODES_DIR)):
-            manifests = {p.rsplit("/", 1)[-1][:-5] for p in storage.listdir(storage.join(s, schema.MANIFEST_DIR))
+            manifests = {p.rsplit("/", 1)[-1][:-5] for p in storage.list_sizes(storage.join(s, schema.MANIFEST_DIR))
                          if p.endswith(".json")}
-            files = [p for p in storage.listdir(storage.join(s, schema.CODES_DIR)) if p.endswith(".parquet")]
-            unfinished = [p for p in files if _stem(p) not in manifests]
+            files = {p: n for p, n in storage.list_sizes(storage.join(s, schema.CODES_DIR)).items()
+                     if p.endswith(".parquet")}
+            unfinished = sum(_stem(p) not in manifests for p in files)
             if unfinished:
                 log.warning("%d code shards in %s have no manifest (their tokenize run did not finish); skipped",
-                            len(unfinished), s)
-            files = [p for p in files if _stem(p) in manifests]
+                            unfinished, s)
+            files = {p: n for p, n in files.items() if _stem(p) in manifests}
         elif storage.isdir(s):
-            files = [p for p in storage.listdir(s) if p.endswith(".parquet")]
+            files = {p: n for p, n in storage.list_sizes(s).items() if p.endswith(".parquet")}
         elif storage.exists(s):
-            files = [s]
+            files = {s: storage.size(s)}
         else:
             raise FileNotFoundError(f"caption input {s} does not exist (give the tokenize job's output folder, a "
                                     "folder of code shards, or code shard files)")
-        out += [CodeShard(p, _stem(p), storage.size(p)) for p in files]
+        out += [CodeShard(p, _stem(p), n) for p, n in files.items()]
     if not out:
         raise FileNotFoundError(f"no code shards found in {specs}")
     names = [c.name for c in out]
@@ -266,11 +268,12 @@ class CaptionShardWriter:
             totals={"caption_tokens": generated, "cut_at_max_new_tokens": unfinished})
 
 
-def run_caption(cfg: CaptionConfig, captioner_cls=Captioner) -> JobSummary:
+def run_caption(cfg: CaptionConfig, captioner_cls=Captioner, shards: list[CodeShard] | None = None) -> JobSummary:
+    """`shards`: cfg.input already resolved (by the job's check), else resolved here."""
     import ray.data
 
     t0 = time.time()
-    shards = resolve_code_shards(cfg.input)
+    shards = shards or resolve_code_shards(cfg.input)
     if cfg.max_shards:
         shards = shards[: cfg.max_shards]
     by_name = {s.name: s for s in shards}

@@ -209,10 +209,18 @@ def check_img2dataset_input(p: Problems, inputs: list[str], input_format: str) -
     except PermissionError as e:
         p.add(f"--input {e.filename or inputs}", "is not readable by this user", "fix its permissions")
         return []
-    for s in shards:
-        if s.format in ("parquet", "conversations") and _is_code_shard(s.path):
-            p.add(f"--input {s.path}", "is a tarflow code shard, not img2dataset output or a conversation table",
-                  "give img2dataset's output (.tar, or .parquet with image bytes) or a conversation table")
+    # a few footers spread over the inputs, read at once, tell a folder of code shards (opening every footer
+    # would cost a request per shard; a stray code shard among image shards fails alone when it is read)
+    parquets = [s for s in shards if s.format in ("parquet", "conversations")]
+    sample = parquets[:: max(1, len(parquets) // FOOTERS_CHECKED)][:FOOTERS_CHECKED]
+    if sample:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(sample)) as pool:
+            code = [s for s, is_code in zip(sample, pool.map(lambda s: _is_code_shard(s.path), sample)) if is_code]
+        if code:
+            p.add(f"--input {code[0].path}", "is a tarflow code shard, not img2dataset output or a conversation "
+                  "table", "give img2dataset's output (.tar, or .parquet with image bytes) or a conversation table")
             return []
     first = next((s for s in shards if s.format == "parquet"), None)
     if first is not None:
@@ -262,6 +270,9 @@ def check_conversation_input(p: Problems, shards: list, image_root: str | None, 
         if relative and not image_root:
             p.add(f"--input {first.path}", f"its rows name images by relative paths (e.g. {relative[0]!r})",
                   "pass --image-root FOLDER, the folder they are relative to (local or s3://)")
+
+
+FOOTERS_CHECKED = 8
 
 
 def _parquet_schema(path: str):
@@ -339,7 +350,8 @@ def check_prompt_table(p: Problems, path: str) -> bool:
 # Per job
 
 
-def tokenize_problems(cfg) -> Problems:
+def tokenize_problems(cfg, found: dict | None = None) -> Problems:
+    """`found["inputs"]`: the input shards resolved here, for the job to use (inputs are resolved once)."""
     p = Problems()
     shards = check_img2dataset_input(p, list(cfg.input), cfg.input_format)
     conversations = [s for s in shards if s.format == "conversations"]
@@ -347,6 +359,8 @@ def tokenize_problems(cfg) -> Problems:
         check_conversation_input(p, conversations, getattr(cfg, "image_root", None), cfg.vq, cfg.latents)
     if len(conversations) not in (0, len(shards)):
         p.add("--input", "mixes conversation tables and img2dataset shards", "tokenize each kind into its own --output")
+    if found is not None:
+        found["inputs"] = shards
     check_checkpoint(p, cfg.tatok, "--tatok", "TA-Tok checkpoint (ta_tok.pth)")
     if cfg.vq and not conversations:
         check_checkpoint(p, cfg.vq, "--vq", "pixel VQ checkpoint (vq_ds16_t2i.pt)")
@@ -356,9 +370,12 @@ def tokenize_problems(cfg) -> Problems:
     return p
 
 
-def caption_problems(cfg) -> Problems:
+def caption_problems(cfg, found: dict | None = None) -> Problems:
+    """`found["inputs"]`: the code shards resolved here, for the job to use (inputs are resolved once)."""
     p = Problems()
-    check_code_shard_input(p, list(cfg.input), cfg.scale)
+    shards = check_code_shard_input(p, list(cfg.input), cfg.scale)
+    if found is not None:
+        found["inputs"] = shards
     check_model_folder(p, cfg.model, "--model")
     check_output(p, cfg.output)
     return p

@@ -4,7 +4,7 @@ Under `ray job submit` (or with RAY_ADDRESS / --address) the job joins that clus
 private local Ray with no dashboard, which is what `make run` and a laptop want.
 
 `run_job` runs a job's driver-side checks (before Ray starts), then the job, and turns what can go wrong into
-an exit status and a few readable lines:
+an exit status and a few readable lines (tarflow.driver.run_driver, which the trainers share):
 
     0  done          1  shards failed, or an unexpected error (one line; traceback in a log file)
     2  bad usage: arguments, paths, checkpoints, settings (one line per problem, before any work)
@@ -17,13 +17,26 @@ import logging
 import os
 import signal
 import sys
-import time
-import traceback
+
+# the one driver wrapper, shared with the trainers; re-exported here, where the jobs have always found it
+from tarflow.driver import (  # noqa: F401
+    FILE_ONLY,
+    _stop_signal,
+    job_log_path,
+    open_job_log,
+    without_control_codes,
+    install_signal_handlers,
+    interrupted_exit_code,
+    is_usage_error,
+    one_line,
+    print_usage_error,
+    root_cause,
+    run_driver,
+    usage_errors,
+    write_error_log,
+)
 
 log = logging.getLogger("tarflow")
-
-# SIGINT -> 130, SIGTERM -> 143 (128 + signal number, as shells report it)
-_stop_signal: dict = {"signum": None}
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, progress_bars: bool | None = None) -> None:
@@ -177,52 +190,7 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The job's log file
-
-# Records for the job's log file alone (the tracebacks of failed shards, Ray's own lines): never on the output.
-FILE_ONLY = logging.getLogger("tarflow.logfile")
-FILE_ONLY.propagate = False
-FILE_ONLY.setLevel(logging.DEBUG)
-_job_log: dict = {"path": None}
-_CONTROL_CODES = None
-
-
-def open_job_log(job: str | None = None) -> str | None:
-    """The job's log file, `$TARFLOW_HOME/logs/JOB-TIME-PID.log`, opened once per process (None if it cannot
-    be written): every tarflow line, the traceback of every failed shard or batch, and what Ray prints on its
-    own (worker output, raylet and GCS errors, the `ray` logger), which stays off the job's output."""
-    if _job_log["path"]:
-        return _job_log["path"]
-    from tarflow.data.sample import tarflow_home
-
-    job = job or os.path.splitext(os.path.basename(sys.argv[0] or ""))[0] or "tarflow"
-    try:
-        folder = tarflow_home() / "logs"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{job}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-        handler = logging.FileHandler(path, encoding="utf-8")
-    except OSError:
-        return None
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
-    FILE_ONLY.addHandler(handler)
-    _job_log["path"] = str(path)
-    return _job_log["path"]
-
-
-def job_log_path() -> str | None:
-    return _job_log["path"]
-
-
-def without_control_codes(text: str) -> str:
-    """`text` without terminal control sequences (colours, cursor moves) and carriage returns."""
-    import re
-
-    global _CONTROL_CODES
-    if _CONTROL_CODES is None:
-        _CONTROL_CODES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]|[\r\x00-\x08\x0b-\x1f\x7f]")
-    return _CONTROL_CODES.sub("", text)
-
+# The job's log file: what Ray prints on its own goes there (the file itself: tarflow.driver)
 
 class _ToJobLog(logging.Handler):
     """Hands a record to the job's log file alone (Ray rewrites the formatters of its logger's handlers)."""
@@ -281,139 +249,6 @@ def route_ray_output_to_job_log() -> None:
         ray_logger.addHandler(_ToJobLog())
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Interrupts
-
-
-def install_signal_handlers() -> dict:
-    """SIGINT and SIGTERM (Ctrl-C, `ray job stop`) raise KeyboardInterrupt in the main thread; the signal is kept
-    for the exit status. The pipelines catch it, stop, and return what they finished. Returns the handlers it
-    replaced (none outside the main thread)."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-
-    def stop(signum, frame):
-        if _stop_signal["signum"] is not None:  # a second Ctrl-C while stopping: stop now
-            os._exit(128 + signum)
-        _stop_signal["signum"] = signum
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    return {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-
-def interrupted_exit_code() -> int:
-    return 128 + (_stop_signal["signum"] or signal.SIGINT)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Errors
-
-
-def root_cause(e: BaseException) -> BaseException:
-    """The exception a job's code raised, out of Ray's wrappers (RayTaskError, Ray Data's UserCodeException,
-    ActorDiedError, ...): Ray's own errors are followed through `.cause`, `__cause__` and `__context__`."""
-    seen = set()
-    while id(e) not in seen:
-        seen.add(id(e))
-        nxt = None
-        if _is_ray_error(e):
-            cause = getattr(e, "cause", None)
-            nxt = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
-        elif type(e).__name__ == "UserCodeException" or (type(e).__module__ or "").startswith("ray."):
-            nxt = e.__cause__ or e.__context__
-        if nxt is None or _is_empty_marker(nxt):
-            break
-        e = nxt
-    return e
-
-
-def _is_empty_marker(e: BaseException) -> bool:
-    """Ray Data raises the user's error `from SystemException()`: an empty marker, not a cause."""
-    return (type(e).__module__ or "").startswith("ray.") and not str(e) and e.__cause__ is None \
-        and e.__context__ is None
-
-
-def _is_ray_error(e: BaseException) -> bool:
-    try:
-        from ray.exceptions import RayError
-    except ImportError:
-        return False
-    return isinstance(e, RayError)
-
-
-def _named_line(e: BaseException) -> tuple[str, str] | None:
-    """For Ray's own errors that carry a remote error only as text (an actor that died in its constructor):
-    the last `module.SomethingError: message` line, as (class name, message)."""
-    for line in reversed([ln.strip() for ln in str(e).splitlines()]):
-        head, sep, message = line.partition(": ")
-        name = head.rsplit(".", 1)[-1]
-        if sep and head.replace(".", "").replace("_", "").isalnum() and name.endswith(("Error", "Exception")):
-            return name, message
-    return None
-
-
-def one_line(e: BaseException) -> str:
-    """`Type: message`, on one line and cut to a readable length; for Ray's own errors (an actor that died,
-    a worker that crashed), the remote error their text names, else their first line."""
-    from tarflow.preflight import shorten
-
-    if _is_ray_error(e):
-        named = _named_line(e)
-        if named:
-            return shorten(f"{named[0]}: {named[1]}")
-        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
-        return shorten(f"{type(e).__name__}: {first}" if first else type(e).__name__)
-    text = str(e).strip()
-    return shorten(f"{type(e).__name__}: {text}" if text else type(e).__name__)
-
-
-def is_usage_error(e: BaseException, usage: tuple) -> bool:
-    """Bad input or settings, raised here or (named in a Ray error's text) in an actor."""
-    if isinstance(e, usage):
-        return True
-    named = _named_line(e) if _is_ray_error(e) else None
-    return bool(named) and named[0] in {c.__name__ for c in usage}
-
-
-def write_error_log(job: str, e: BaseException) -> str | None:
-    """Keep the full traceback (with Ray's remote one) in $TARFLOW_HOME/logs; return the file's path."""
-    from tarflow.data.sample import tarflow_home
-
-    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
-    if job_log_path():  # the job's log file, where the rest of the run's story is
-        FILE_ONLY.error("%s failed:\n%s", job, text.rstrip())
-        return job_log_path()
-    try:
-        folder = tarflow_home() / "logs"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{job}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-        path.write_text(text)
-        return str(path)
-    except OSError:
-        return None
-
-
-def _usage_errors(user_errors: tuple) -> tuple:
-    from tarflow.data.schema import SchemaError
-    from tarflow.models.checkpoint import CheckpointError
-    from tarflow.pipelines.sharded import OutputConflict
-    from tarflow.preflight import UsageError
-
-    return (UsageError, CheckpointError, OutputConflict, SchemaError, FileNotFoundError, PermissionError,
-            NotADirectoryError, IsADirectoryError, ValueError, *user_errors)
-
-
-def print_usage_error(e: BaseException) -> None:
-    from tarflow.preflight import shorten
-
-    lines = getattr(e, "lines", None) or [ln for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-    for line in lines:
-        print(f"error: {shorten(line)}", file=sys.stderr)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Running a job
 
 
@@ -430,53 +265,24 @@ def run_job(run, cfg, summary_json: str | None, user_errors: tuple = (), check=N
             job: str | None = None) -> int:
     """Check, start Ray, run a sharded job, print its summary (and keep it as JSON); return the exit status.
 
-    `check()` runs first, on the driver, before Ray starts or a model loads: it raises preflight.UsageError with
-    every problem found. `start()` connects to Ray. Errors of the job's own (bad input or settings) and errors
-    that Ray brings back from an actor or task are printed as one line each (the traceback goes to a log file
-    whose path is printed); an interrupt prints the summary of what finished.
+    tarflow.driver.run_driver with a sharded job's summary (JobSummary) and usage errors (OutputConflict too):
+    `check()` runs on the driver before Ray starts or a model loads, `start()` connects to Ray; errors are one
+    line each; an interrupt prints the summary of what finished.
     """
+    from tarflow.pipelines.sharded import OutputConflict
+
     job = job or str(getattr(run, "__name__", "tarflow")).removeprefix("run_")
-    _stop_signal["signum"] = None
-    previous = install_signal_handlers()
-    try:
-        return _run_job(run, cfg, summary_json, _usage_errors(user_errors), check, start, job)
-    finally:
-        for sig, handler in previous.items():
-            if handler is not None:
-                signal.signal(sig, handler)
+    return run_driver(run, cfg, summary_json, report=report_job_summary, job=job,
+                      user_errors=(OutputConflict, *user_errors), check=check, start=start,
+                      interrupted_early=lambda: "before any shard was written; nothing is lost: rerun the same "
+                                                "command to start again")
 
 
-def _run_job(run, cfg, summary_json, usage, check, start, job) -> int:
-    try:
-        if check is not None:
-            check()
-        if start is not None:
-            start()
-            install_signal_handlers()  # again: ray.init installs its own SIGTERM handler (sys.exit)
-        summary = run(cfg)
-    except KeyboardInterrupt:
-        code = interrupted_exit_code()
-        print(f"tarflow {job}: interrupted ({signal.Signals(code - 128).name}) before any shard was written; "
-              "nothing is lost: rerun the same command to start again", file=sys.stderr)
-        return code
-    except usage as e:  # raised on the driver: the message is already the one line to show
-        print_usage_error(e)
-        return 2
-    except Exception as e:  # an actor or task failed, or something unexpected: one line + where the traceback is
-        cause = root_cause(e)
-        path = write_error_log(job, e)
-        where = f" (traceback: {path})" if path else ""
-        print(f"error: {one_line(cause)}{where}", file=sys.stderr)
-        return 2 if is_usage_error(cause, usage) else 1
+def report_job_summary(summary) -> int:
+    """Print a sharded job's summary; its exit status: 130/143 when interrupted, 1 when shards failed, else 0."""
     print(summary.render())
     if summary.output:
         print(f"  output: {absolute_output(summary.output)}")
-    if summary_json:
-        import json
-
-        from tarflow.data import storage
-
-        storage.write_bytes_atomic(summary_json, json.dumps(summary.as_dict(), indent=2).encode())
     if summary.interrupted:
         left = max(summary.shards_total - summary.shards_done - summary.shards_skipped, 0)
         print(f"  interrupted ({signal.Signals(interrupted_exit_code() - 128).name}): {left} shards not finished; "

@@ -633,10 +633,11 @@ def input_is_conversations(shards: list[ShardInput], cfg: TokenizeConfig) -> boo
     return True in kinds
 
 
-def run_tokenize(cfg: TokenizeConfig, encoder_cls=TATokEncoder, encoder_kwargs: dict | None = None
-                 ) -> JobSummary:
+def run_tokenize(cfg: TokenizeConfig, encoder_cls=TATokEncoder, encoder_kwargs: dict | None = None,
+                 shards: list[ShardInput] | None = None) -> JobSummary:
+    """`shards`: cfg.input already resolved (by the job's check), else resolved here."""
     t0 = time.time()
-    shards = resolve_inputs(cfg.input, cfg.input_format)
+    shards = shards or resolve_inputs(cfg.input, cfg.input_format)
     if cfg.max_shards:
         shards = shards[: cfg.max_shards]
     conversations = input_is_conversations(shards, cfg)

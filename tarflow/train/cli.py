@@ -102,31 +102,30 @@ def common_kwargs(args: argparse.Namespace) -> dict:
 
 
 def run_trainer(preflight, train, cfg, args, what: str) -> int:
-    """A trainer job's main after parsing: check everything on the driver before Ray starts (every problem
-    on its own line, exit 2), then train and print the summary (also to --summary-json)."""
-    import json
-    import logging
-
-    from tarflow.data import storage
-    from tarflow.models.checkpoint import CheckpointError
+    """A trainer job's main after parsing, through the drivers' one wrapper (tarflow.driver.run_driver): check
+    everything on the driver before Ray starts (every problem on its own line, exit 2), then train and print the
+    summary (also to --summary-json). A worker's error comes back as one line (its traceback in a log file,
+    exit 1; a usage problem found by a worker, exit 2); SIGINT/SIGTERM print where the run stands and the
+    checkpoint a rerun resumes from (exit 130/143)."""
+    from tarflow.driver import run_driver
     from tarflow.pipelines.runtime import init_ray, setup_logging
-    from tarflow.preflight import UsageError
+    from tarflow.train.core import interrupted_line
 
     setup_logging()
-    try:
-        plan = preflight(cfg)
-    except UsageError as e:
-        for line in e.lines:
-            print(f"error: {line}", file=sys.stderr)
-        return 2
-    init_ray(args.address, progress_bars=sys.stdout.isatty())
-    try:
-        summary = train(cfg, plan)
-    except (UsageError, CheckpointError, FileNotFoundError) as e:  # found by a worker: a usage problem still
-        logging.getLogger("tarflow.train").error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    plan: dict = {}
+
+    def check():
+        plan["plan"] = preflight(cfg)
+
+    return run_driver(lambda c: train(c, plan["plan"]), cfg, args.summary_json,
+                      report=lambda summary: report_train_summary(summary, what),
+                      job="train-" + "-".join(what.lower().split()), check=check,
+                      start=lambda: init_ray(args.address, progress_bars=sys.stdout.isatty()),
+                      interrupted_early=lambda: interrupted_line(cfg))
+
+
+def report_train_summary(summary, what: str) -> int:
+    """Print a trainer's summary; exit status 0 (rows and shards that could not be read are counted in the
+    summary, not failures of the run; an interrupted run never gets here: run_driver says where it stopped)."""
     print(summary.render(what))
-    if args.summary_json:
-        storage.write_bytes_atomic(args.summary_json, json.dumps(summary.as_dict(), indent=2, default=str).encode())
     return 0

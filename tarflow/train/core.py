@@ -402,6 +402,7 @@ class TrainSummary:
         skipped = {k.removeprefix("skipped_"): v for k, v in m.items() if k.startswith("skipped_") and v}
         return (f"{what}: {self.steps} steps, loss {m.get('loss', float('nan')):.4f}"
                 + (f", rows skipped {skipped}" if skipped else "")
+                + (f", shards failed {m['failed_shards']}" if m.get("failed_shards") else "")
                 + f"\ncheckpoint: {self.checkpoint}" + (f"\nmodel: {self.output}" if self.output else ""))
 
     def as_dict(self) -> dict:
@@ -412,16 +413,33 @@ def absolute(path: str) -> str:
     return path if storage.is_remote(path) else os.path.abspath(path)
 
 
-def previous_facts(storage_path: str, name: str) -> dict | None:
-    """The data facts of the run's latest checkpoint, None if the run has none."""
+def latest_checkpoint(storage_path: str, name: str) -> tuple[str, dict] | None:
+    """(folder, train_meta.json) of the run's latest checkpoint, None if the run has none."""
     run = storage.join(absolute(storage_path), name)
     fs, p = storage.filesystem(run)
     fs.invalidate_cache(p)  # s3fs caches listings per process: a run of this process may have added checkpoints
     metas = fs.glob(p.rstrip("/") + "/checkpoint_*/" + META_FILE) if fs.exists(p) else []
     if not metas:
         return None
-    with fs.open(max(metas), "rb") as f:  # checkpoint folders are named by time: the last is the latest
-        return json.load(f).get("facts")
+    latest = max(metas)  # checkpoint folders are named by time: the last is the latest
+    with fs.open(latest, "rb") as f:
+        return storage.protocol_prefix(run) + latest.rsplit("/", 1)[0], json.load(f)
+
+
+def previous_facts(storage_path: str, name: str) -> dict | None:
+    """The data facts of the run's latest checkpoint, None if the run has none."""
+    latest = latest_checkpoint(storage_path, name)
+    return latest[1].get("facts") if latest else None
+
+
+def interrupted_line(cfg: TrainConfig) -> str:
+    """Where a run stopped by SIGINT/SIGTERM stands: what a rerun of the same command resumes from."""
+    latest = latest_checkpoint(cfg.storage_path, cfg.name)
+    if latest is None:
+        return f"before the first checkpoint of run {cfg.name!r}; rerun the same command to start again"
+    folder, meta = latest
+    return (f"at step {meta.get('step')} of {cfg.end_step()} (checkpoint: {folder}); rerun the same command to "
+            "resume from it")
 
 
 def refuse_other_data(cfg: TrainConfig, facts: dict, problems) -> None:
@@ -466,11 +484,15 @@ def fit(cfg: TrainConfig, loop, loop_config: dict, dataset) -> TrainSummary:
     result = trainer.fit()
     if result.error:
         raise result.error
+    # Without an error a run ends before its last step only when Ray Train's own SIGINT handler (fit() installs
+    # it) aborted it: an interrupt, as SIGTERM is (nothing is exported; the driver says where the run stands)
     if result.checkpoint is None:
-        raise RuntimeError(f"run {cfg.name!r} ended without a checkpoint")
+        raise KeyboardInterrupt("SIGINT")
     with result.checkpoint.as_directory() as d:
         with open(os.path.join(d, META_FILE)) as f:
             meta = json.load(f)
+    if meta["step"] < cfg.end_step():
+        raise KeyboardInterrupt("SIGINT")
     return TrainSummary(steps=meta["step"], metrics=meta["history"][-1] if meta["history"] else {},
                         history=meta["history"], starts=meta["starts"],
                         checkpoint=storage.protocol_prefix(cfg.storage_path) + result.checkpoint.path)

@@ -4,7 +4,7 @@
       --the tokenize job's own stages on CPU workers: ShardReader (raw bytes) --ImageDecoder (RGB, PIL bicubic
         to the teacher's input size, uint8): tarflow.pipelines.tokenize.read_and_decode
       --> Ray Train workers (TorchTrainer, DDP / FSDP), per micro-batch of `batch_size` rows:
-          failed images (undecodable, too large) skipped and counted
+          failed images (undecodable, too large) skipped and counted; shards that could not be read counted
           a pool scale s drawn per micro-batch from --pool-scales (seeded per step and worker by the core)
           frozen teacher: hidden_states[select_layer_id], average-pooled by s       -> target (B, n, C)  no grad
           student TA-Tok forward: encoder -> pool s -> task layer -> in_linear -> SimVQ (straight-through)
@@ -14,7 +14,9 @@
           core's trainer state; the final ones copied beside `output`
 
 Metrics: the loss and its parts, the reconstruction loss per scale, codebook usage over the last
---usage-window steps of every worker (codes used, perplexity, dead codes), images/s. Optional dead-code
+--usage-window steps of every worker (codes used, perplexity, dead codes), images/s, and the run's totals of
+images that failed to decode (skipped_failed) and shards that failed to read (failed_shards; each logged
+with its reason), also in the summary. Optional dead-code
 restarts (--restart-dead-every). The loop, resume, retention and schedule are tarflow.train.core's.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
 from tarflow.data import storage
 from tarflow.preflight import Problems
@@ -244,16 +247,21 @@ def _rows_digest(rows) -> str | None:
 
 
 def training_rows(batch):
-    """Decoded rows -> one row per sample (the shards' "end" rows dropped): ok flag and the uint8 pixels."""
+    """Decoded rows -> one row per sample (kind, ok flag, uint8 pixels), and a row per shard that could not be
+    read (kind "failed", its reason in end_info) for the workers to count; the shards' "end" rows dropped."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
-    return batch.filter(pc.equal(batch.column("kind"), "sample")).select(["ok", "pixels"])
+    keep = pc.is_in(batch.column("kind"), value_set=pa.array(["sample", "failed"]))
+    return batch.filter(keep).select(["kind", "ok", "pixels", "end_info"])
 
 
 class TATokTask(Task):
     sum_keys = ("loss_sum", "images", "rows", "cos_sum", "mse_sum", "commitment_sum", "codebook_sum",
-                "skipped_failed", "codes_restarted")  # + rec_s{s}_sum, rec_s{s}_n per pool scale
-    total_keys = ("skipped_failed", "codes_restarted")
+                "skipped_failed", "failed_shards", "codes_restarted")  # + rec_s{s}_sum, rec_s{s}_n per pool scale
+    # run totals, across resumes: images that failed to decode and shards that failed to read are counted
+    # each time an epoch meets them
+    total_keys = ("skipped_failed", "failed_shards", "codes_restarted")
     drop_last = True
 
     def __init__(self, cfg: TATokTrainConfig, config: dict, device):
@@ -318,11 +326,16 @@ class TATokTask(Task):
         from tarflow.models.tatok import pixels_from_uint8
 
         ok = table.column("ok").to_numpy(zero_copy_only=False).astype(bool)
+        sample = np.asarray(table.column("kind").to_pylist()) == "sample"
         pix = table.column("pixels").to_pylist()
         S = self.plan.input_size
         arr = np.stack([np.frombuffer(pix[i], dtype=np.uint8).reshape(S, S, 3) for i in np.flatnonzero(ok)]) \
             if ok.any() else np.zeros((0, S, S, 3), np.uint8)
-        return pixels_from_uint8(torch.from_numpy(arr).to(self.device)), int((~ok).sum())
+        for info in (table.filter(pa.array(~sample)).column("end_info").to_pylist() if not sample.all() else []):
+            log.warning("a shard could not be read; its images are left out of this epoch: %s",
+                        json.loads(info).get("detail", info) if info else "no reason given")
+        return pixels_from_uint8(torch.from_numpy(arr).to(self.device)), int((sample & ~ok).sum()), \
+            int((~sample).sum())
 
     def targets(self, x, scale: int):
         """The teacher's features at the scale's pooled grid: (B, (g//s)^2, C), no grad."""
@@ -340,8 +353,8 @@ class TATokTask(Task):
         from tarflow.models.tatok_train import rec_distances
 
         self.fresh = True
-        x, failed = self._pixels(table)
-        sums = {"rows": len(table), "skipped_failed": failed}
+        x, failed, failed_shards = self._pixels(table)
+        sums = {"rows": len(table) - failed_shards, "skipped_failed": failed, "failed_shards": failed_shards}
         if not len(x):
             return self.zero_loss(model, mark=False), sums
         scale = self.scales[int(torch.randint(len(self.scales), ()))]  # the core seeds torch per (step, worker)
@@ -440,6 +453,7 @@ class TATokTask(Task):
         return {**out, "codes_used": u.used, "perplexity": u.perplexity, "dead_codes": u.dead,
                 "images": int(n), "images_per_s": n / max(seconds, 1e-9),
                 "skipped_failed": int(totals.get("skipped_failed", 0)),
+                "failed_shards": int(totals.get("failed_shards", 0)),
                 "codes_restarted": int(totals.get("codes_restarted", 0))}
 
 
