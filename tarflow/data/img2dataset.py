@@ -50,7 +50,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from tarflow.data import storage
+from tarflow.data import hub, storage
 from tarflow.data.images import IMAGE_SUFFIXES
 
 # 64 MiB: far above any image img2dataset writes (it resizes by default; even kept originals are a few MB, and
@@ -300,6 +300,8 @@ class RetryingFile(io.RawIOBase):
             except Exception as e:  # noqa: BLE001 -- OSError, s3fs/botocore/aiohttp errors (s3fs raised IndexError)
                 if type(e).__name__ == "FileExpired":  # s3fs: the ETag changed under an open file
                     raise ShardReadError("changed_during_read", str(e), self.path) from e
+                if hub.is_hub(self.path) and (reason := hub.permanent_error(e)):
+                    raise ShardReadError(reason, " ".join(str(e).split())[:300], self.path) from e
                 self._drop()
                 attempt += 1
                 self.retries += 1

@@ -109,11 +109,12 @@ def run_trainer(preflight, train, cfg, args, what: str) -> int:
 
     from tarflow.data import storage
     from tarflow.models.checkpoint import CheckpointError
-    from tarflow.pipelines.runtime import init_ray, setup_logging
+    from tarflow.pipelines.runtime import init_ray, pin_hub_paths, setup_logging
     from tarflow.preflight import UsageError
 
     setup_logging()
     try:
+        pin_hub_paths(cfg)
         plan = preflight(cfg)
     except UsageError as e:
         for line in e.lines:
