@@ -58,9 +58,14 @@ def dirname(path: str) -> str:
     return os.path.dirname(os.path.abspath(path))
 
 
+def model_file(path: str) -> str:
+    """A path to read a model file from: a Hub model file's copy in this node's hub cache (downloaded there once;
+    every process on the node shares it), any other path as it is."""
+    return hub.local_file(path) if hub.is_model(path) else str(path)
+
+
 def read_bytes(path: str) -> bytes:
-    if hub.is_model(path):  # a model's files are read whole, and by every actor: from the node's cache
-        path = hub.local_file(path)
+    path = model_file(path)  # a model's files are read whole, and by every actor: from the node's cache
     fs, p = filesystem(path)
     if fs.isdir(p):
         raise IsADirectoryError(path)

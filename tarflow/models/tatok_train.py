@@ -50,7 +50,7 @@ def _safetensors_files(folder: str) -> list[str]:
 
 
 def _header(path: str) -> tuple[dict, int]:
-    fs, p = storage.filesystem(path)
+    fs, p = storage.filesystem(storage.model_file(path))
     with fs.open(p, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         return json.loads(f.read(n)), 8 + n
@@ -61,7 +61,7 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
 
 def read_tensor(path: str, entry: dict, start: int) -> torch.Tensor:
     """One tensor of a safetensors file, reading only its byte range."""
-    fs, p = storage.filesystem(path)
+    fs, p = storage.filesystem(storage.model_file(path))
     b, e = entry["data_offsets"]
     with fs.open(p, "rb") as f:
         f.seek(start + b)
