@@ -112,6 +112,9 @@ def _as_hub_error(url: str, hp: HubPath, e: Exception) -> Exception:
     fixes = _fixes(hp)
     if isinstance(e, HubError):
         return e
+    if isinstance(e, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError)):  # before EntryNotFound: one
+        return HubError(url, "not in the local Hugging Face cache and the Hub cannot be asked (HF_HUB_OFFLINE=1 or "
+                        "no connection)", fixes["offline"])
     if isinstance(e, errors.GatedRepoError):  # before RepositoryNotFoundError: it is one
         return HubError(url, f"{hp.repo_id} is a gated repo and this token has no access to it", fixes["gated"])
     if isinstance(e, errors.RepositoryNotFoundError):
@@ -121,9 +124,6 @@ def _as_hub_error(url: str, hp: HubPath, e: Exception) -> Exception:
     if isinstance(e, errors.EntryNotFoundError):
         return HubError(url, f"no file {hp.path!r} in {hp.repo_id}" + (f" at {hp.revision}" if hp.revision else ""),
                         "check the path inside the repo (list it on the Hub's 'Files' tab)")
-    if isinstance(e, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError)):
-        return HubError(url, "not in the local Hugging Face cache and the Hub cannot be asked (HF_HUB_OFFLINE=1 or "
-                        "no connection)", fixes["offline"])
     if isinstance(e, errors.HfHubHTTPError):
         return HubError(url, f"the Hub answered {' '.join(str(e).split())[:160]}", "try again later")
     return e
