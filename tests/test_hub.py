@@ -126,6 +126,43 @@ def hub_with_tar(hub_standin, tmp_path_factory):
     return hub_standin
 
 
+def test_dataset_files_read_by_ranges_and_fail_alone_when_no_retry_can_help(hub_standin, tmp_path):
+    """A shard of a dataset repo reads as an S3 shard does (by ranges, through the retrying reader); a file gone
+    from the repo and a gated repo's file fail at once as not_found / access_denied (no retries: they are OSErrors,
+    which the reader otherwise retries as transient)."""
+    hub = hub_standin
+    if ("dataset", "tarflow-test/gated-shards") not in hub.repos:
+        hub.add_commit("tarflow-test/gated-shards", {"00000.tar": b"x" * 4096}, repo_type="dataset", gated=True)
+    sha = hub.repos[("dataset", "tarflow-test/sample-shards")].refs["main"]
+    code = f"""
+import json
+from tarflow.data.img2dataset import ReadRetry, RetryingFile, ShardReadError
+out = {{}}
+f = RetryingFile("hf://datasets/tarflow-test/sample-shards@{sha}/shards/00000.tar", block_size=1024)
+f.seek(512); out["ok"] = [f.size, f.read(8).hex(), f.retries]
+for name, url in [("gone", "hf://datasets/tarflow-test/sample-shards@{sha}/shards/99999.tar"),
+                  ("gated", "hf://datasets/tarflow-test/gated-shards/00000.tar")]:
+    sleeps = []
+    try:
+        g = RetryingFile(url, retry=ReadRetry(attempts=3), sleep=sleeps.append)
+        g.read(16)
+        out[name] = "read"
+    except ShardReadError as e:
+        out[name] = [e.reason, len(sleeps)]
+print(json.dumps(out))
+"""
+    hub.reset_counts()
+    r = subprocess.run([sys.executable, "-c", code], env=hub_env(hub, tmp_path / "hf"), cwd=REPO,
+                       capture_output=True, text=True, timeout=WAIT_S)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    data = hub.repos[("dataset", "tarflow-test/sample-shards")].commits[sha]["shards/00000.tar"]
+    assert got["ok"] == [len(data), data[512:520].hex(), 0]
+    assert got["gone"] == ["not_found", 0] and got["gated"] == ["access_denied", 0]
+    assert hub.range_reads[("dataset", "tarflow-test/sample-shards", "shards/00000.tar")] >= 1
+    assert not hub.downloads  # nothing fetched whole
+
+
 def _model_downloads(hub) -> dict:
     """{(repo, path): whole-file GETs} of the model repos (dataset files are read by ranges, small ones whole)."""
     return {(repo, path): n for (t, repo, path), n in hub.downloads.items() if t == "model"}
