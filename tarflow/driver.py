@@ -240,8 +240,21 @@ def run_driver(run, cfg, summary_json: str | None, *, report, job: str, user_err
                 signal.signal(sig, handler)
 
 
+def pin_hub_paths(cfg) -> None:
+    """Pin the config's hf:// paths to the commits they resolve to now, on the driver, so that every worker reads
+    the same files and the outputs' facts name the commit; raises preflight.UsageError with a line per path that
+    cannot be used (missing repo, revision or file, a gated repo without access, an empty offline cache)."""
+    from tarflow.data import hub
+    from tarflow.preflight import UsageError
+
+    problems = hub.pin_fields(cfg)
+    if problems:
+        raise UsageError(problems)
+
+
 def _run_driver(run, cfg, summary_json, report, job, usage, check, start, interrupted_early) -> int:
     try:
+        pin_hub_paths(cfg)
         if check is not None:
             check()
         if start is not None:

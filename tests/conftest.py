@@ -98,6 +98,38 @@ def s3_bucket(s3_endpoint, request):
 
 
 @pytest.fixture(scope="session")
+def hub_standin(tmp_path_factory):
+    """One local stand-in of the Hugging Face Hub (tests/hubstandin.py) on 127.0.0.1 for the session, serving:
+    model repos csuhan/TA-Tok and peizesun/llamagen_t2i (the reference fixtures under the released file names: Tar's
+    scripts take the pixel VQ from the latter), dataset repo tarflow-test/sample-shards (the bundled sample's img2dataset shards under
+    shards/, and prompts.jsonl) and a gated model repo tarflow-test/gated; tests add repos of their own with
+    `add_commit` / `add_folder`. Jobs reach it through HF_ENDPOINT in a
+    subprocess (huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE when imported); see tests/test_hub.py."""
+    import json
+
+    from hubstandin import HubStandIn
+
+    from tarflow.data.sample import ensure_sample_shards
+
+    ta_tok = reference_fixture("ta_tok")
+    hub = HubStandIn()
+    hub.add_commit("csuhan/TA-Tok", {
+        "ta_tok.pth": ta_tok / "ta_tok.pth", "siglip_tiny/config.json": ta_tok / "siglip_tiny" / "config.json",
+        "ar_dtok_lp_256px.pth": reference_fixture("ar_dtok") / "ar_dtok.pth", "README.md": b"# TA-Tok (stand-in)\n"})
+    hub.add_commit("peizesun/llamagen_t2i", {"vq_ds16_t2i.pt": reference_fixture("vqvae") / "vq.pt"})
+    shards = Path(ensure_sample_shards())
+    prompts = [{"id": f"p{i}", "prompt": p, "scale": 3, "seed": i}
+               for i, p in enumerate(["A photo of a cat.", "A red cube.", "A dog on a beach."])]
+    hub.add_commit("tarflow-test/sample-shards", {
+        **{f"shards/{f.name}": f for f in sorted(shards.iterdir()) if f.is_file()},
+        "prompts.jsonl": "".join(json.dumps(r) + "\n" for r in prompts).encode()}, repo_type="dataset")
+    hub.add_commit("tarflow-test/gated", {"ta_tok.pth": ta_tok / "ta_tok.pth"}, gated=True)
+    hub.start()
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture(scope="session")
 def ray_local(s3_endpoint):
     """One local Ray for the session (after the S3 server so that workers inherit its address)."""
     import ray

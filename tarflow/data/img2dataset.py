@@ -52,7 +52,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from tarflow.data import storage
+from tarflow.data import hub, storage
 from tarflow.data.images import IMAGE_SUFFIXES
 
 # 64 MiB: far above any image img2dataset writes (it resizes by default; even kept originals are a few MB, and
@@ -388,6 +388,8 @@ class RetryingFile(io.RawIOBase):
             except Exception as e:  # noqa: BLE001 -- sorted below: transient or not
                 if type(e).__name__ == "FileExpired":  # s3fs: the ETag changed under an open file
                     raise ShardReadError("changed_during_read", str(e), self.path) from e
+                if hub.is_hub(self.path) and (reason := hub.permanent_error(e)):
+                    raise ShardReadError(reason, " ".join(str(e).split())[:300], self.path) from e
                 if not is_transient(e):  # a bug or a lasting condition: a retry cannot help, the shard fails now
                     raise ShardReadError("unexpected_error", f"{what}: {type(e).__name__}: {e} (not a transient "
                                          "error: not retried; traceback in the job's log file)", self.path) from e

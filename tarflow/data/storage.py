@@ -1,7 +1,9 @@
 """One way to reach files, local or in object storage.
 
 Paths are plain local paths or fsspec URLs (s3://bucket/key, ...). s3fs follows AWS_ENDPOINT_URL and the usual
-AWS_* variables, so the same code runs against AWS, MinIO, or a test server on 127.0.0.1.
+AWS_* variables, so the same code runs against AWS, MinIO, or a test server on 127.0.0.1. hf:// paths (model and
+dataset repos on the Hugging Face Hub) go through tarflow.data.hub: a model file is read from the node's hub cache
+(downloaded there once), dataset files by byte ranges; listings and checks work as for s3://.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import uuid
 import fsspec
 from fsspec.core import url_to_fs
 
+from tarflow.data import hub
+
 
 def is_remote(path: str) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
@@ -20,6 +24,8 @@ def is_remote(path: str) -> bool:
 def filesystem(path: str):
     """Return (fs, path-inside-fs) for `path`."""
     path = str(path)
+    if hub.is_hub(path):
+        return hub.filesystem(path)
     if is_remote(path):
         return url_to_fs(path, **_storage_options(path))
     return fsspec.filesystem("file"), os.path.abspath(path.removeprefix("file://"))
@@ -52,7 +58,14 @@ def dirname(path: str) -> str:
     return os.path.dirname(os.path.abspath(path))
 
 
+def model_file(path: str) -> str:
+    """A path to read a model file from: a Hub model file's copy in this node's hub cache (downloaded there once;
+    every process on the node shares it), any other path as it is."""
+    return hub.local_file(path) if hub.is_model(path) else str(path)
+
+
 def read_bytes(path: str) -> bytes:
+    path = model_file(path)  # a model's files are read whole, and by every actor: from the node's cache
     fs, p = filesystem(path)
     if fs.isdir(p):
         raise IsADirectoryError(path)
@@ -65,7 +78,7 @@ def read_ranges(path: str, ranges: list[tuple[int, int]]) -> list[bytes]:
     no read-ahead block around them)."""
     if not ranges:
         return []
-    fs, p = filesystem(path)
+    fs, p = filesystem(model_file(path))  # a Hub model's file from the node's cache, like read_bytes
     return fs.cat_ranges([p] * len(ranges), [a for a, _ in ranges], [b for _, b in ranges])
 
 
@@ -236,6 +249,11 @@ def sha256(path: str, cache_dir=None) -> str:
 
     if cache_dir is None:
         cache_dir = Path(os.environ.get("TARFLOW_HOME", Path.home() / ".cache" / "tarflow")) / "sha256"
+    if hub.is_hub(path):  # the Hub keeps an LFS file's sha256; a small git file is hashed from the cache
+        digest = hub.lfs_sha256(path)
+        if digest:
+            return digest
+        path = hub.local_file(path)
     size_, tag = file_identity(path)
     key = hashlib.sha256(json.dumps([str(path), size_, tag]).encode()).hexdigest()[:32]
     entry = Path(cache_dir) / f"{key}.json"
@@ -281,6 +299,8 @@ def cached_folder_copy(url: str, cache_dir, keep=lambda rel: True, maxdepth: int
     import shutil
     from pathlib import Path
 
+    if hub.is_hub(url):  # the hub's own cache: one copy per node, shared by every process there
+        return hub.local_folder(url, keep, maxdepth)
     fs, root = filesystem(url)
     root = root.rstrip("/")
     fs.invalidate_cache(root)  # s3fs keeps listings per process; a stale one would hide a changed folder
