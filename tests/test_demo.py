@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 from tarflow.data.demo_mix import DEMO_MIX, IMAGE_MARK, write_demo_mix
-from tarflow.data.sample import SAMPLE_PHOTOS
+from tarflow.data.sample import SAMPLE_PHOTOS, ensure_sample_shards
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -144,3 +144,62 @@ def test_make_demo_runs_end_to_end_and_its_outputs_are_what_the_readme_says(tmp_
     for what in ("code shards", "trained demo Tar MLLM", "captions", "generated images", "trained AR de-tokenizer",
                  "trained SANA de-tokenizer", "trained TA-Tok"):
         assert re.search(rf"^  {what}\s+/", proc.stdout, re.M), what
+
+
+def _job(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "jobs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["train_mllm", "train_ar_detok", "train_diffusion_detok"])
+def test_code_trainers_take_no_model_and_no_data_as_the_demo(name, tmp_path, monkeypatch, capsys):
+    """With neither a model argument nor --data, a code-shard trainer takes the demo models and what `make demo`
+    wrote (out/demo/codes, relative to where it runs); without that folder it says to run `make demo` first."""
+    job = _job(name)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        job.parse_args([])
+    assert e.value.code == 2 and "run `make demo` first" in capsys.readouterr().err
+    (tmp_path / "out" / "demo" / "codes").mkdir(parents=True)
+    args = job.parse_args([])
+    assert args.data == ["out/demo/codes"] and "using the demo data out/demo/codes" in capsys.readouterr().err
+    assert not (getattr(args, "tatok", None) or getattr(args, "init", None) or getattr(args, "base", None))
+    assert job.parse_args(["--data", "elsewhere"]).data == ["elsewhere"]
+    if name != "train_mllm":  # a TA-Tok given without a model to go with it is not the demo
+        with pytest.raises(SystemExit):
+            job.parse_args(["--tatok", "t.pth"])
+
+
+def test_ar_trainer_arguments_after_the_demo_default(tmp_path):
+    job = _job("train_ar_detok")
+    with pytest.raises(SystemExit):
+        job.parse_args(["--data", "x", "--n-layer", "2"])  # sizes come all together
+    args = job.parse_args(["--data", "x", "--preset", "llama-abs-S"])  # the demo TA-Tok with a new model
+    assert args.tatok is None and args.init is None and args.preset == "llama-abs-S"
+
+
+def test_tatok_trainer_with_no_arguments_continues_the_demo_tatok_on_the_sample(capsys):
+    job = _job("train_tatok")
+    args = job.parse_args([])
+    assert args.demo and args.data == [str(ensure_sample_shards())] and "bundled sample" in capsys.readouterr().err
+    assert not job.parse_args(["--init", "t.pth"]).demo
+    with pytest.raises(SystemExit):
+        job.parse_args(["--teacher", "siglip"])  # a new TA-Tok needs both --teacher and --llm
+
+
+def test_readme_first_run_then_caption_as_it_is(ray_local, tmp_path, monkeypatch, capsys, caplog):
+    """The README's first commands as they are, where a new user runs them: `make run` (the tokenize job with no
+    arguments: the bundled sample, the demo TA-Tok, out/tokenize-sample/), then `python jobs/caption.py` (its
+    output, the demo Tar)."""
+    monkeypatch.chdir(tmp_path)
+    assert _job("tokenize_laion").main(["--no-progress"]) == 0
+    assert "samples: 8 in = 8 ok + 0 failed" in capsys.readouterr().out
+    assert _job("caption").main(["--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "RANDOM, UNTRAINED demo model" in caplog.text and str(tmp_path / "out" / "caption-sample") in printed
+    rows = pq.read_table(tmp_path / "out" / "caption-sample" / "captions").to_pylist()
+    assert len(rows) == 8 and all(isinstance(r["caption"], str) for r in rows)

@@ -352,8 +352,13 @@ def ensure_demo_sana(home: Path | None = None) -> Path:
                 sample_size=DEMO_LATENT_RESOLUTION // 4, patch_size=1, mlp_ratio=2.0)
         scheduler = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
                                                           use_flow_sigmas=True, flow_shift=3.0)
-        diffusers.SanaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
-                               scheduler=scheduler).save_pretrained(tmp)
+        verbosity = diffusers.utils.logging.get_verbosity()
+        diffusers.utils.logging.set_verbosity_error()  # not "text_encoder=None cannot be saved": none is meant
+        try:
+            diffusers.SanaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                                   scheduler=scheduler).save_pretrained(tmp)
+        finally:
+            diffusers.utils.logging.set_verbosity(verbosity)
         (tmp / "README.txt").write_text(_UNTRAINED.format(what="SANA de-tokenizer") % (DEFAULT_SEED,
                                                                                        time.strftime("%F")))
 
