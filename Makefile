@@ -62,9 +62,14 @@ test-lowest: $(VENV)/.test
 clean:
 	rm -rf $(VENV) .venv-lowest out .pytest_cache
 
-# The whole chain on the bundled sample with the RANDOM demo models (~5 min on 2 CPUs): tokenize (with the demo
-# pixel VQ), train a tiny Tar MLLM until it gives back the sample's captions, caption, generate, train the AR
-# de-tokenizer a few steps; prints where each output is (out/demo/). ARGS="--output DIR" to write elsewhere.
+# The whole chain on the bundled sample with the RANDOM demo models: tokenize (with the demo pixel VQ and SANA
+# VAE), train a tiny Tar MLLM until it gives back the sample's captions, caption, generate, train the AR and SANA
+# de-tokenizers and the TA-Tok a few steps; prints where each output is (out/demo/). ARGS="--output DIR" to write
+# elsewhere. It adds the `diffusion` extra (diffusers) to .venv for the SANA de-tokenizer's steps.
 .PHONY: demo
-demo: $(VENV)/.runtime
+$(VENV)/.diffusion: $(VENV)/.runtime
+	$(PIP) -e '.[diffusion]'
+	touch $@
+
+demo: $(VENV)/.diffusion
 	$(OFFLINE) $(PY) jobs/demo.py $(ARGS)

@@ -2,10 +2,14 @@
 
     python jobs/demo.py [--output out/demo]
 
-1. tokenize the sample (demo TA-Tok, and the demo pixel VQ at 128 px: AR de-tokenizer training data)
+1. tokenize the sample (demo TA-Tok, the demo pixel VQ at 128 px: AR de-tokenizer training data, and with
+   diffusers installed the demo SANA's VAE latents at 64 px: diffusion de-tokenizer training data)
 2. train a tiny Tar MLLM on those codes (image-to-text, scale 3) until it gives back each photo's caption
 3. caption the codes with it            4. generate images from the sample's captions with it
 5. train the demo AR de-tokenizer a few steps
+6. (with diffusers) train the demo SANA diffusion de-tokenizer a few steps
+7. train (continue) the demo TA-Tok a few steps on the sample's images
+(with CONVERSATION_STEPS: the sample as a miniature of Tar's conversation mix, tokenized and trained on)
 Each step is the job script of the same name with its own arguments, so the printed commands can be rerun one by
 one. Every model is small and random (or trained for a minute on 8 images): this shows the jobs working, not
 results. Real results need the released checkpoints (see the README).
@@ -21,6 +25,10 @@ import sys
 import time
 
 JOBS = os.path.dirname(os.path.abspath(__file__))
+# The conversation path (Tar's own corpora: tarflow/data/demo_mix.py's miniature of the reference's mix, tokenized
+# with `tokenize_laion.py --input-format conversations` and trained on with `train_mllm.py --data-config`). OFF
+# until those two features are merged: then set it to True (tests/test_demo.py runs the demo either way).
+CONVERSATION_STEPS = False
 MLLM_STEPS = 300
 COPIES = 75  # training rows per epoch = 8 photos x 75: Ray Data restarts each epoch, which costs seconds
 
@@ -62,49 +70,117 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = os.path.abspath(args.output)
     t0 = time.time()
-    from tarflow.data.sample import DEMO_VQ_RESOLUTION, SAMPLE_PHOTOS, ensure_demo_prompts
+    from tarflow.data import sample
+    from tarflow.data.sample import DEMO_LATENT_RESOLUTION, DEMO_VQ_RESOLUTION, SAMPLE_PHOTOS, ensure_demo_prompts
 
+    diffusion = _has_diffusers()
+    steps = Steps(5 + diffusion + 1 + (CONVERSATION_STEPS and 2))
     codes = os.path.join(out, "codes")
-    step("1/5 tokenize the sample (demo TA-Tok + demo VQ)", "tokenize_laion",
-         ["--output", codes, "--vq", "demo", "--vq-resolution", str(DEMO_VQ_RESOLUTION), "--scales", "1,3"])
+    latents = ["--latents", "demo", "--latent-resolution", str(DEMO_LATENT_RESOLUTION)] if diffusion else []
+    steps.run("tokenize the sample (demo TA-Tok + demo VQ" + (" + demo SANA's VAE)" if diffusion else ")"),
+              "tokenize_laion", ["--output", codes, "--vq", "demo", "--vq-resolution", str(DEMO_VQ_RESOLUTION),
+                                 "--scales", "1,3", *latents])
 
     train_rows = os.path.join(out, "train-mllm-data", f"sample-x{COPIES}.parquet")
     repeated_rows(os.path.join(codes, "codes"), train_rows, COPIES)
     mllm_json = os.path.join(out, "train-mllm.json")
-    step("2/5 train the demo Tar MLLM (image -> caption, scale 3)", "train_mllm",
-         ["--data", train_rows, "--storage-path", os.path.join(out, "runs"), "--name", "tar-demo",
-          "--task-mix", "i2t=1", "--scales", "3", "--max-length", "256", "--steps", str(args.mllm_steps),
-          "--lr", "2e-2", "--warmup-ratio", "0.05", "--num-workers", "2", "--cpus-per-worker", "0.5",
-          "--log-every", "25", "--checkpoint-every", str(args.mllm_steps), "--summary-json", mllm_json])
+    steps.run("train the demo Tar MLLM (image -> caption, scale 3)", "train_mllm",
+              ["--data", train_rows, "--storage-path", os.path.join(out, "runs"), "--name", "tar-demo",
+               "--task-mix", "i2t=1", "--scales", "3", "--max-length", "256", "--steps", str(args.mllm_steps),
+               "--lr", "2e-2", "--warmup-ratio", "0.05", "--num-workers", "2", "--cpus-per-worker", "0.5",
+               "--log-every", "25", "--checkpoint-every", str(args.mllm_steps), "--summary-json", mllm_json])
     with open(mllm_json) as f:
         tar = json.load(f)["checkpoint"]
 
     captions = os.path.join(out, "captions")
-    step("3/5 caption the codes with it", "caption",
-         ["--input", codes, "--model", tar, "--scale", "3", "--output", captions, "--max-new-tokens", "40"])
+    steps.run("caption the codes with it", "caption",
+              ["--input", codes, "--model", tar, "--scale", "3", "--output", captions, "--max-new-tokens", "40"])
     got = _read_captions(captions)
     want = {c for _, c in SAMPLE_PHOTOS}
     print(f"captions equal to the sample's own: {sum(c in want for c in got)}/{len(got)}")
 
     images = os.path.join(out, "images")
-    from tarflow.data import sample
-
-    step("4/5 generate images from the sample's captions (demo AR de-tokenizer and VQ: noise)", "generate",
-         ["--prompts", str(ensure_demo_prompts()), "--mllm", tar, "--tatok", str(sample.ensure_random_tatok()),
-          "--ar-detok", str(sample.ensure_demo_ar_detok()), "--vq", str(sample.ensure_demo_vq()), "--scale", "3",
-          "--output", images])
+    steps.run("generate images from the sample's captions (demo AR de-tokenizer and VQ: noise)", "generate",
+              ["--prompts", str(ensure_demo_prompts()), "--mllm", tar, "--tatok", str(sample.ensure_random_tatok()),
+               "--ar-detok", str(sample.ensure_demo_ar_detok()), "--vq", str(sample.ensure_demo_vq()), "--scale",
+               "3", "--output", images])
 
     ar = os.path.join(out, "ar_dtok_demo.pth")
-    step("5/5 train the demo AR de-tokenizer a few steps", "train_ar_detok",
-         ["--data", codes, "--storage-path", os.path.join(out, "runs"), "--name", "ar-demo", "--steps", "4",
-          "--batch-size", "4", "--log-every", "2", "--checkpoint-every", "4", "--cpus-per-worker", "1",
-          "--output", ar])
+    steps.run("train the demo AR de-tokenizer a few steps", "train_ar_detok",
+              ["--data", codes, "--storage-path", os.path.join(out, "runs"), "--name", "ar-demo", "--steps", "4",
+               "--batch-size", "4", "--log-every", "2", "--checkpoint-every", "4", "--cpus-per-worker", "1",
+               "--output", ar])
+
+    sana = os.path.join(out, "sana_demo")
+    if diffusion:
+        steps.run("train the demo SANA diffusion de-tokenizer a few steps", "train_diffusion_detok",
+                  ["--data", codes, "--storage-path", os.path.join(out, "runs"), "--name", "sana-demo", "--steps",
+                   "4", "--batch-size", "4", "--log-every", "2", "--checkpoint-every", "4", "--cpus-per-worker",
+                   "1", "--output", sana])
+    else:
+        print("\n(the diffusion de-tokenizer's steps are skipped: diffusers is not installed; "
+              "pip install 'tarflow[diffusion]')")
+
+    tatok = os.path.join(out, "tatok_demo", "ta_tok.pth")
+    steps.run("train (continue) the demo TA-Tok a few steps on the sample's images", "train_tatok",
+              ["--storage-path", os.path.join(out, "runs"), "--name", "tatok-demo", "--steps", "4",
+               "--batch-size", "4", "--log-every", "2", "--checkpoint-every", "4", "--cpus-per-worker", "1",
+               "--output", tatok])
+
+    outputs = [("code shards", codes), ("trained demo Tar MLLM", tar), ("captions", captions),
+               ("generated images (WebDataset shards)", images), ("trained AR de-tokenizer", ar)]
+    if diffusion:
+        outputs.append(("trained SANA de-tokenizer", sana))
+    outputs.append(("trained TA-Tok", tatok))
+    if CONVERSATION_STEPS:
+        outputs += conversation_steps(steps, out, args.mllm_steps)
 
     print(f"\ndemo done in {time.time() - t0:.0f} s (RANDOM-UNTRAINED models: the outputs show the jobs, not results)")
-    for what, where in [("code shards", codes), ("trained demo Tar MLLM", tar), ("captions", captions),
-                        ("generated images (WebDataset shards)", images), ("trained AR de-tokenizer", ar)]:
+    for what, where in outputs:
         print(f"  {what:<38} {where}")
     return 0
+
+
+def conversation_steps(steps: "Steps", out: str, mllm_steps: int) -> list[tuple[str, str]]:
+    """Tar's own kind of data: the sample's photos as a miniature of the reference's mix (tarflow/data/demo_mix.py),
+    each source tokenized as conversation code shards, then the MLLM trained on them by the mix's ratios."""
+    from tarflow.data.demo_mix import DEMO_MIX, write_demo_mix, write_mix_config
+
+    raw = os.path.join(out, "conversations")
+    write_demo_mix(raw)
+    tokenized = os.path.join(out, "conversation-codes")
+    steps.count += 1  # one step, a tokenize run per source
+    for group in DEMO_MIX:
+        for source in group.sources:
+            steps.run(f"tokenize the conversation source {source!r} ({group.name})", "tokenize_laion",
+                      ["--input", os.path.join(raw, source, "data"), "--input-format", "conversations",
+                       "--output", os.path.join(tokenized, source), "--scales", "1,3"], count=False)
+    mix = write_mix_config(os.path.join(tokenized, "mix.yaml"),
+                           [([os.path.join(tokenized, s) for s in g.sources], g.ratio, g.name) for g in DEMO_MIX])
+    summary = os.path.join(out, "train-mllm-conversations.json")
+    steps.run("train the demo Tar MLLM on the conversation mix", "train_mllm",
+              ["--data-config", str(mix), "--storage-path", os.path.join(out, "runs"), "--name", "tar-demo-mix",
+               "--scales", "3", "--max-length", "512", "--steps", str(mllm_steps), "--lr", "2e-2",
+               "--warmup-ratio", "0.05", "--num-workers", "2", "--cpus-per-worker", "0.5", "--log-every", "25",
+               "--checkpoint-every", str(mllm_steps), "--summary-json", summary])
+    with open(summary) as f:
+        return [("conversation sources and mix.yaml", raw), ("their conversation code shards", tokenized),
+                ("Tar MLLM trained on the mix", json.load(f)["checkpoint"])]
+
+
+class Steps:
+    """Runs the steps, numbered "k/total"."""
+
+    def __init__(self, total: int):
+        self.total, self.count = total, 0
+
+    def run(self, title: str, name: str, argv: list[str], count: bool = True) -> None:
+        self.count += count
+        step(f"{self.count}/{self.total} {title}", name, argv)
+
+
+def _has_diffusers() -> bool:
+    return importlib.util.find_spec("diffusers") is not None
 
 
 def _read_captions(folder: str) -> list[str]:

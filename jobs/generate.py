@@ -28,7 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="output folder or s3:// prefix [%(default)s]; under `ray job submit` an absolute path or s3://")
     p.add_argument("--mllm", default=None,
                    help="Tar checkpoint folder (Qwen2 + tokenizer). Default, with no model argument at all: the "
-                        "RANDOM-weight demo family (Tar, TA-Tok, AR de-tokenizer, VQ), whose images are noise")
+                        "RANDOM-weight demo family (Tar, TA-Tok, AR de-tokenizer and VQ, or with --detok diffusion "
+                        "the demo SANA), whose images are noise")
     p.add_argument("--tatok", default=None, help="TA-Tok checkpoint (its decoder conditions the de-tokenizer)")
     p.add_argument("--detok", choices=["ar", "diffusion"], default="ar", help="de-tokenizer [ar]")
     p.add_argument("--ar-detok", default=None, help="AR de-tokenizer checkpoint (ar_dtok_*.pth)")
@@ -53,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--summary-json", default=None)
     args = p.parse_args(argv)
     models = (args.mllm, args.tatok, args.ar_detok, args.vq, args.diffusion_detok)
-    args.demo = all(m is None for m in models) and args.detok == "ar"
+    args.demo = all(m is None for m in models)
     if args.demo:
         return args
     if not (args.mllm and args.tatok):
@@ -99,7 +100,10 @@ def main(argv=None) -> int:
     log = logging.getLogger("tarflow.generate")
     if args.demo:
         args.mllm, args.tatok = str(sample.ensure_demo_tar()), str(sample.ensure_random_tatok())
-        args.ar_detok, args.vq = str(sample.ensure_demo_ar_detok()), str(sample.ensure_demo_vq())
+        if args.detok == "diffusion":
+            args.diffusion_detok = str(sample.ensure_demo_sana())
+        else:
+            args.ar_detok, args.vq = str(sample.ensure_demo_ar_detok()), str(sample.ensure_demo_vq())
         log.warning("%s", sample.demo_warning("model arguments", sample.demo_model_folder("*")))
     if args.prompts is None:
         args.prompts = str(sample.ensure_demo_prompts())

@@ -60,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--latents", default=None,
                    help="a diffusers AutoencoderDC folder (SANA's DC-AE), or a SANA pipeline folder whose vae/ is "
                         "used, local or s3://: also store each image's VAE latents at --latent-resolution in a "
-                        "column latents_{resolution} (training data for the diffusion de-tokenizer)")
+                        "column latents_{resolution} (training data for the diffusion de-tokenizer); 'demo': the "
+                        "RANDOM demo SANA's (with the demo TA-Tok; needs diffusers)")
     m.add_argument("--latent-resolution", type=int, default=512,
                    help="with --latents: images are resized to this square (as for TA-Tok) before VAE encoding; "
                         "512 -> 16x16x32 latents with SANA's DC-AE [%(default)s]")
@@ -117,7 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from tarflow.data.img2dataset import InputError
-    from tarflow.data.sample import demo_warning, ensure_demo_vq, ensure_random_tatok, ensure_sample_shards
+    from tarflow.data.sample import (demo_warning, ensure_demo_sana, ensure_demo_vq, ensure_random_tatok,
+                                     ensure_sample_shards)
     from tarflow.pipelines import checks
     from tarflow.pipelines.runtime import absolute_output, init_ray, run_job, setup_logging
     from tarflow.pipelines.tokenize import TokenizeConfig, run_tokenize
@@ -133,6 +135,13 @@ def main(argv=None) -> int:
     if args.vq == "demo":
         args.vq = str(ensure_demo_vq())
         log.warning("%s", demo_warning("real --vq", args.vq))
+    if args.latents == "demo":
+        try:
+            args.latents = str(ensure_demo_sana())
+        except ImportError as e:
+            print(f"error: --latents demo: {e}", file=sys.stderr)
+            return 2
+        log.warning("%s", demo_warning("real --latents", args.latents))
     cfg = TokenizeConfig(
         input=args.input, output=args.output, tatok=args.tatok, scales=args.scales, input_format=args.input_format,
         overwrite=args.overwrite, exif_transpose=args.exif_transpose, max_pixels=args.max_pixels,

@@ -22,6 +22,7 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from tarflow.data.sample import DEMO_CODES
     from tarflow.models.ar_detok import PRESETS
     from tarflow.train.ar_detok import ARTrainConfig
     from tarflow.train.cli import add_common_args, check_common_args
@@ -29,16 +30,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="train_ar_detok.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, ARTrainConfig, data_help="tokenize job outputs made with --vq (their finished shards), "
-                                                "folders of code shards, or code shard files; local or s3://")
+                                                "folders of code shards, or code shard files; local or s3://. "
+                                                "Default: what `make demo` writes (out/demo/codes)")
     d = p.add_argument_group("condition and target")
     d.add_argument("--tatok", default=None,
                    help="the TA-Tok checkpoint that made the codes (its decoder, frozen, makes the condition); "
-                        "none: the RANDOM demo TA-Tok and AR de-tokenizer")
+                        "none: the RANDOM demo TA-Tok, and the demo AR de-tokenizer unless --init/--preset/sizes")
     d.add_argument("--scale", type=int, default=1,
                    help="condition on the tatok_s{scale} codes (1 -> 729, 2 -> 169, 3 -> 81 tokens) [%(default)s]")
     d.add_argument("--vq-column", default=None, help="the VQ codes column (default: the shards' own, e.g. vq16_256)")
     d.add_argument("--batch-size", type=int, default=32, help="rows per worker per micro-batch [%(default)s]")
-    m = p.add_argument_group("model (one of --init, --preset, or --n-layer/--n-head/--dim)")
+    m = p.add_argument_group("model (one of --init, --preset, or --n-layer/--n-head/--dim; none of them and no "
+                             "--tatok: the RANDOM demo models)")
     m.add_argument("--init", default=None, help="AR de-tokenizer checkpoint to fine-tune (ar_dtok_*.pth)")
     m.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="size of a new model (vocab = VQ codebook, cond_dim = TA-Tok hidden size, cls_token_num "
@@ -51,12 +54,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: the model's class_dropout_prob, 0.1 in the reference)")
     m.add_argument("--output", default=None, help="write the final model here (.pth, local or s3://)")
     args = p.parse_args(argv)
-    check_common_args(p, args)
+    check_common_args(p, args, demo_data=(DEMO_CODES,))
     sizes = (args.n_layer, args.n_head, args.dim)
     if args.init and (args.preset or any(v is not None for v in sizes)):
         p.error("--init fine-tunes a checkpoint as it is: drop --preset/--n-layer/--n-head/--dim")
-    if not args.init and not args.preset and None in sizes:
-        p.error("give --init CHECKPOINT, --preset NAME, or all of --n-layer/--n-head/--dim")
+    if not args.init and not args.preset and any(v is not None for v in sizes) and None in sizes:
+        p.error("a new model by size needs all of --n-layer/--n-head/--dim (or --preset NAME)")
+    if args.tatok and not args.init and not args.preset and None in sizes:
+        p.error("give --init CHECKPOINT, --preset NAME, or all of --n-layer/--n-head/--dim (or none of them and "
+                "no --tatok, for the RANDOM demo models)")
     return args
 
 

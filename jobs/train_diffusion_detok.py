@@ -27,6 +27,7 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from tarflow.data.sample import DEMO_CODES
     from tarflow.train.cli import add_common_args, check_common_args
     from tarflow.train.diffusion_detok import DiffusionTrainConfig
 
@@ -34,16 +35,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, DiffusionTrainConfig, data_help="tokenize job outputs made with --latents (their finished "
                                                        "shards), folders of code shards, or shard files; local "
-                                                       "or s3://")
+                                                       "or s3://. Default: what `make demo` writes "
+                                                       "(out/demo/codes, with latents when diffusers is installed)")
     d = p.add_argument_group("condition and target")
-    d.add_argument("--tatok", required=True,
-                   help="the TA-Tok checkpoint that made the codes (its decoder, frozen, makes the condition)")
+    d.add_argument("--tatok", default=None,
+                   help="the TA-Tok checkpoint that made the codes (its decoder, frozen, makes the condition); "
+                        "none, with no --init/--transformer-config: the RANDOM demo TA-Tok and SANA")
     d.add_argument("--scales", default="1",
                    help="condition each row on the tatok_s{scale} codes of one of these pool scales, drawn at random "
                         "(1 -> 729, 2 -> 169, 3 -> 81 tokens), comma-separated [%(default)s]")
     d.add_argument("--latents-column", default=None, help="the latents column (default: the shards' own)")
     d.add_argument("--batch-size", type=int, default=32, help="rows per worker per micro-batch [%(default)s]")
-    m = p.add_argument_group("model (--init, or --transformer-config with --vae)")
+    m = p.add_argument_group("model (--init, or --transformer-config with --vae; none of them and no --tatok: the "
+                             "RANDOM demo models)")
     m.add_argument("--init", default=None,
                    help="a diffusers SANA pipeline folder to fine-tune (local or s3://; its text encoder is never "
                         "read): its transformer, vae/ (which must be the one that made the latents), scheduler "
@@ -62,13 +66,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="probability that a row trains with the null condition, which CFG needs [%(default)s]")
     m.add_argument("--output", default=None, help="write the final pipeline folder here (local or s3://)")
     args = p.parse_args(argv)
-    check_common_args(p, args)
+    check_common_args(p, args, demo_data=(DEMO_CODES,))
     try:
         args.scales = [int(v) for v in args.scales.split(",") if v.strip()]
     except ValueError:
         args.scales = []
     if not args.scales or min(args.scales) < 1:
         p.error("--scales takes comma-separated pool scales >= 1, e.g. 1,2,3")
+    args.demo = not (args.tatok or args.init or args.transformer_config or args.vae)
+    if args.demo:
+        return args
+    if not args.tatok:
+        p.error("--tatok: give the TA-Tok that made the codes (or no model argument at all, for the RANDOM demo "
+                "models)")
     if bool(args.init) == bool(args.transformer_config):
         p.error("give --init PIPELINE_FOLDER to fine-tune, or --transformer-config (with --vae) for a new model")
     if args.transformer_config and not args.vae:
@@ -94,6 +104,13 @@ def main(argv=None) -> int:
     from tarflow.train.cli import run_trainer
     from tarflow.train.diffusion_detok import preflight, run_train
 
+    if args.demo:  # no model arguments: the demo TA-Tok and SANA (what `make demo` tokenized the latents with)
+        import logging
+
+        from tarflow.data.sample import demo_warning, ensure_demo_sana, ensure_random_tatok
+
+        args.tatok, args.init = str(ensure_random_tatok()), str(ensure_demo_sana())
+        logging.getLogger("tarflow.train").warning("%s", demo_warning("--tatok/--init", args.init))
     return run_trainer(preflight, run_train, config_from_args(args), args, "diffusion de-tokenizer")
 
 

@@ -16,13 +16,16 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from tarflow.data.sample import DEMO_CODES, RUN_CODES
     from tarflow.train.cli import add_common_args, check_common_args
     from tarflow.train.mllm import MLLMTrainConfig
 
     p = argparse.ArgumentParser(prog="train_mllm.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, MLLMTrainConfig, data_help="tokenize outputs, folders of code shards, or Parquet files "
-                                                  "(optionally with `conversations`); local or s3://")
+                                                  "(optionally with `conversations`); local or s3://. Default: "
+                                                  "what `make demo` (out/demo/codes) or `make run` "
+                                                  "(out/tokenize-sample) writes")
     m = p.add_argument_group("model (one of --base or --resume-from; none of them and no --tatok: the RANDOM "
                              "demo models)")
     start = m.add_mutually_exclusive_group()
@@ -42,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--max-length", type=int, default=2048, help="packed row length in tokens [%(default)s]")
     s.add_argument("--rows-per-step", type=int, default=1, help="packed rows per micro-batch per worker [%(default)s]")
     args = p.parse_args(argv)
-    check_common_args(p, args)
+    check_common_args(p, args, demo_data=(DEMO_CODES, RUN_CODES))
     try:
         args.task_mix = {k.strip(): float(v) for k, v in (kv.split("=") for kv in args.task_mix.split(","))}
         args.scales = [int(s) for s in args.scales.split(",")]

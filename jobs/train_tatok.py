@@ -43,10 +43,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(prog="train_tatok.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, TATokTrainConfig, data_help="img2dataset output: folders, .tar shards or globs; local or s3://")
+    add_common_args(p, TATokTrainConfig, data_help="img2dataset output: folders, .tar shards or globs; local or "
+                                                   "s3://. Default: the bundled sample")
     p.add_argument("--input-format", choices=("auto", "webdataset", "parquet"), default="auto",
                    help="img2dataset output format [%(default)s]")
-    m = p.add_argument_group("model (--teacher and --llm for a new TA-Tok, or --init to continue one)")
+    m = p.add_argument_group("model (--teacher and --llm for a new TA-Tok, or --init to continue one; none of "
+                             "them: continue the RANDOM demo TA-Tok)")
     m.add_argument("--teacher", default=None,
                    help="SigLIP folder (transformers SiglipModel, e.g. google/siglip2-so400m-patch14-384): the "
                         "frozen teacher and the student's starting point; input size and patch from its config")
@@ -83,11 +85,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "then are no longer LLM tokens); 0 = off [%(default)s]")
     t.add_argument("--output", default=None, help="write the final ta_tok.pth here (local or s3://)")
     args = p.parse_args(argv)
+    if args.data is None:
+        from tarflow.data.sample import ensure_sample_shards
+
+        args.data = [str(ensure_sample_shards())]
+        print(f"tarflow: no --data: using the bundled sample {args.data[0]}", file=sys.stderr)
     check_common_args(p, args)
     if args.init and (args.teacher or args.llm):
         p.error("--init continues a TA-Tok with its own teacher and codebook: drop --teacher/--llm")
-    if not args.init and not (args.teacher and args.llm):
-        p.error("give --teacher SIGLIP_FOLDER and --llm QWEN2_FOLDER for a new TA-Tok, or --init ta_tok.pth")
+    args.demo = not (args.init or args.teacher or args.llm)
+    if not args.init and not args.demo and not (args.teacher and args.llm):
+        p.error("give --teacher SIGLIP_FOLDER and --llm QWEN2_FOLDER for a new TA-Tok, or --init ta_tok.pth (or "
+                "none of them, to continue the RANDOM demo TA-Tok)")
     return args
 
 
@@ -109,6 +118,13 @@ def main(argv=None) -> int:
     from tarflow.train.cli import run_trainer
     from tarflow.train.tatok import preflight, run_train
 
+    if args.demo:  # no model arguments: continue the demo TA-Tok (its encoder is the teacher)
+        import logging
+
+        from tarflow.data.sample import demo_warning, ensure_random_tatok
+
+        args.init = str(ensure_random_tatok())
+        logging.getLogger("tarflow.train").warning("%s", demo_warning("--init/--teacher/--llm", args.init))
     return run_trainer(preflight, run_train, config_from_args(args), args, "TA-Tok")
 
 

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 import textwrap
 import time
 
@@ -16,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from tarflow.data import schema
 from tarflow.pipelines import runtime
@@ -295,11 +297,23 @@ def test_demo_models_are_a_consistent_labelled_family(tmp_path):
 
 
 def test_generate_with_no_model_arguments_runs_on_the_demo_models(ray_local, tmp_path, capsys, caplog):
+    """The demo family, with self-reflection: the demo tokenizer has single-token yes/no answers, as Qwen2's."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"id": "a", "prompt": "A cat."}\n{"id": "b", "prompt": "A rocket."}\n')
     rc = _job("generate").main(["--prompts", str(prompts), "--output", str(tmp_path / "out"), "--scale", "3",
-                                "--no-progress"])
+                                "--no-progress", "--reflect", "--candidates", "2", "--keep", "1"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err[-3000:]
     assert "RANDOM, UNTRAINED demo model" in caplog.text and "images: 2 in = 2 ok + 0 failed" in captured.out
     assert "Traceback" not in captured.err
+    rows = pq.read_table(tmp_path / "out" / "00000.parquet").to_pylist()
+    assert len(rows) == 2 and all(0.0 < r["reflect_score"] < 1.0 and r["candidates"] == 2 for r in rows)
+    # --detok diffusion with no model argument: the demo SANA (its 64 px images)
+    prompts.write_text('{"id": "a", "prompt": "A cat."}\n')
+    rc = _job("generate").main(["--prompts", str(prompts), "--output", str(tmp_path / "out-sana"), "--scale", "3",
+                                "--detok", "diffusion", "--steps", "2", "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "images: 1 in = 1 ok + 0 failed" in captured.out, captured.err[-3000:]
+    with tarfile.open(tmp_path / "out-sana" / "00000.tar") as tar:
+        png = [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".png")]
+    assert len(png) == 1 and Image.open(io.BytesIO(png[0])).size == (64, 64)

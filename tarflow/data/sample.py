@@ -143,11 +143,17 @@ def ensure_random_tatok(home: Path | None = None) -> Path:
 #   base     ensure_demo_base()       a tiny Qwen2 (hidden 32) on a small byte-level BPE chat tokenizer
 #   Tar      ensure_demo_tar()        the base with Tar's tokens for the TA-Tok's 1,024 codes, image rows =
 #                                     the TA-Tok codebook (as the trainer starts from a base)
+#   SANA     ensure_demo_sana()       a SANA pipeline (diffusers, the `diffusion` extra): a DC-AE 4x down with
+#                                     4 latent channels, a 1-layer transformer on the TA-Tok's rec features
 #
 # Folder names say RANDOM-UNTRAINED, and each holds a README.txt saying so: their outputs are meaningless.
 # They show every job running end to end (`make demo`); real results need the released checkpoints.
 
 DEMO_VQ_RESOLUTION = 128  # the demo AR de-tokenizer's images: 8 x 8 VQ tokens
+DEMO_LATENT_RESOLUTION = 64  # the demo SANA's images: its DC-AE makes 4 x 16 x 16 latents of them
+# Where `make demo` (jobs/demo.py) and `make run` write their code shards: what the trainers read with no --data
+DEMO_CODES = "out/demo/codes"
+RUN_CODES = "out/tokenize-sample"
 DEMO_SYSTEM = "You are a helpful assistant."
 DEMO_QUESTION = "Describe the image shortly."
 # Qwen2.5's chat layout (ChatML with its default system turn), without the tool-calling parts
@@ -239,13 +245,20 @@ def ensure_demo_ar_detok(home: Path | None = None) -> Path:
 
 
 def demo_tokenizer():
-    """A small Qwen2-style chat tokenizer (byte-level BPE, ~1,000 tokens, learnt from the sample's captions and
-    the prompts' words), with Qwen2.5's chat markers and layout. Built from the runtime dependencies alone."""
+    """A small Qwen2-style chat tokenizer (byte-level BPE, ~500 tokens, learnt from the sample's captions and
+    the prompts' words), with Qwen2.5's chat markers and layout. Built from the runtime dependencies alone.
+
+    The self-reflection question and its answers are in the corpus so that, as in Qwen2's vocabulary, "Yes",
+    " yes", "No", " no", ... are single tokens: reflect (generate --reflect) scores P(yes) against P(no) at one
+    position, which is only defined for single-token answers."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
 
+    from tarflow.models.reflect import AFFIRMATIVE_WORDS, DEFAULT_QUESTION, NEGATIVE_WORDS
+
     corpus = [c for _, c in SAMPLE_PHOTOS] + [DEMO_SYSTEM, DEMO_QUESTION, "user\n", "assistant\n", "system\n",
-                                              "A photo of a cat, a dog, a car, a house, a tree and a person."]
+                                              "A photo of a cat, a dog, a car, a house, a tree and a person.",
+                                              DEFAULT_QUESTION, *AFFIRMATIVE_WORDS, *NEGATIVE_WORDS]
     backend = Tokenizer(models.BPE())
     backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -305,6 +318,51 @@ def ensure_demo_tar(home: Path | None = None) -> Path:
         (tmp / "README.txt").write_text(_UNTRAINED.format(what="Tar MLLM") % (DEFAULT_SEED, time.strftime("%F")))
 
     return _build_once(demo_model_folder("tar", home), build)
+
+
+def ensure_demo_sana(home: Path | None = None) -> Path:
+    """A tiny random SANA pipeline folder (transformer/, vae/, scheduler/, model_index.json, as Tar's SANA
+    de-tokenizer folders) conditioned on the demo TA-Tok's rec features: what the tokenize job's --latents, the
+    diffusion trainer's --init and generate's --diffusion-detok take. Images of DEMO_LATENT_RESOLUTION px.
+    Needs diffusers (`pip install 'tarflow[diffusion]'`)."""
+    import torch
+
+    from tarflow.models.diffusion_detok import _import_diffusers
+    from tarflow.models.tatok import TATok
+
+    diffusers = _import_diffusers()
+    tatok = TATok.from_checkpoint(str(ensure_random_tatok(home)))
+
+    def build(tmp: Path):
+        heads, head_dim = 2, 16
+        with torch.random.fork_rng():
+            torch.manual_seed(DEFAULT_SEED)
+            vae = diffusers.AutoencoderDC(  # three blocks: 4x down; SANA's DC-AE f32c32 scaling factor
+                in_channels=3, latent_channels=4, attention_head_dim=4,
+                encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+                decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+                encoder_block_out_channels=(8, 16, 16), decoder_block_out_channels=(8, 16, 16),
+                encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
+                encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+                downsample_block_type="conv", upsample_block_type="interpolate", scaling_factor=0.41407)
+            transformer = diffusers.SanaTransformer2DModel(
+                in_channels=4, out_channels=4, num_attention_heads=heads, attention_head_dim=head_dim, num_layers=1,
+                num_cross_attention_heads=heads, cross_attention_head_dim=head_dim,
+                cross_attention_dim=heads * head_dim, caption_channels=tatok.encoder_cfg.hidden_size,
+                sample_size=DEMO_LATENT_RESOLUTION // 4, patch_size=1, mlp_ratio=2.0)
+        scheduler = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
+                                                          use_flow_sigmas=True, flow_shift=3.0)
+        verbosity = diffusers.utils.logging.get_verbosity()
+        diffusers.utils.logging.set_verbosity_error()  # not "text_encoder=None cannot be saved": none is meant
+        try:
+            diffusers.SanaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                                   scheduler=scheduler).save_pretrained(tmp)
+        finally:
+            diffusers.utils.logging.set_verbosity(verbosity)
+        (tmp / "README.txt").write_text(_UNTRAINED.format(what="SANA de-tokenizer") % (DEFAULT_SEED,
+                                                                                       time.strftime("%F")))
+
+    return _build_once(demo_model_folder("sana", home), build)
 
 
 def ensure_demo_prompts(home: Path | None = None) -> Path:

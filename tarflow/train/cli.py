@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+from typing import Sequence
 
 from tarflow.train.common import OptimConfig
 
@@ -26,11 +28,12 @@ def _defaults(config_cls) -> dict:
 
 
 def add_common_args(p: argparse.ArgumentParser, config_cls, data_help: str) -> None:
-    """The common flags, with `config_cls`'s (a TrainConfig subclass) defaults."""
+    """The common flags, with `config_cls`'s (a TrainConfig subclass) defaults. --data may be left out where the
+    trainer has demo data (check_common_args' `demo_data`)."""
     d = _defaults(config_cls)
     o: OptimConfig = d["optim"]
     g = p.add_argument_group("data")
-    g.add_argument("--data", nargs="+", required=True, help=data_help)
+    g.add_argument("--data", nargs="+", default=None, help=data_help)
     g.add_argument("--shuffle-buffer", type=int, default=d["shuffle_buffer"],
                    help="rows in each worker's local shuffle buffer, seeded by --seed and the epoch; 0 = file "
                         "order [%(default)s]")
@@ -79,7 +82,18 @@ def add_common_args(p: argparse.ArgumentParser, config_cls, data_help: str) -> N
                         "[%(default)s]")
 
 
-def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace, demo_data: Sequence[str] = ()) -> None:
+    """Parse the common flags' values. No --data (and no --data-config, where a trainer has one): the first of
+    the `demo_data` folders that exists (what `make demo` / `make run` write), else a usage error."""
+    if args.data is None and not getattr(args, "data_config", None):
+        found = [d for d in demo_data if os.path.isdir(d)]
+        if not demo_data:
+            p.error("--data is required")
+        if not found:
+            p.error(f"--data: not given, and no demo data in {' or '.join(demo_data)} (relative to {os.getcwd()}); "
+                    "run `make demo` first (it writes out/demo/codes), or give --data")
+        args.data = [found[0]]
+        print(f"tarflow: no --data: using the demo data {found[0]}", file=sys.stderr)
     try:
         args.betas = tuple(float(b) for b in args.betas.split(","))
     except ValueError:
