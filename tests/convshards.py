@@ -48,3 +48,14 @@ def write_conversation_shard(path, rows: list[dict], facts: TokenizeFacts, conve
     schema.check_conversation_shard(table.schema, str(path))
     pq.write_table(table, path)
     return str(path)
+
+
+def write_caption_shard(path, rows: list[dict], facts: TokenizeFacts):
+    """An image-text code shard (the img2dataset path's): `rows` {"key", "caption", "image": {scale: codes}}."""
+    scales = list(facts.scales)
+    table_schema = schema.with_metadata(schema.code_shard_schema(scales, facts.codebook_size),
+                                        schema.CODE_SHARD_FORMAT, schema.CODE_SHARD_VERSION, facts.as_dict())
+    out = [{"key": r["key"], "caption": r["caption"], "url": None, "sha256": r["key"], "width": 9, "height": 9,
+            "meta": None, **{schema.code_column(s): list(r["image"][s]) for s in scales}} for r in rows]
+    pq.write_table(pa.Table.from_pylist(out, schema=table_schema), path)
+    return str(path)

@@ -134,3 +134,210 @@ def test_conversations_become_the_reference_sequences_and_labels(fixture_tok, fa
             assert (got_task, skip) == (task, ""), task
             assert ids == expected[task][0], task
             assert labels == expected[task][1], task
+
+
+def test_rows_are_checked_and_bad_ones_skipped_with_their_reason(fixture_tok, facts, tmp_path):
+    b = _builder(fixture_tok)
+    read = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A cat."}]
+    good = {"conversations": read, "tatok_s3": [image(1)[3]]}
+    assert b.build(good, 0)[2:] == ("i2t", "")
+    cases = {
+        "image_count_mismatch": [{**good, "tatok_s3": [image(1)[3], image(2)[3]]}, {**good, "tatok_s3": []}],
+        "missing_codes": [{**good, "tatok_s3": None}, {"conversations": read}],
+        "wrong_code_length": [{**good, "tatok_s3": [image(1)[3][:5]]}, {**good, "tatok_s3": [image(1)[1]]}],
+        "codes_out_of_range": [{**good, "tatok_s3": [[512] + image(1)[3][1:]]}],
+        "bad_conversation": [{"conversations": "{not json"}, {"conversations": [{"from": "human", "value": 3}]}],
+    }
+    for reason, rows in cases.items():
+        for row in rows:
+            assert b.build(row, 0)[3] == reason, (reason, row)
+    # the image a written <image> is: an image to image row without words is i2i; a task of weight 0 is left out
+    i2i = {"conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "<image>"}],
+           "tatok_s3": [image(1)[3], image(2)[3]]}
+    assert b.build(i2i, 0)[2:] == ("i2i", "")
+    assert _builder(fixture_tok, task_mix={"i2t": 1, "i2i": 0}).build(i2i, 0)[2:] == ("i2i", "task_mix")
+    # a plain conversation table with one image's codes as a flat list (what the trainer read before) still reads
+    flat = {**good, "tatok_s3": image(1)[3]}
+    assert b.build(flat, 0)[:2] == b.build(good, 0)[:2]
+
+
+class FakeShard:
+    """A worker's split of one source, as Ray Data's DataIterator yields it (tables of `batch_size` rows)."""
+
+    def __init__(self, rows: list[dict], started: list, name: str):
+        self.rows, self.started, self.name = rows, started, name
+
+    def iter_batches(self, batch_size, batch_format, prefetch_batches, local_shuffle_buffer_size=None,
+                     local_shuffle_seed=None):
+        import pyarrow as pa
+
+        self.started.append(self.name)
+        for k in range(0, len(self.rows), batch_size):
+            yield pa.Table.from_pylist(self.rows[k:k + batch_size])
+
+
+def test_the_mix_file_plan_and_draws(tmp_path):
+    """The reference's data_demo.yaml parses as it is (sources named by number when names repeat); a source
+    supplies rows x ratio share of the epoch (repeated or thinned); the draws are seeded, interleave the sources
+    by the rows each still has, and a resume at any row replays them exactly."""
+    from tarflow.preflight import Problems
+    from tarflow.train.mix import MixSource, mixed_epoch_rows, plan_mix, read_mix_config
+
+    (tmp_path / "demo.yaml").write_text(
+        "datasets:\n  - json_path:\n    - /tmp/a/data\n    - /tmp/b\n    ratio: 2\n    name: 'parquet'\n"
+        "  - json_path:\n    - /tmp/c\n    ratio: 4\n    name: 'parquet'\n  - paths: [s3://x/d]\n    name: text\n")
+    problems = Problems()
+    sources = read_mix_config(str(tmp_path / "demo.yaml"), problems)
+    assert not problems.lines
+    assert [(s.name, s.paths, s.ratio) for s in sources] == [
+        ("parquet_1", ["/tmp/a/data", "/tmp/b"], 2.0), ("parquet_2", ["/tmp/c"], 4.0), ("text", ["s3://x/d"], 1.0)]
+    (tmp_path / "bad.yaml").write_text("datasets:\n  - paths: [a]\n    ratio: -1\n  - ratio: 1\n")
+    problems = Problems()
+    read_mix_config(str(tmp_path / "bad.yaml"), problems)
+    assert len(problems.lines) == 2 and any("ratio -1 is not a positive number" in x for x in problems.lines)
+
+    # 100 + 10 + 50 rows, ratios 2 : 4 : 1: an epoch of 160 rows, 160 x 2/7 = 45.7 from the first (thinned),
+    # 91.4 from the second (read 10 times, kept 0.914), 22.9 from the third
+    sources = plan_mix([MixSource("a", [], 2, rows=100), MixSource("b", [], 4, rows=10), MixSource("c", [], 1, rows=50)])
+    assert [(s.copies, round(s.keep, 3)) for s in sources] == [(1, 0.457), (10, 0.914), (1, 0.457)]
+    for s in sources:
+        assert s.copies * s.keep * s.rows == pytest.approx(160 * s.ratio / 7)
+
+    # one worker of two: its splits are half of each source's readings
+    split = {"a": 50, "b": 50, "c": 25}
+
+    def epoch(seed, skip, epoch=0):
+        started = []
+        shards = [FakeShard([{"key": f"{n}{k}"} for k in range(split[n])], started, n) for n in "abc"]
+        got = [(pos, [r["key"] for r in rows]) for pos, rows in mixed_epoch_rows(
+            shards, sources, seed, epoch, skip, rank=0, world=2, read_rows=8, shuffle_buffer=0)]
+        assert started == ["a", "b", "c"]  # every worker starts the sources in one order
+        return got
+
+    full = epoch(0, 0)
+    keys = [k for _, rows in full for k in rows]
+    assert sorted(keys) == sorted(f"{n}{k}" for n in "abc" for k in range(split[n]))  # each row once
+    assert [p for p, _ in full] == list(range(0, len(keys), 8))
+    assert epoch(0, 0) == full and epoch(1, 0) != full and epoch(0, 0, epoch=1) != full
+    # interleaved all along, by the rows each source has: every quarter of the epoch holds each source
+    for q in range(4):
+        part = keys[q * len(keys) // 4:(q + 1) * len(keys) // 4]
+        for n in "abc":
+            assert abs(sum(k.startswith(n) for k in part) / len(part) - split[n] / 125) < 0.15
+    for skip in (1, 8, 37, 124):  # resumed at row `skip`: the rest of the same epoch
+        rest = epoch(0, skip)
+        assert rest[0][0] == skip and [k for _, rows in rest for k in rows] == keys[skip:]
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory):
+    import tiny_tar
+
+    return tiny_tar.save_tiny_base(tmp_path_factory.mktemp("base") / "qwen-tiny", hidden=32)
+
+
+# the learning corpus: images 0-2 are edited into 3-5 ("Make it red."); pairs of 0-2 are named in order; 6-7 are
+# generated from conversations; 8-9 are a caption code shard's (img2dataset path); one text-only chat
+WORDS = ["cat", "dog", "sun"]
+EDITS = [(0, 3), (1, 4), (2, 5)]
+PAIRS = [(0, 1), (1, 0), (0, 2), (2, 1)]
+T2I = {6: "A red kite in the sky.", 7: "Two boats on a lake."}
+CAPTIONS = {8: "A green hill.", 9: "An old clock."}
+
+
+def _learning_corpus(folder, facts, copies: int) -> str:
+    """Four sources (conversation code shards and a caption code shard) and their mix file; each row `copies`
+    times under distinct ids (each copy draws its own scale and task: Ray Data starts every epoch anew, which
+    costs seconds, so few long epochs)."""
+    import yaml
+    from convshards import write_caption_shard
+
+    folder.mkdir()
+    edits = [{"id": f"e{k}-{c}", "conversations": [{"from": "human", "value": "<image>\nMake it red."},
+                                                    {"from": "gpt", "value": "<image>"}],
+              "images": [image(a), image(b)]} for c in range(copies) for k, (a, b) in enumerate(EDITS)]
+    pairs = [{"id": f"p{k}-{c}", "conversations": [{"from": "human", "value": "<image>\n<image>\nWhat are they?"},
+                                                   {"from": "gpt", "value": f"A {WORDS[a]} and a {WORDS[b]}."}],
+              "images": [image(a), image(b)]} for c in range(copies) for k, (a, b) in enumerate(PAIRS)]
+    t2i = [{"id": f"t{k}-{c}", "conversations": [{"from": "human", "value": caption}, {"from": "gpt", "value": "<image>"}],
+            "images": [image(k)]} for c in range(copies) for k, caption in T2I.items()]
+    t2i += [{"id": f"x{c}", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi!"}]}
+            for c in range(copies)]
+    for name, rows in (("edits", edits), ("pairs", pairs), ("t2i", t2i)):
+        (folder / name).mkdir()
+        write_conversation_shard(folder / name / "00000.parquet", rows, facts)
+    (folder / "captions").mkdir()
+    write_caption_shard(folder / "captions" / "00000.parquet",
+                        [{"key": f"{k}-{c}", "caption": cap, "image": image(k)} for c in range(copies)
+                         for k, cap in CAPTIONS.items()], facts)
+    mix = {"datasets": [{"paths": [str(folder / "edits")], "ratio": 2, "name": "edits"},
+                        {"paths": [str(folder / "pairs")], "ratio": 2, "name": "pairs"},
+                        {"json_path": [str(folder / "t2i")], "ratio": 1, "name": "t2i"},
+                        {"paths": [str(folder / "captions")], "ratio": 1, "name": "captions"}]}
+    (folder / "mix.yaml").write_text(yaml.safe_dump(mix))
+    return str(folder / "mix.yaml")
+
+
+def test_a_tiny_tar_learns_edits_two_image_questions_and_t2i_from_a_mixed_corpus(ray_local, base_folder, facts,
+                                                                                  tmp_path):
+    """Trained on the mix (stopped half-way and resumed), a tiny Tar, decoding greedily with the bulk jobs'
+    prompts, (a) writes image B's codes for the instruction and image A, (b) names both images of a pair in
+    order, (c) draws each T2I conversation's image from its caption; the metrics count samples per task and
+    per source."""
+    from tarflow.models.generation import BatchedDecoder, Sampling
+    from tarflow.models.mllm import i2t_prompt_ids, load_tar, parse_image_codes, t2i_prompt_ids
+    from tarflow.train.common import OptimConfig
+    from tarflow.train.mllm import MLLMTrainConfig, run_train_mllm
+
+    mix = _learning_corpus(tmp_path / "corpus", facts, copies=20)
+    cfg = MLLMTrainConfig(data=[], data_config=mix, base=base_folder, tatok=facts.checkpoint, num_image_tokens=512,
+                          scales=[3], task_mix={"i2t": 1, "t2i": 1, "text": 1},
+                          questions=("Describe the image shortly.",), max_length=256, num_workers=2,
+                          cpus_per_worker=0.5, shuffle_buffer=16, checkpoint_every=1000, log_every=20,
+                          storage_path=str(tmp_path / "runs"), name="mix",
+                          optim=OptimConfig(lr=2e-2, total_steps=160, warmup_ratio=0.05))
+    cfg.stop_at_step = 80
+    assert run_train_mllm(cfg).steps == 80
+    cfg.stop_at_step = None
+    result = run_train_mllm(cfg)
+    assert result.steps == 160 and result.starts == [0, 80]
+    m = result.metrics
+    tasks = {t: m.get(f"total_samples_{t}", 0) for t in ("ti2i", "multi_image", "t2i", "i2t", "text")}
+    sources = {s: m.get(f"total_source_{s}", 0) for s in ("edits", "pairs", "t2i", "captions")}
+    assert min(tasks.values()) > 0 and min(sources.values()) > 0, (tasks, sources)
+    # 2 : 2 : 1 : 1 by the mix (within the run's draws)
+    assert sources["edits"] / sources["t2i"] == pytest.approx(2, rel=0.35), sources
+    assert sources["pairs"] / sources["captions"] == pytest.approx(2, rel=0.35), sources
+    assert "loss_ti2i" in str(result.history) and "loss_multi_image" in str(result.history)
+
+    model, tok, vocab = load_tar(result.checkpoint)
+    dec = BatchedDecoder(model, vocab.pad_id)
+    greedy = Sampling(greedy=True)
+
+    def codes(k):
+        return image(k)[3]
+
+    # (a) the edit: the answer is <im_start> <S2> B's codes <im_end>
+    out = dec.generate([i2t_prompt_ids(tok, vocab, codes(a), "Make it red.") for a, _ in EDITS], 12, greedy,
+                       stop_ids=(vocab.eos_id,))
+    for (a, b), got in zip(EDITS, out.tokens):
+        assert list(got[:12]) == [vocab.image_start_tag_id, vocab.scale_token_id(3)] + vocab.codes_to_ids(codes(b)) \
+            + [vocab.image_end_tag_id], (a, b)
+
+    # (b) two images in one question: the answer names both, in order
+    def two_images(a, b):
+        def tags(k):
+            return "".join(f"<I{c}>" for c in codes(k))
+        text = tok.apply_chat_template([{"role": "system", "content": "You are a helpful assistant."},
+                                        {"role": "user", "content": f"{tags(a)}\n{tags(b)}\nWhat are they?"}],
+                                       tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    out = dec.generate([two_images(a, b) for a, b in PAIRS], 16, greedy, stop_ids=(vocab.eos_id,))
+    assert [tok.decode(g, skip_special_tokens=True).strip() for g in out.tokens] == \
+        [f"A {WORDS[a]} and a {WORDS[b]}." for a, b in PAIRS]
+
+    # (c) T2I learned from conversation rows, asked with the generate job's prompt
+    out = dec.generate([t2i_prompt_ids(tok, vocab, caption, 3) for caption in T2I.values()], 9, greedy,
+                       allowed_range=vocab.image_id_range)
+    assert [parse_image_codes(g, vocab, 9)[0] for g in out.tokens] == [codes(k) for k in T2I]

@@ -55,6 +55,7 @@ SKIP_REASONS = ("missing_codes", "wrong_code_length", "codes_out_of_range", "ima
 @dataclass(kw_only=True)
 class MLLMTrainConfig(TrainConfig):
     data: list[str]  # code shard folders/files, or Parquet with `conversations` (+ tatok_s* columns)
+    data_config: str | None = None  # or a mix file: sources drawn by ratio (tarflow.train.mix), `data` empty
     base: str | None = None  # base Qwen2 folder (local or s3://): Tar's vocabulary is added
     resume_from: str | None = None  # or a Tar checkpoint folder to continue from
     tatok: str | None = None  # TA-Tok checkpoint: image-token rows start from its codebook when widths match
@@ -374,11 +375,17 @@ def packed_loss(model, batch: dict, device) -> tuple[torch.Tensor, dict]:
 
 class MLLMTask(Task):
     """Samples built from the rows (SampleBuilder), packed into `rows_per_step` rows of `max_length` per
-    micro-batch; the next-token loss over the learned labels."""
+    micro-batch; the next-token loss over the learned labels. With a data mix, the rows come from its sources,
+    interleaved by ratio (tarflow.train.mix). Metrics: loss per task, samples per task and per source (in the
+    report's window, and `total_*` over the run)."""
 
-    sum_keys = ("loss_sum", "loss_count", *(f"{k}_{t}" for t in TASK_IDS for k in ("loss_sum", "loss_count")),
-                "tokens", "padding", "micro_batches", *(f"skipped_{r}" for r in SKIP_REASONS))
-    total_keys = tuple(f"skipped_{r}" for r in SKIP_REASONS)
+    def __init__(self, cfg, config, device):
+        super().__init__(cfg, config, device)
+        self.sources = [s["name"] for s in config.get("sources") or [{"name": "data"}]]
+        counts = [f"samples_{t}" for t in TASKS] + [f"source_{n}" for n in self.sources]
+        self.sum_keys = ("loss_sum", "loss_count", *(f"{k}_{t}" for t in TASKS for k in ("loss_sum", "loss_count")),
+                         "tokens", "padding", "micro_batches", *(f"skipped_{r}" for r in SKIP_REASONS), *counts)
+        self.total_keys = (*(f"skipped_{r}" for r in SKIP_REASONS), *counts)
 
     def load_model(self, checkpoint_dir):
         from tarflow.models.mllm import load_tar
@@ -395,11 +402,25 @@ class MLLMTask(Task):
             self.vocab = TarVocab.from_tokenizer(self.tokenizer)
         c = self.config
         self.builder = SampleBuilder(self.tokenizer, cfg.task_mix, cfg.scales, c["tokens_per_scale"], cfg.questions,
-                                     cfg.system, cfg.max_length, cfg.seed, c["codebook_size"], c["text_keep"])
+                                     cfg.system, cfg.max_length, cfg.seed, c["codebook_size"], c["text_keep"],
+                                     source_keep=[s["keep"] for s in c.get("sources") or []])
         return model.to(self.device)
 
     def fsdp_layers(self, model):
         return list(model.model.layers)
+
+    def epoch_rows(self, shards, state):
+        if not self.config.get("sources"):
+            return super().epoch_rows(shards, state)
+        import ray.train
+
+        from tarflow.train.mix import MixSource, dataset_name, mixed_epoch_rows
+
+        ctx = ray.train.get_context()
+        sources = [MixSource(**s) for s in self.config["sources"]]
+        return mixed_epoch_rows([shards[dataset_name(i)] for i in range(len(sources))], sources, self.cfg.seed,
+                                state.epoch, state.samples_seen, ctx.get_world_rank(), ctx.get_world_size(),
+                                self.read_rows, self.cfg.shuffle_buffer)
 
     def batches(self, rows, epoch):
         n_rows, max_length, pad_id = self.cfg.rows_per_step, self.cfg.max_length, self.vocab.pad_id
@@ -408,19 +429,24 @@ class MLLMTask(Task):
 
         def take():
             nonlocal pending
+            before = pending
             batch, pending = _take_rows(pending, n_rows, max_length, pad_id)
-            batch["skipped"] = dict(skipped)
+            counts = dict(skipped)
             skipped.clear()
+            for _, _, task, _, source in before[:len(before) - len(pending)]:
+                for key in (f"samples_{TASKS[task]}", f"source_{self.sources[source]}"):
+                    counts[key] = counts.get(key, 0) + 1
+            batch["counts"] = counts
             return batch
 
         for pos, table in rows:
-            built = self.builder(table, epoch=epoch)
-            for k, (ids, labels, task, skip) in enumerate(zip(*(built.column(c).to_pylist()
-                                                               for c in ("input_ids", "labels", "task", "skip")))):
+            table = table.to_pylist() if isinstance(table, pa.Table) else table
+            for k, row in enumerate(table):
+                ids, labels, task, skip = self.builder.build(row, epoch)
                 if skip:
-                    skipped[skip] = skipped.get(skip, 0) + 1
+                    skipped[f"skipped_{skip}"] = skipped.get(f"skipped_{skip}", 0) + 1
                     continue
-                pending.append((ids, labels, task, pos + k))
+                pending.append((ids, labels, TASK_IDS[task], pos + k, row.get("_source", 0)))
                 if _rows_closed(pending, n_rows, max_length):
                     batch = take()
                     # a checkpoint after this batch resumes at the first sample not trained on yet
@@ -433,7 +459,7 @@ class MLLMTask(Task):
     def loss(self, model, batch):
         loss, per_task = packed_loss(model, batch, self.device)
         sums = {"tokens": int((batch["segments"] >= 0).sum()), "padding": batch["padding"], "micro_batches": 1,
-                **{f"skipped_{r}": n for r, n in batch["skipped"].items()}}
+                **batch["counts"]}
         for t, (total, n) in per_task.items():
             sums[f"loss_sum_{t}"], sums[f"loss_count_{t}"] = total, n
         sums["loss_sum"], sums["loss_count"] = sum(v[0] for v in per_task.values()), sum(v[1] for v in per_task.values())
@@ -448,12 +474,15 @@ class MLLMTask(Task):
 
     def metrics(self, sums, totals, seconds):
         n = sums["loss_count"]
+        counts = [f"samples_{t}" for t in TASKS] + [f"source_{s}" for s in self.sources]
         return {"loss": sums["loss_sum"] / n if n else float("nan"),
-                **{f"loss_{t}": sums[f"loss_sum_{t}"] / sums[f"loss_count_{t}"] for t in TASK_IDS
+                **{f"loss_{t}": sums[f"loss_sum_{t}"] / sums[f"loss_count_{t}"] for t in TASKS
                    if sums[f"loss_count_{t}"]},
                 "tokens_per_s": sums["tokens"] / max(seconds, 1e-9),
                 "padding_fraction": sums["padding"] / max(sums["micro_batches"], 1),
-                **{k: int(v) for k, v in totals.items() if v}}
+                **{k: int(sums[k]) for k in counts if sums[k]},  # in this report's window
+                **{k: int(v) for k, v in totals.items() if v and k.startswith("skipped_")},
+                **{f"total_{k}": int(v) for k, v in totals.items() if v and k in counts}}
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -575,9 +604,10 @@ def code_inputs(data: list[str], problems: Problems) -> list[str]:
 TAR_TATOK_FACTS = ({1: 729, 2: 169, 3: 81}, 65536)  # Tar's TA-Tok: 27 x 27 codes at scale 1, 65,536 codes
 
 
-def data_facts(footers, problems: Problems | None = None, tatok_sha256: tuple[str, str] | None = None) -> dict:
+def data_facts(footers, problems: Problems | None = None, tatok_sha256: tuple[str, str] | None = None,
+               count_rows: bool = True) -> dict:
     """What the workers need to know of the data, from the files' footers: tokens per pool scale and the TA-Tok
-    codebook size, and the rows per kind for the task mix. Every code shard must come from one TA-Tok (else a
+    codebook size, and the rows per kind for the task mix (`count_rows`). Every code shard must come from one TA-Tok (else a
     problem listing the offenders), the one given as `tatok_sha256` = (sha256, its flag and path) when given.
     Parquet without a code shard's metadata (conversation tables made elsewhere) is taken to hold Tar's TA-Tok
     codes (rows whose codes do not fit are skipped and counted, never trained on)."""
@@ -603,7 +633,7 @@ def data_facts(footers, problems: Problems | None = None, tatok_sha256: tuple[st
                      "(%s tokens per pool scale, %d codes)", TAR_TATOK_FACTS[0], TAR_TATOK_FACTS[1])
         tokens_per_scale, codebook = TAR_TATOK_FACTS
     return {"tokens_per_scale": tokens_per_scale, "codebook_size": codebook, "tatok_sha256": sha,
-            "rows": count_row_kinds([f for f in footers if not f.error])}
+            "rows": count_row_kinds([f for f in footers if not f.error]) if count_rows else {}}
 
 
 def count_row_kinds(footers) -> dict:
@@ -621,6 +651,9 @@ def count_row_kinds(footers) -> dict:
         fs, p = storage.filesystem(f.path)
         with fs.open(p, "rb") as fh:
             conv = pq.read_table(fh, columns=["conversations"]).column("conversations").combine_chunks()
+        if pa.types.is_string(conv.type) or pa.types.is_large_string(conv.type):  # the JSON form
+            has_image = pc.fill_null(pc.match_substring(conv, "<image>"), False).to_numpy(zero_copy_only=False)
+            return {"image_chat": int(has_image.sum()), "text": int(len(conv) - has_image.sum())}
         values = pc.struct_field(pc.list_flatten(conv), "value")
         hit = pc.fill_null(pc.match_substring(values, "<image>"), False).cast(pa.int32())
         parent = pc.list_parent_indices(conv).to_numpy(zero_copy_only=False)
@@ -688,7 +721,8 @@ def preflight(cfg: MLLMTrainConfig) -> dict:
                    f"are {cfg.max_length}/{cfg.rows_per_step}", "give a row length >= 16 and >= 1 rows per step")
     bad_mix = [k for k, w in cfg.task_mix.items() if k not in TASK_IDS or w < 0]
     problems.check(not bad_mix and sum(cfg.task_mix.values()) > 0, "--task-mix", f"is {cfg.task_mix}",
-                   "give non-negative weights of i2t, t2i and text, e.g. i2t=2,t2i=4,text=1")
+                   f"give non-negative weights of {', '.join(TASKS)}, e.g. i2t=2,t2i=4,text=1 (a conversation "
+                   "task of weight 0 is left out; caption rows are i2t or t2i by their weights)")
     for flag, path in (("--base", cfg.base), ("--resume-from", cfg.resume_from)):
         if path and check_model_folder(flag, path, problems) and flag == "--base" and is_tar_folder(path):
             log.info("--base %s is a Tar folder (its tokenizer has Tar's tokens): training continues from its rows, "
@@ -701,19 +735,45 @@ def preflight(cfg: MLLMTrainConfig) -> dict:
         else:
             problems.add(f"--tatok {cfg.tatok}", "not found",
                          "give the TA-Tok checkpoint (ta_tok.pth) that made the codes")
-    files = code_inputs(cfg.data, problems)
-    facts = data_facts(read_footers(files), problems, tatok_sha)
+    sources = None
+    if cfg.data_config:
+        from tarflow.train.mix import plan_mix, read_mix_config
+
+        problems.check(not cfg.data, "--data/--data-config", "both given",
+                       "give --data for one source, or --data-config with every source in the mix file")
+        sources, files = read_mix_config(cfg.data_config, problems), []
+        for src in sources:
+            src.files = code_inputs(src.paths, problems)
+            files += src.files
+    else:
+        files = code_inputs(cfg.data, problems)
+    footers = read_footers(files, check=schema.check_any_code_shard)
+    facts = data_facts(footers, problems, tatok_sha, count_rows=sources is None)
+    if sources:
+        rows = {f.path: f.num_rows for f in footers}
+        for src in sources:
+            src.rows = sum(rows[f] for f in src.files)
+            problems.check(src.rows > 0 or not src.files, f"--data-config {cfg.data_config}",
+                           f"source {src.name!r} has no rows", "give each source tokenize outputs with rows")
+        plan_mix(sources)
     if not cfg.resume_from and facts["codebook_size"] > cfg.num_image_tokens:
         problems.add("--num-image-tokens", f"the code shards' TA-Tok has {facts['codebook_size']} codes but only "
                      f"{cfg.num_image_tokens} image tokens would be added to the base",
                      f"set --num-image-tokens to at least {facts['codebook_size']}")
-    text_keep = text_keep_probability(cfg.task_mix, facts["rows"])
+    # in a mix the sources' ratios set the shares: text-only rows are all kept (unless the task mix's text is 0)
+    text_keep = 1.0 if sources is not None else text_keep_probability(cfg.task_mix, facts["rows"])
     run_facts = {"data_files": files, "tatok_sha256": facts["tatok_sha256"],
                  "tokens_per_scale": facts["tokens_per_scale"], "codebook_size": facts["codebook_size"]}
+    if sources is not None:  # another mix is other data, even on the same files
+        run_facts["mix"] = [{"name": s.name, "ratio": s.ratio, "paths": s.paths} for s in sources]
     refuse_other_data(cfg, run_facts, problems)
     problems.raise_if_any()
+    if sources is not None:
+        log.info("data mix: %s", "; ".join(f"{s.name}: {s.rows} rows, ratio {s.ratio:g}, read {s.copies}x, "
+                                           f"kept {s.keep:.3f}" for s in sources))
     return {"files": files, "tokens_per_scale": facts["tokens_per_scale"], "codebook_size": facts["codebook_size"],
-            "text_keep": text_keep, "facts": run_facts}
+            "text_keep": text_keep, "facts": run_facts,
+            "sources": [s.as_dict() for s in sources] if sources is not None else None}
 
 
 def run_train_mllm(cfg: MLLMTrainConfig, plan: dict | None = None, train_loop=None,
@@ -724,5 +784,26 @@ def run_train_mllm(cfg: MLLMTrainConfig, plan: dict | None = None, train_loop=No
     import ray.data
 
     plan = plan or preflight(cfg)
-    ds = ray.data.read_parquet(plan["files"], shuffle=None)
-    return fit(cfg, train_loop or train_loop_per_worker, {**plan, **(loop_extra or {})}, ds)
+    if plan.get("sources"):
+        from tarflow.train.mix import MixSource, mix_datasets
+
+        data = mix_datasets([MixSource(**s) for s in plan["sources"]])
+        # the workers need each source's name, size and sampling, not its file list (which can be long)
+        plan = {**plan, "files": [], "sources": [{**s, "files": []} for s in plan["sources"]]}
+    else:
+        data = ray.data.read_parquet(plan["files"], shuffle=None)
+    summary = fit(cfg, train_loop or train_loop_per_worker, {**plan, **(loop_extra or {})}, data)
+    return MLLMTrainSummary(**summary.as_dict())
+
+
+@dataclass
+class MLLMTrainSummary(TrainSummary):
+    """The core's summary, with the run's samples per task and per source."""
+
+    def render(self, what: str = "training") -> str:
+        m = self.metrics
+        tasks = {k.removeprefix("total_samples_"): v for k, v in m.items() if k.startswith("total_samples_")}
+        sources = {k.removeprefix("total_source_"): v for k, v in m.items() if k.startswith("total_source_")}
+        losses = {k.removeprefix("loss_"): round(v, 4) for k, v in m.items() if k.startswith("loss_")}
+        head, _, tail = super().render(what).partition("\n")
+        return "\n".join([head, f"samples per task {tasks}, per source {sources}", f"loss per task {losses}", tail])
