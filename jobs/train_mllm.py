@@ -7,8 +7,8 @@
 Tasks per row as the reference builds them (caption rows: I2T 2 : T2I 4, text-only conversations 1 by default;
 conversations with images read and written as they are: I2I, TI2I, multi-image), a random pool scale per sample
 (default 1,1,2,3), samples packed into rows of --max-length. `--data-config mix.yaml` draws from several sources
-by ratio (the reference's data_demo.yaml shape). Checkpoints are Hugging Face folders (in the base's dtype) under STORAGE_PATH/NAME, the latest
---keep-checkpoints of them kept; rerunning the same command resumes from the latest, data position included.
+by ratio (the reference's data_demo.yaml shape). Checkpoints are Hugging Face folders (in the base's dtype) under
+STORAGE_PATH/NAME, the latest --keep-checkpoints of them kept; rerunning the same command resumes from the latest, data position included.
 """
 from __future__ import annotations
 

@@ -77,7 +77,8 @@ def test_conversations_become_the_reference_sequences_and_labels(fixture_tok, fa
     def codes(img):
         return [I0 + c for c in img[3]]
 
-    SYSTEM = [IM_START, 8948, NL, 2610, 525, 264, 10950, 17847, 13, IM_END, NL]  # "system\nYou are a helpful assistant."
+    # "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    SYSTEM = [IM_START, 8948, NL, 2610, 525, 264, 10950, 17847, 13, IM_END, NL]
     USER, ASSISTANT, END = [IM_START, 872, NL], [IM_START, 77091, NL], [IM_END, NL]  # "user\n", "assistant\n"
     assert SYSTEM == t2i_fixture[:11]  # the reference's own T2I prompt starts so
     cat = [32, 6548, 315, 264, 8251, 13]  # "A photo of a cat." (the fixture's T2I prompt)
@@ -198,7 +199,8 @@ def test_the_mix_file_plan_and_draws(tmp_path):
 
     # 100 + 10 + 50 rows, ratios 2 : 4 : 1: an epoch of 160 rows, 160 x 2/7 = 45.7 from the first (thinned),
     # 91.4 from the second (read 10 times, kept 0.914), 22.9 from the third
-    sources = plan_mix([MixSource("a", [], 2, rows=100), MixSource("b", [], 4, rows=10), MixSource("c", [], 1, rows=50)])
+    sources = plan_mix([MixSource("a", [], 2, rows=100), MixSource("b", [], 4, rows=10),
+                        MixSource("c", [], 1, rows=50)])
     assert [(s.copies, round(s.keep, 3)) for s in sources] == [(1, 0.457), (10, 0.914), (1, 0.457)]
     for s in sources:
         assert s.copies * s.keep * s.rows == pytest.approx(160 * s.ratio / 7)
@@ -259,8 +261,9 @@ def _learning_corpus(folder, facts, copies: int) -> str:
     pairs = [{"id": f"p{k}-{c}", "conversations": [{"from": "human", "value": "<image>\n<image>\nWhat are they?"},
                                                    {"from": "gpt", "value": f"A {WORDS[a]} and a {WORDS[b]}."}],
               "images": [image(a), image(b)]} for c in range(copies) for k, (a, b) in enumerate(PAIRS)]
-    t2i = [{"id": f"t{k}-{c}", "conversations": [{"from": "human", "value": caption}, {"from": "gpt", "value": "<image>"}],
-            "images": [image(k)]} for c in range(copies) for k, caption in T2I.items()]
+    t2i = [{"id": f"t{k}-{c}", "images": [image(k)],
+            "conversations": [{"from": "human", "value": caption}, {"from": "gpt", "value": "<image>"}]}
+           for c in range(copies) for k, caption in T2I.items()]
     t2i += [{"id": f"x{c}", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi!"}]}
             for c in range(copies)]
     for name, rows in (("edits", edits), ("pairs", pairs), ("t2i", t2i)):
@@ -341,3 +344,35 @@ def test_a_tiny_tar_learns_edits_two_image_questions_and_t2i_from_a_mixed_corpus
     out = dec.generate([t2i_prompt_ids(tok, vocab, caption, 3) for caption in T2I.values()], 9, greedy,
                        allowed_range=vocab.image_id_range)
     assert [parse_image_codes(g, vocab, 9)[0] for g in out.tokens] == [codes(k) for k in T2I]
+
+
+def test_mix_file_problems_are_reported_together_before_ray_starts(base_folder, facts, tmp_path, capsys,
+                                                                   monkeypatch):
+    import importlib.util
+    import os
+
+    import tarflow.pipelines.runtime
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(tarflow.pipelines.runtime, "init_ray", no_ray)
+    spec = importlib.util.spec_from_file_location("train_mllm", os.path.join(os.path.dirname(__file__), "..", "jobs",
+                                                                             "train_mllm.py"))
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    (tmp_path / "chats").mkdir()
+    write_conversation_shard(tmp_path / "chats" / "00000.parquet",
+                             [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ho"}]}],
+                             facts)
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(f"datasets:\n  - paths: [{tmp_path / 'none'}]\n    ratio: 2\n"
+                   f"  - paths: [{tmp_path / 'chats'}]\n    ratio: 0\n")
+    assert job.main(["--data-config", str(mix), "--base", base_folder, "--tatok", facts.checkpoint]) == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"error: --data-config {mix}: source 2: ratio 0 is not a positive number; ")
+    assert lines[1].startswith(f"error: --data-config source source_1: {tmp_path / 'none'}: not found")
+    with pytest.raises(SystemExit):  # one of --data and --data-config
+        job.parse_args(["--data", str(tmp_path / "chats"), "--data-config", str(mix)])
+    assert "not both" in capsys.readouterr().err

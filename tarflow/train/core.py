@@ -142,8 +142,8 @@ class Task:
 
     def batches(self, rows, epoch: int):
         """Micro-batches of one epoch from `rows`, the iterator `epoch_rows` gives: (position, rows), the first
-        of `rows` being row `position` of this worker's epoch. Yields (batch, resume_at): a checkpoint taken after training on
-        `batch` resumes at row `resume_at` of the epoch."""
+        of `rows` being row `position` of this worker's epoch. Yields (batch, resume_at): a checkpoint taken
+        after training on `batch` resumes at row `resume_at` of the epoch."""
         raise NotImplementedError
 
     def loss(self, model, batch) -> tuple[torch.Tensor, dict]:

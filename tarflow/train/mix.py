@@ -88,7 +88,8 @@ def read_mix_config(path: str, problems) -> list[MixSource]:
         ok = problems.check(good_ratio, flag, f"source {k}: ratio {ratio!r} is not a positive number",
                             "give each source a ratio > 0 (drop a source to leave it out)") and ok
         if ok:
-            sources.append(MixSource(name=str(e.get("name") or "source"), paths=list(paths), ratio=float(ratio)))
+            name = str(e.get("name") or f"source_{k}")
+            sources.append(MixSource(name=name, paths=list(paths), ratio=float(ratio)))
     names = [s.name for s in sources]
     for k, s in enumerate(sources, 1):
         if names.count(s.name) > 1:

@@ -584,7 +584,7 @@ def _rows_closed(pending, n_rows, max_length) -> bool:
 # Driver
 
 
-def code_inputs(data: list[str], problems: Problems) -> list[str]:
+def code_inputs(data: list[str], problems: Problems, flag: str = "--data") -> list[str]:
     """Parquet files of code shards (a tokenize output folder: finished shards only) or conversation tables."""
     from tarflow.pipelines.caption import resolve_code_shards
 
@@ -596,7 +596,7 @@ def code_inputs(data: list[str], problems: Problems) -> list[str]:
         try:
             files += [c.path for c in resolve_code_shards(d)]
         except FileNotFoundError:
-            problems.add(f"--data {d}", "not found, or holds no Parquet files",
+            problems.add(f"{flag} {d}", "not found, or holds no Parquet files",
                          "give the tokenize job's output folder, folders of code shards or Parquet files")
     return files
 
@@ -607,8 +607,8 @@ TAR_TATOK_FACTS = ({1: 729, 2: 169, 3: 81}, 65536)  # Tar's TA-Tok: 27 x 27 code
 def data_facts(footers, problems: Problems | None = None, tatok_sha256: tuple[str, str] | None = None,
                count_rows: bool = True) -> dict:
     """What the workers need to know of the data, from the files' footers: tokens per pool scale and the TA-Tok
-    codebook size, and the rows per kind for the task mix (`count_rows`). Every code shard must come from one TA-Tok (else a
-    problem listing the offenders), the one given as `tatok_sha256` = (sha256, its flag and path) when given.
+    codebook size, and the rows per kind for the task mix (`count_rows`). Every code shard must come from one
+    TA-Tok (else a problem listing the offenders), the one given as `tatok_sha256` = (sha256, its flag and path) when given.
     Parquet without a code shard's metadata (conversation tables made elsewhere) is taken to hold Tar's TA-Tok
     codes (rows whose codes do not fit are skipped and counted, never trained on)."""
     own = problems is None
@@ -743,7 +743,7 @@ def preflight(cfg: MLLMTrainConfig) -> dict:
                        "give --data for one source, or --data-config with every source in the mix file")
         sources, files = read_mix_config(cfg.data_config, problems), []
         for src in sources:
-            src.files = code_inputs(src.paths, problems)
+            src.files = code_inputs(src.paths, problems, f"--data-config source {src.name}:")
             files += src.files
     else:
         files = code_inputs(cfg.data, problems)
