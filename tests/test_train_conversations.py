@@ -281,29 +281,30 @@ def _learning_corpus(folder, facts, copies: int) -> str:
     return str(folder / "mix.yaml")
 
 
+def _mix_cfg(mix, base_folder, facts, tmp_path, name, optim, **kw):
+    from tarflow.train.mllm import MLLMTrainConfig
+
+    kw = {"num_workers": 2, "shuffle_buffer": 16, "max_length": 256, **kw}
+    return MLLMTrainConfig(data=[], data_config=mix, base=base_folder, tatok=facts.checkpoint, num_image_tokens=512,
+                           scales=[3], task_mix={"i2t": 1, "t2i": 1, "text": 1},
+                           questions=("Describe the image shortly.",), cpus_per_worker=0.5, checkpoint_every=1000,
+                           log_every=20, storage_path=str(tmp_path / "runs"), name=name, optim=optim, **kw)
+
+
 def test_a_tiny_tar_learns_edits_two_image_questions_and_t2i_from_a_mixed_corpus(ray_local, base_folder, facts,
                                                                                   tmp_path):
-    """Trained on the mix (stopped half-way and resumed), a tiny Tar, decoding greedily with the bulk jobs'
-    prompts, (a) writes image B's codes for the instruction and image A, (b) names both images of a pair in
+    """Trained on the mix, a tiny Tar, decoding greedily with the bulk jobs' prompts, (a) writes image B's codes for the instruction and image A, (b) names both images of a pair in
     order, (c) draws each T2I conversation's image from its caption; the metrics count samples per task and
     per source."""
     from tarflow.models.generation import BatchedDecoder, Sampling
     from tarflow.models.mllm import i2t_prompt_ids, load_tar, parse_image_codes, t2i_prompt_ids
     from tarflow.train.common import OptimConfig
-    from tarflow.train.mllm import MLLMTrainConfig, run_train_mllm
+    from tarflow.train.mllm import run_train_mllm
 
-    mix = _learning_corpus(tmp_path / "corpus", facts, copies=20)
-    cfg = MLLMTrainConfig(data=[], data_config=mix, base=base_folder, tatok=facts.checkpoint, num_image_tokens=512,
-                          scales=[3], task_mix={"i2t": 1, "t2i": 1, "text": 1},
-                          questions=("Describe the image shortly.",), max_length=256, num_workers=2,
-                          cpus_per_worker=0.5, shuffle_buffer=16, checkpoint_every=1000, log_every=20,
-                          storage_path=str(tmp_path / "runs"), name="mix",
-                          optim=OptimConfig(lr=2e-2, total_steps=160, warmup_ratio=0.05))
-    cfg.stop_at_step = 80
-    assert run_train_mllm(cfg).steps == 80
-    cfg.stop_at_step = None
+    cfg = _mix_cfg(_learning_corpus(tmp_path / "corpus", facts, copies=60), base_folder, facts, tmp_path, "mix",
+                   OptimConfig(lr=2e-2, total_steps=160, warmup_ratio=0.05))
     result = run_train_mllm(cfg)
-    assert result.steps == 160 and result.starts == [0, 80]
+    assert result.steps == 160
     m = result.metrics
     tasks = {t: m.get(f"total_samples_{t}", 0) for t in ("ti2i", "multi_image", "t2i", "i2t", "text")}
     sources = {s: m.get(f"total_source_{s}", 0) for s in ("edits", "pairs", "t2i", "captions")}
@@ -376,3 +377,30 @@ def test_mix_file_problems_are_reported_together_before_ray_starts(base_folder, 
     with pytest.raises(SystemExit):  # one of --data and --data-config
         job.parse_args(["--data", str(tmp_path / "chats"), "--data-config", str(mix)])
     assert "not both" in capsys.readouterr().err
+
+
+@pytest.mark.cluster  # three Ray Train runs: run by `make test-cluster`
+def test_a_mixed_run_stopped_and_resumed_reaches_the_straight_runs_weights(ray_local, base_folder, facts, tmp_path):
+    """6 steps in one go and 2 + 4 steps (stopped mid-epoch, each worker's position in the mixed stream resumed by
+    replaying its draws) give the same weights, with two workers, gradient accumulation and seeded shuffles."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tarflow.train.common import OptimConfig
+    from tarflow.train.mllm import run_train_mllm
+
+    mix = _learning_corpus(tmp_path / "corpus", facts, copies=4)
+    optim = OptimConfig(lr=3e-3, total_steps=6, warmup_ratio=0.0, grad_accum=2)
+    straight = run_train_mllm(_mix_cfg(mix, base_folder, facts, tmp_path, "straight", optim, max_length=128))
+    cfg = _mix_cfg(mix, base_folder, facts, tmp_path, "split", optim, max_length=128)
+    cfg.stop_at_step = 2
+    assert run_train_mllm(cfg).steps == 2
+    cfg.stop_at_step = None
+    split = run_train_mllm(cfg)
+    assert split.starts == [0, 2] and split.steps == 6
+    assert [m["epoch"] for m in split.history] == [m["epoch"] for m in straight.history]
+    for key in ("total_source_edits", "total_source_pairs", "total_samples_ti2i", "total_samples_multi_image"):
+        assert split.metrics[key] == straight.metrics[key], key
+    wa, wb = (load_file(f"{r.checkpoint}/model.safetensors") for r in (straight, split))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)

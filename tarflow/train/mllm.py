@@ -44,7 +44,6 @@ log = logging.getLogger("tarflow.train.mllm")
 IGNORE = -100
 TASKS = ("i2t", "t2i", "i2i", "ti2i", "multi_image", "text")
 TASK_IDS = {t: k for k, t in enumerate(TASKS)}
-TASK_MIX_KEYS = ("i2t", "t2i", "text")  # the tasks --task-mix weighs
 DEFAULT_QUESTIONS = ("Describe the image shortly.", "What is in this image?", "Write a short caption for the image.")
 # why a row gives no sample: bad rows, and rows the task mix or the data mix's thinning leaves out (task_mix,
 # source_ratio: not bad)
