@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import reference_fixture
@@ -162,21 +163,6 @@ def test_rows_are_checked_and_bad_ones_skipped_with_their_reason(fixture_tok, fa
     assert b.build(flat, 0)[:2] == b.build(good, 0)[:2]
 
 
-class FakeShard:
-    """A worker's split of one source, as Ray Data's DataIterator yields it (tables of `batch_size` rows)."""
-
-    def __init__(self, rows: list[dict], started: list, name: str):
-        self.rows, self.started, self.name = rows, started, name
-
-    def iter_batches(self, batch_size, batch_format, prefetch_batches, local_shuffle_buffer_size=None,
-                     local_shuffle_seed=None):
-        import pyarrow as pa
-
-        self.started.append(self.name)
-        for k in range(0, len(self.rows), batch_size):
-            yield pa.Table.from_pylist(self.rows[k:k + batch_size])
-
-
 def test_the_mix_file_plan_and_draws(tmp_path):
     """The reference's data_demo.yaml parses as it is (sources named by number when names repeat); a source
     supplies rows x ratio share of the epoch (repeated or thinned); the draws are seeded, interleave the sources
@@ -205,30 +191,42 @@ def test_the_mix_file_plan_and_draws(tmp_path):
     for s in sources:
         assert s.copies * s.keep * s.rows == pytest.approx(160 * s.ratio / 7)
 
-    # one worker of two: its splits are half of each source's readings
-    split = {"a": 50, "b": 50, "c": 25}
+    # the sources as files of several row groups (7 rows each): worker `rank` of 2 reads half of each
+    for s in sources:
+        s.files = []
+        for f in range(2):
+            path = tmp_path / f"{s.name}{f}.parquet"
+            n = s.rows // 2 + (f if s.rows % 2 else 0)
+            pq.write_table(pa.Table.from_pylist([{"key": f"{s.name}{f}.{k}"} for k in range(n)]), path,
+                           row_group_size=7)
+            s.files.append(str(path))
+        s.file_rows = [pq.ParquetFile(f).metadata.num_rows for f in s.files]
+        assert sum(s.file_rows) == s.rows
 
-    def epoch(seed, skip, epoch=0):
-        started = []
-        shards = [FakeShard([{"key": f"{n}{k}"} for k in range(split[n])], started, n) for n in "abc"]
-        got = [(pos, [r["key"] for r in rows]) for pos, rows in mixed_epoch_rows(
-            shards, sources, seed, epoch, skip, rank=0, world=2, read_rows=8, shuffle_buffer=0)]
-        assert started == ["a", "b", "c"]  # every worker starts the sources in one order
-        return got
+    def epoch(seed, skip, epoch=0, rank=0, shuffle=0):
+        return [(pos, [(r["key"], r["_copy"]) for r in rows]) for pos, rows in mixed_epoch_rows(
+            sources, seed, epoch, skip, rank=rank, world=2, read_rows=8, shuffle_buffer=shuffle)]
 
     full = epoch(0, 0)
     keys = [k for _, rows in full for k in rows]
-    assert sorted(keys) == sorted(f"{n}{k}" for n in "abc" for k in range(split[n]))  # each row once
     assert [p for p, _ in full] == list(range(0, len(keys), 8))
+    both = keys + [k for _, rows in epoch(0, 0, rank=1) for k in rows]
+    # every row of every source once per reading, over the two workers
+    assert sorted(both) == sorted((f"{s.name}{f}.{k}", c) for s in sources for c in range(s.copies)
+                                  for f, n in enumerate(s.file_rows) for k in range(n))
     assert epoch(0, 0) == full and epoch(1, 0) != full and epoch(0, 0, epoch=1) != full
+    shuffled = epoch(0, 0, shuffle=16)
+    assert shuffled != full and sorted(k for _, rows in shuffled for k in rows) == sorted(keys)
     # interleaved all along, by the rows each source has: every quarter of the epoch holds each source
+    share = {s.name[0]: sum(k.startswith(s.name[0]) for k, _ in keys) / len(keys) for s in sources}
     for q in range(4):
         part = keys[q * len(keys) // 4:(q + 1) * len(keys) // 4]
-        for n in "abc":
-            assert abs(sum(k.startswith(n) for k in part) / len(part) - split[n] / 125) < 0.15
-    for skip in (1, 8, 37, 124):  # resumed at row `skip`: the rest of the same epoch
-        rest = epoch(0, skip)
-        assert rest[0][0] == skip and [k for _, rows in rest for k in rows] == keys[skip:]
+        for n, x in share.items():
+            assert abs(sum(k.startswith(n) for k, _ in part) / len(part) - x) < 0.15
+    for skip in (1, 8, 37, len(keys) - 1):  # resumed at row `skip`: the rest of the same epoch
+        rest = epoch(0, skip, shuffle=16)
+        assert rest[0][0] == skip and [k for _, rows in rest for k in rows] == \
+            [k for _, rows in shuffled for k in rows][skip:]
 
 
 @pytest.fixture(scope="module")

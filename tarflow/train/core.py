@@ -311,7 +311,7 @@ def worker_loop(task_cls: type[Task], config_cls: type[TrainConfig], config: dic
             json.dump({**meta, "step": state.step, "epoch": state.epoch, "facts": config.get("facts"),
                        "config": cfg.to_dict()}, f, default=str)
 
-    shards = {name: ray.train.get_dataset_shard(name) for name in config.get("datasets") or ["train"]}
+    shards = {name: ray.train.get_dataset_shard(name) for name in config.get("datasets", ["train"])}
     batches = LockstepBatches(_stream(shards, task, state), device)
     keys = task.sum_keys
     end = cfg.end_step()
@@ -446,8 +446,8 @@ def refuse_other_data(cfg: TrainConfig, facts: dict, problems) -> None:
 
 def fit(cfg: TrainConfig, loop, loop_config: dict, dataset) -> TrainSummary:
     """Run `loop` (a worker_loop partial) with Ray Train on `dataset` (split over the workers in a fixed
-    order; or a dict of named datasets, each split so, for a Task whose `epoch_rows` reads them); returns the
-    summary of the latest checkpoint. Raises the run's error."""
+    order; or a dict of named datasets, each split so, or none, for a Task whose `epoch_rows` reads them);
+    returns the summary of the latest checkpoint. Raises the run's error."""
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

@@ -23,11 +23,12 @@ Here sources are read, not endless, so an epoch is defined by counts:
     by seed, epoch and the row: thinned rows are counted as `source_ratio`). So over an epoch the sources'
     samples are in the ratios' proportions, a small source is repeated and a large one thinned, and no file
     is read more often than its share needs.
-    Each worker reads its split of every source (Ray Data, fixed order, a seeded local shuffle per source) and
-    interleaves them row by row, drawing the next source with weights = the rows it still expects from each
-    (so all end together); the draws come from a generator seeded by (seed, epoch, rank). The epoch ends when
-    every source is read through on every worker (then all start the next one together). The data position is
-    one count per worker, the rows drawn: a resumed run replays the same draws up to it, so resume is exact.
+    Worker w of W reads rows [w N/W, (w+1) N/W) of each source (its files in order, N its rows; only the row
+    groups they lie in), through a local shuffle buffer seeded by (seed, epoch, worker, source), and
+    interleaves the sources row by row, drawing the next one with weights = the rows each still has (so all
+    end together) from a generator seeded by (seed, epoch, worker). The epoch ends when every worker has read
+    its rows (then all start the next one together). The data position is one count per worker, the rows
+    drawn: a resumed run replays the same draws up to it, so resume is exact.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class MixSource:
     paths: list[str]
     ratio: float
     files: list[str] = field(default_factory=list)
+    file_rows: list[int] = field(default_factory=list)  # rows per file (their footers')
     rows: int = 0
     copies: int = 1  # readings per epoch
     keep: float = 1.0  # probability a row of a reading is kept
@@ -107,81 +109,89 @@ def plan_mix(sources: list[MixSource]) -> list[MixSource]:
     return sources
 
 
-def mix_datasets(sources: list[MixSource]) -> dict:
-    """The driver's Ray datasets, one per source (`mix_0`, ...): its files read `copies` times, each reading's
-    rows tagged with its number."""
-    import pyarrow as pa
-    import ray.data
-
-    def tag(copy: int):
-        def add(batch: pa.Table) -> pa.Table:
-            return batch.append_column(COPY_COLUMN, pa.array(np.full(len(batch), copy, np.int32)))
-        return add
-
-    out = {}
-    for i, s in enumerate(sources):
-        readings = [ray.data.read_parquet(s.files, shuffle=None).map_batches(tag(c), batch_format="pyarrow")
-                    for c in range(s.copies)]
-        out[dataset_name(i)] = readings[0].union(*readings[1:]) if len(readings) > 1 else readings[0]
-    return out
+def row_range(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """The rows [lo, hi) of a source (its files in order) that worker `rank` of `world` reads."""
+    return rows * rank // world, rows * (rank + 1) // world
 
 
-def dataset_name(i: int) -> str:
-    return f"mix_{i}"
+def _read_range(files: list[str], file_rows: list[int], lo: int, hi: int, read_rows: int):
+    """Rows lo..hi-1 of the files taken in order, as lists of row dicts: only the row groups they lie in are read,
+    `read_rows` at a time."""
+    import pyarrow.parquet as pq
+
+    start = 0
+    for path, n in zip(files, file_rows):
+        a, b = max(lo - start, 0), min(hi - start, n)  # this file's rows a..b-1
+        start += n
+        if a >= b:
+            if start >= hi:
+                break
+            continue
+        fs, p = storage.filesystem(path)
+        with fs.open(p, "rb") as f:
+            pf = pq.ParquetFile(f)
+            groups, first, at = [], None, 0
+            for g in range(pf.num_row_groups):
+                m = pf.metadata.row_group(g).num_rows
+                if at + m > a and at < b:
+                    groups.append(g)
+                    first = at if first is None else first
+                at += m
+            k = first
+            for batch in pf.iter_batches(batch_size=read_rows, row_groups=groups):
+                i, j = max(a - k, 0), min(b - k, batch.num_rows)
+                if i < j:
+                    yield batch.slice(i, j - i).to_pylist()
+                k += batch.num_rows
+                if k >= b:
+                    break
 
 
-class _Rows:
-    """One source's rows on this worker, fetched a table at a time."""
-
-    def __init__(self, batches, source: int):
-        self.it, self.source, self.rows, self.done = iter(batches), source, [], False
-
-    def pop(self):
-        while not self.rows and not self.done:
-            try:
-                self.rows = next(self.it).to_pylist()[::-1]
-            except StopIteration:
-                self.done = True
-        if self.done and not self.rows:
-            return None
-        row = self.rows.pop()
-        row[SOURCE_KEY] = self.source
-        return row
-
-    def prime(self):
-        row = self.pop()
-        if row is not None:
-            self.rows.append(row)
+def _rng(*key) -> random.Random:
+    state = np.random.SeedSequence([int(k) for k in key]).generate_state(2)
+    return random.Random(int(state[0]) << 32 | int(state[1]))
 
 
-def mixed_epoch_rows(shards: list, sources: list[MixSource], seed: int, epoch: int, skip: int, rank: int,
-                     world: int, read_rows: int, shuffle_buffer: int):
+def source_rows(source: MixSource, index: int, seed: int, epoch: int, rank: int, world: int, read_rows: int,
+                shuffle_buffer: int):
+    """This worker's rows of one source for an epoch: its row range, `copies` times (each row tagged with its
+    reading and its source), through a local shuffle buffer seeded by (seed, epoch, rank, source)."""
+    lo, hi = row_range(source.rows, rank, world)
+    rng = _rng(seed, epoch, rank, index, 0x73687566)
+    buffer = []
+    for copy in range(source.copies):
+        for rows in _read_range(source.files, source.file_rows, lo, hi, read_rows):
+            for row in rows:
+                row[COPY_COLUMN], row[SOURCE_KEY] = copy, index
+                if shuffle_buffer <= 1:
+                    yield row
+                    continue
+                buffer.append(row)
+                if len(buffer) >= shuffle_buffer:
+                    k = rng.randrange(len(buffer))
+                    buffer[k], buffer[-1] = buffer[-1], buffer[k]
+                    yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def mixed_epoch_rows(sources: list[MixSource], seed: int, epoch: int, skip: int, rank: int, world: int,
+                     read_rows: int, shuffle_buffer: int):
     """(position, row dicts) of this worker's mixed epoch from row `skip` on (the rows before are drawn and
-    dropped: the same draws as the first time)."""
-    streams = []
-    for i, shard in enumerate(shards):
-        shuffle = {"local_shuffle_buffer_size": shuffle_buffer,
-                   "local_shuffle_seed": seed + epoch + 7919 * (i + 1)} if shuffle_buffer else {}
-        streams.append(_Rows(shard.iter_batches(batch_size=read_rows, batch_format="pyarrow", prefetch_batches=1,
-                                                **shuffle), i))
-    # Ray Data starts a split's epoch when every worker has asked for it: each worker starts the sources in the
-    # same order, or two workers could each wait on a source the other has not started
-    for s in streams:
-        s.prime()
-    state = np.random.SeedSequence([seed, epoch, rank, 0x6D6978]).generate_state(2)
-    rng = random.Random(int(state[0]) << 32 | int(state[1]))
-    expected = [s.copies * s.rows / max(world, 1) for s in sources]
-    taken = [0] * len(streams)
+    dropped: the same draws as the first time). The worker reads its sources itself (pyarrow, row group by row
+    group, from local or s3:// files): one Ray Data execution per source would split the cluster's CPUs between
+    them, and each would start its epochs in lockstep over the workers."""
+    streams = [source_rows(s, i, seed, epoch, rank, world, read_rows, shuffle_buffer) for i, s in enumerate(sources)]
+    remaining = [s.copies * (lambda r: r[1] - r[0])(row_range(s.rows, rank, world)) for s in sources]
+    rng = _rng(seed, epoch, rank, 0x6D6978)
     pos, out = 0, []
     while True:
-        live = [i for i, s in enumerate(streams) if not (s.done and not s.rows)]
+        live = [i for i, n in enumerate(remaining) if n > 0]
         if not live:
             break
-        i = rng.choices(live, weights=[max(expected[k] - taken[k], 1.0) for k in live])[0]
-        row = streams[i].pop()
-        if row is None:
-            continue
-        taken[i] += 1
+        i = rng.choices(live, weights=[remaining[k] for k in live])[0]
+        row = next(streams[i])
+        remaining[i] -= 1
         if pos >= skip:
             out.append(row)
         pos += 1
@@ -190,4 +200,3 @@ def mixed_epoch_rows(shards: list, sources: list[MixSource], seed: int, epoch: i
             out = []
     if out:
         yield pos - len(out), out
-

@@ -413,13 +413,12 @@ class MLLMTask(Task):
             return super().epoch_rows(shards, state)
         import ray.train
 
-        from tarflow.train.mix import MixSource, dataset_name, mixed_epoch_rows
+        from tarflow.train.mix import MixSource, mixed_epoch_rows
 
         ctx = ray.train.get_context()
-        sources = [MixSource(**s) for s in self.config["sources"]]
-        return mixed_epoch_rows([shards[dataset_name(i)] for i in range(len(sources))], sources, self.cfg.seed,
-                                state.epoch, state.samples_seen, ctx.get_world_rank(), ctx.get_world_size(),
-                                self.read_rows, self.cfg.shuffle_buffer)
+        return mixed_epoch_rows([MixSource(**s) for s in self.config["sources"]], self.cfg.seed, state.epoch,
+                                state.samples_seen, ctx.get_world_rank(), ctx.get_world_size(), self.read_rows,
+                                self.cfg.shuffle_buffer)
 
     def batches(self, rows, epoch):
         n_rows, max_length, pad_id = self.cfg.rows_per_step, self.cfg.max_length, self.vocab.pad_id
@@ -751,7 +750,8 @@ def preflight(cfg: MLLMTrainConfig) -> dict:
     if sources:
         rows = {f.path: f.num_rows for f in footers}
         for src in sources:
-            src.rows = sum(rows[f] for f in src.files)
+            src.file_rows = [rows[f] for f in src.files]
+            src.rows = sum(src.file_rows)
             problems.check(src.rows > 0 or not src.files, f"--data-config {cfg.data_config}",
                            f"source {src.name!r} has no rows", "give each source tokenize outputs with rows")
         plan_mix(sources)
@@ -784,11 +784,7 @@ def run_train_mllm(cfg: MLLMTrainConfig, plan: dict | None = None, train_loop=No
 
     plan = plan or preflight(cfg)
     if plan.get("sources"):
-        from tarflow.train.mix import MixSource, mix_datasets
-
-        data = mix_datasets([MixSource(**s) for s in plan["sources"]])
-        # the workers need each source's name, size and sampling, not its file list (which can be long)
-        plan = {**plan, "files": [], "sources": [{**s, "files": []} for s in plan["sources"]]}
+        data = {}  # the workers read their rows of each source themselves (tarflow.train.mix)
     else:
         data = ray.data.read_parquet(plan["files"], shuffle=None)
     summary = fit(cfg, train_loop or train_loop_per_worker, {**plan, **(loop_extra or {})}, data)
