@@ -1,6 +1,7 @@
 """Training the Tar MLLM on code shards with Ray Train: codes in, never a JPEG or SigLIP again.
 
-    code shards / conversation Parquet --Ray Data--> Ray Train workers (get_dataset_shard):
+    code shards / conversation Parquet --Ray Data--> Ray Train workers (get_dataset_shard; with a data mix the
+    workers read their rows of each source themselves, tarflow.train.mix):
         SampleBuilder (pick task and scale, build ids + labels) --> pack samples into rows of max_length
         (positions restart per sample, attention block-diagonal) --> next-token loss on the learned labels
     The step loop, DDP / FSDP, schedule, metrics, checkpoints (Hugging Face Tar folders in the base's dtype) and
