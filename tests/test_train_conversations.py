@@ -402,3 +402,23 @@ def test_a_mixed_run_stopped_and_resumed_reaches_the_straight_runs_weights(ray_l
     wa, wb = (load_file(f"{r.checkpoint}/model.safetensors") for r in (straight, split))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_conversation_code_shards_pass_the_drivers_checks_and_are_counted(facts, tmp_path):
+    """Their footers are a conversation code shard's (the TA-Tok's facts read from them), and rows with an
+    <image> are told from text-only ones whichever form `conversations` has (for the task mix's text share)."""
+    from tarflow.data import schema
+    from tarflow.train.core import read_footers
+    from tarflow.train.mllm import count_row_kinds, data_facts
+
+    rows = [{"conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A cat."}],
+             "images": [image(1)]},
+            {"conversations": [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Ho."}]}]
+    files = [write_conversation_shard(tmp_path / f"{k}.parquet", rows, facts, conversations_as_json=bool(k))
+             for k in range(2)]
+    footers = read_footers(files, check=schema.check_any_code_shard)
+    assert all(f.meta and not f.error for f in footers)
+    got = data_facts(footers)
+    assert (got["tokens_per_scale"], got["codebook_size"]) == (TOKENS, 512)
+    assert got["tatok_sha256"] == facts.checkpoint_sha256
+    assert count_row_kinds(footers) == {"caption": 0, "image_chat": 2, "text": 2}
