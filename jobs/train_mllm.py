@@ -4,10 +4,11 @@
         --data s3://bucket/laion-tatok/ --base s3://models/Qwen2.5-1.5B-Instruct --tatok s3://models/ta_tok.pth \\
         --storage-path s3://bucket/runs --name tar-1.5b --num-workers 8 --use-gpu --steps 20000
 
-Tasks per row as the reference builds them (I2T 2 : T2I 4 : text-only 1 by default; text-only needs
-`conversations` rows), a random pool scale per sample (default 1,1,2,3), samples packed into rows of
---max-length. Checkpoints are Hugging Face folders (in the base's dtype) under STORAGE_PATH/NAME, the latest
---keep-checkpoints of them kept; rerunning the same command resumes from the latest, data position included.
+Tasks per row as the reference builds them (caption rows: I2T 2 : T2I 4, text-only conversations 1 by default;
+conversations with images read and written as they are: I2I, TI2I, multi-image), a random pool scale per sample
+(default 1,1,2,3), samples packed into rows of --max-length. `--data-config mix.yaml` draws from several sources
+by ratio (the reference's data_demo.yaml shape). Checkpoints are Hugging Face folders (in the base's dtype) under
+STORAGE_PATH/NAME, the latest --keep-checkpoints of them kept; rerunning the same command resumes from the latest, data position included.
 """
 from __future__ import annotations
 
@@ -22,10 +23,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(prog="train_mllm.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, MLLMTrainConfig, data_help="tokenize outputs, folders of code shards, or Parquet files "
-                                                  "(optionally with `conversations`); local or s3://. Default: "
-                                                  "what `make demo` (out/demo/codes) or `make run` "
-                                                  "(out/tokenize-sample) writes")
+    data = add_common_args(p, MLLMTrainConfig,
+                           data_help="tokenize outputs (code shards or conversation code shards), folders of them, "
+                                     "or Parquet files (optionally with `conversations`); local or s3://; one "
+                                     "source (or --data-config). Default: what `make demo` (out/demo/codes) or "
+                                     "`make run` (out/tokenize-sample) writes")
+    data.add_argument("--data-config", default=None,
+                      help="a mix file instead of --data, in the shape of the reference's data_demo.yaml: "
+                           "`datasets:` [{paths (or json_path): [...], ratio, name}]; samples drawn per source by "
+                           "ratio (see README, 'Training on Tar's corpora')")
     m = p.add_argument_group("model (one of --base or --resume-from; none of them and no --tatok: the RANDOM "
                              "demo models)")
     start = m.add_mutually_exclusive_group()
@@ -40,11 +46,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--task-mix", default="i2t=2,t2i=4,text=1",
                    help="share of samples per task: a caption row is I2T or T2I by the i2t:t2i weights, and "
                         "text-only `conversations` rows are kept so that they make text/(all) of the samples "
-                        "(all of them when fewer) [%(default)s]")
+                        "(all of them when fewer; with --data-config the ratios set the shares); a conversation task "
+                        "(i2t, t2i, i2i, ti2i, multi_image, text) of weight 0 is left out [%(default)s]")
     s.add_argument("--scales", default="1,1,2,3", help="pool scales drawn per sample [%(default)s]")
     s.add_argument("--max-length", type=int, default=2048, help="packed row length in tokens [%(default)s]")
     s.add_argument("--rows-per-step", type=int, default=1, help="packed rows per micro-batch per worker [%(default)s]")
     args = p.parse_args(argv)
+    if args.data and args.data_config:
+        p.error("give --data (one source) or --data-config (a mix file), not both")
     check_common_args(p, args, demo_data=(DEMO_CODES, RUN_CODES))
     try:
         args.task_mix = {k.strip(): float(v) for k, v in (kv.split("=") for kv in args.task_mix.split(","))}
@@ -59,8 +68,8 @@ def config_from_args(args):
     from tarflow.train.mllm import MLLMTrainConfig
 
     return MLLMTrainConfig(
-        **common_kwargs(args), base=args.base, resume_from=args.resume_from, tatok=args.tatok,
-        num_image_tokens=args.num_image_tokens, task_mix=args.task_mix, scales=args.scales,
+        **common_kwargs(args), data_config=args.data_config, base=args.base, resume_from=args.resume_from,
+        tatok=args.tatok, num_image_tokens=args.num_image_tokens, task_mix=args.task_mix, scales=args.scales,
         max_length=args.max_length, rows_per_step=args.rows_per_step)
 
 

@@ -23,16 +23,8 @@ from tarflow.train.mllm import packed_loss, preflight, run_train_mllm
 def base_folder(tmp_path_factory):
     """A tiny 'base' Qwen2 with the plain Qwen2.5 tokenizer (no Tar tokens yet)."""
     import tiny_tar
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=tiny_tar.QWEN25_LEN, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                      max_position_embeddings=1024)
-    folder = tmp_path_factory.mktemp("base") / "qwen-tiny"
-    Qwen2ForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
-    tiny_tar.qwen25_tokenizer().save_pretrained(folder)
-    return str(folder)
+    return tiny_tar.save_tiny_base(tmp_path_factory.mktemp("base") / "qwen-tiny", hidden=32)
 
 
 @pytest.fixture(scope="module")

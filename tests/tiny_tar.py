@@ -171,3 +171,19 @@ def save_tiny_tar(folder, model=None, tokenizer=None, **model_kwargs) -> str:
     (model if model is not None else tiny_tar_model(**model_kwargs)).save_pretrained(folder, safe_serialization=True)
     (tokenizer if tokenizer is not None else tar_tokenizer()).save_pretrained(folder)
     return str(folder)
+
+
+def save_tiny_base(folder, hidden: int = 32, seed: int = 0) -> str:
+    """A tiny 'base' Qwen2 (2 layers) with the plain Qwen2.5 tokenizer (no Tar tokens yet), as an HF folder: what
+    the MLLM trainer's --base takes. Returns the folder."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=QWEN25_LEN, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      max_position_embeddings=1024)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(cfg)
+    model.save_pretrained(folder, safe_serialization=True)
+    qwen25_tokenizer().save_pretrained(folder)
+    return str(folder)

@@ -27,12 +27,13 @@ def _defaults(config_cls) -> dict:
     return out
 
 
-def add_common_args(p: argparse.ArgumentParser, config_cls, data_help: str) -> None:
-    """The common flags, with `config_cls`'s (a TrainConfig subclass) defaults. --data may be left out where the
-    trainer has demo data (check_common_args' `demo_data`)."""
+def add_common_args(p: argparse.ArgumentParser, config_cls, data_help: str):
+    """The common flags, with `config_cls`'s (a TrainConfig subclass) defaults; returns the data group (for a
+    trainer's own data flags). --data may be left out where the trainer has demo data (check_common_args'
+    `demo_data`) or another data flag (--data-config)."""
     d = _defaults(config_cls)
     o: OptimConfig = d["optim"]
-    g = p.add_argument_group("data")
+    g = data = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", default=None, help=data_help)
     g.add_argument("--shuffle-buffer", type=int, default=d["shuffle_buffer"],
                    help="rows in each worker's local shuffle buffer, seeded by --seed and the epoch; 0 = file "
@@ -80,6 +81,7 @@ def add_common_args(p: argparse.ArgumentParser, config_cls, data_help: str) -> N
     g.add_argument("--max-failures", type=int, default=d["max_failures"],
                    help="worker failures Ray Train recovers from, restarting at the latest checkpoint "
                         "[%(default)s]")
+    return data
 
 
 def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace, demo_data: Sequence[str] = ()) -> None:
@@ -105,7 +107,7 @@ def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace, demo
 def common_kwargs(args: argparse.Namespace) -> dict:
     """TrainConfig fields from the common flags."""
     return dict(
-        data=args.data, storage_path=args.storage_path, name=args.name, strategy=args.strategy,
+        data=args.data or [], storage_path=args.storage_path, name=args.name, strategy=args.strategy,
         optim=OptimConfig(lr=args.lr, weight_decay=args.weight_decay, betas=args.betas,
                           warmup_ratio=args.warmup_ratio, total_steps=args.steps, grad_accum=args.grad_accum,
                           max_grad_norm=args.max_grad_norm, bf16=not args.no_bf16),

@@ -134,10 +134,16 @@ class Task:
         """Submodules FSDP shards one by one (one all-gather each) before the whole model."""
         return list(getattr(model, "layers", ()))
 
+    def epoch_rows(self, shards: dict, state: TrainState):
+        """This worker's current epoch from the saved position on, as (position, rows): `rows` a pa.Table (or a
+        list of row dicts) whose first row is row `position` of the epoch. `shards`: the worker's share of each
+        dataset given to `fit`, by name. Default: the one "train" dataset in its fixed order."""
+        return _epoch_rows(shards["train"], self, self.cfg, state)
+
     def batches(self, rows, epoch: int):
-        """Micro-batches of one epoch from `rows`, an iterator of (position, pa.Table): the table's first row is
-        row `position` of this worker's epoch. Yields (batch, resume_at): a checkpoint taken after training on
-        `batch` resumes at row `resume_at` of the epoch."""
+        """Micro-batches of one epoch from `rows`, the iterator `epoch_rows` gives: (position, rows), the first
+        of `rows` being row `position` of this worker's epoch. Yields (batch, resume_at): a checkpoint taken
+        after training on `batch` resumes at row `resume_at` of the epoch."""
         raise NotImplementedError
 
     def loss(self, model, batch) -> tuple[torch.Tensor, dict]:
@@ -204,11 +210,11 @@ def _epoch_rows(shard, task: Task, cfg: TrainConfig, state: TrainState):
         pos += n
 
 
-def _stream(shard, task: Task, cfg: TrainConfig, state: TrainState):
+def _stream(shards: dict, task: Task, state: TrainState):
     """Micro-batches epoch after epoch; None at each epoch's end (see LockstepBatches). Keeps the state's data
     position at the first row not trained on yet."""
     while True:
-        for batch, resume_at in task.batches(_epoch_rows(shard, task, cfg, state), state.epoch):
+        for batch, resume_at in task.batches(task.epoch_rows(shards, state), state.epoch):
             state.samples_seen = resume_at
             yield batch
         yield None  # this worker's epoch is over; the next one starts when every worker got here
@@ -305,7 +311,8 @@ def worker_loop(task_cls: type[Task], config_cls: type[TrainConfig], config: dic
             json.dump({**meta, "step": state.step, "epoch": state.epoch, "facts": config.get("facts"),
                        "config": cfg.to_dict()}, f, default=str)
 
-    batches = LockstepBatches(_stream(ray.train.get_dataset_shard("train"), task, cfg, state), device)
+    shards = {name: ray.train.get_dataset_shard(name) for name in config.get("datasets", ["train"])}
+    batches = LockstepBatches(_stream(shards, task, state), device)
     keys = task.sum_keys
     end = cfg.end_step()
     accum = max(1, optim.grad_accum)
@@ -457,7 +464,8 @@ def refuse_other_data(cfg: TrainConfig, facts: dict, problems) -> None:
 
 def fit(cfg: TrainConfig, loop, loop_config: dict, dataset) -> TrainSummary:
     """Run `loop` (a worker_loop partial) with Ray Train on `dataset` (split over the workers in a fixed
-    order); returns the summary of the latest checkpoint. Raises the run's error."""
+    order; or a dict of named datasets, each split so, or none, for a Task whose `epoch_rows` reads them);
+    returns the summary of the latest checkpoint. Raises the run's error."""
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -465,9 +473,10 @@ def fit(cfg: TrainConfig, loop, loop_config: dict, dataset) -> TrainSummary:
     quiet = not sys.stdout.isatty()
     if quiet:
         quiet_progress_bars()
+    datasets = dataset if isinstance(dataset, dict) else {"train": dataset}
     trainer = TorchTrainer(
         loop,
-        train_loop_config={"cfg": cfg.to_dict(), "quiet": quiet, **loop_config},
+        train_loop_config={"cfg": cfg.to_dict(), "quiet": quiet, "datasets": list(datasets), **loop_config},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker,
                                                            **({"GPU": 1} if cfg.use_gpu else {})}),
@@ -477,7 +486,7 @@ def fit(cfg: TrainConfig, loop, loop_config: dict, dataset) -> TrainSummary:
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              worker_runtime_env={"env_vars": QUIET_ENV} if quiet else None),
-        datasets={"train": dataset},
+        datasets=datasets,
         # a deterministic order (and split across workers) is what makes resuming exact
         dataset_config=DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
@@ -511,9 +520,10 @@ class Footer:
     error: str | None = None  # why the footer does not read, or why the code shard's metadata is wrong
 
 
-def read_footers(files: list[str]) -> list[Footer]:
+def read_footers(files: list[str], check=None) -> list[Footer]:
     """Every file's Parquet footer (columns, rows, tarflow metadata), read in parallel: many shards on S3 want
-    parallel reads, and nothing but the footers is read."""
+    parallel reads, and nothing but the footers is read. `check(arrow_schema, path)` checks the tarflow metadata
+    (default: a code shard's, schema.check_code_shard)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def read(path: str) -> Footer:
@@ -532,7 +542,7 @@ def read_footers(files: list[str]) -> list[Footer]:
         if (arrow_schema.metadata or {}).get(schema.PARQUET_META_KEY) is None:
             return Footer(path, columns, num_rows, None)
         try:
-            return Footer(path, columns, num_rows, schema.check_code_shard(arrow_schema, path))
+            return Footer(path, columns, num_rows, (check or schema.check_code_shard)(arrow_schema, path))
         except (schema.SchemaError, KeyError, TypeError) as e:
             return Footer(path, columns, num_rows, None, str(e).removeprefix(f"{path}: "))
 

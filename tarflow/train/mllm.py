@@ -1,19 +1,24 @@
 """Training the Tar MLLM on code shards with Ray Train: codes in, never a JPEG or SigLIP again.
 
-    code shards / conversation Parquet --Ray Data--> Ray Train workers (get_dataset_shard):
+    code shards / conversation Parquet --Ray Data--> Ray Train workers (get_dataset_shard; with a data mix the
+    workers read their rows of each source themselves, tarflow.train.mix):
         SampleBuilder (pick task and scale, build ids + labels) --> pack samples into rows of max_length
         (positions restart per sample, attention block-diagonal) --> next-token loss on the learned labels
     The step loop, DDP / FSDP, schedule, metrics, checkpoints (Hugging Face Tar folders in the base's dtype) and
     resume are tarflow.train.core's; this module holds the model's preparation, the batches and the loss. The
     driver only reads the data's footers: the workers build the initial model.
 
-Tasks, as the reference builds them from a row:
-    I2T   user: image tokens + "\\n" + question        assistant: caption
-    T2I   user: caption                                 assistant: <im_start><S{s-1}> image tokens <im_end>
-    text  any `conversations` row without <image>
+Tasks, as the reference builds them (see SampleBuilder for the exact sequence and labels):
+    i2t          user: image + "\\n" + question          assistant: caption           (a caption row, or a chat)
+    t2i          user: caption                          assistant: <im_start><S{s-1}> image <im_end>
+    i2i, ti2i    user: image (+ instruction)            assistant: <im_start><S{s-1}> image <im_end>
+    multi_image  user: several images + question        assistant: text
+    text         any conversation without <image>
 Labels: system and user turns are masked except "\\n", <|im_start|> and <|im_end|>; assistant turns are
-learned. With packing, the first token of each sample is masked too (it would be predicted from the previous
-sample).
+learned, written images included. With packing, the first token of each sample is masked too (it would be
+predicted from the previous sample).
+
+Data: `--data` (one source) or `--data-config mix.yaml` (several, drawn by ratio: tarflow.train.mix).
 """
 from __future__ import annotations
 
@@ -38,17 +43,19 @@ from tarflow.train.core import refuse_other_data, worker_loop
 log = logging.getLogger("tarflow.train.mllm")
 
 IGNORE = -100
-TASK_IDS = {"i2t": 0, "t2i": 1, "text": 2}
+TASKS = ("i2t", "t2i", "i2i", "ti2i", "multi_image", "text")
+TASK_IDS = {t: k for k, t in enumerate(TASKS)}
 DEFAULT_QUESTIONS = ("Describe the image shortly.", "What is in this image?", "Write a short caption for the image.")
-# why a row gives no sample: bad rows, and rows the task mix leaves out (task_mix: not counted as bad)
-SKIP_REASONS = ("missing_codes", "wrong_code_length", "codes_out_of_range", "empty_caption", "too_long", "task_mix")
-SAMPLE_SCHEMA = pa.schema([pa.field("input_ids", pa.list_(pa.int32())), pa.field("labels", pa.list_(pa.int32())),
-                           pa.field("task", pa.int8()), pa.field("skip", pa.string())])
+# why a row gives no sample: bad rows, and rows the task mix or the data mix's thinning leaves out (task_mix,
+# source_ratio: not bad)
+SKIP_REASONS = ("missing_codes", "wrong_code_length", "codes_out_of_range", "image_count_mismatch",
+                "bad_conversation", "empty_caption", "too_long", "task_mix", "source_ratio")
 
 
 @dataclass(kw_only=True)
 class MLLMTrainConfig(TrainConfig):
     data: list[str]  # code shard folders/files, or Parquet with `conversations` (+ tatok_s* columns)
+    data_config: str | None = None  # or a mix file: sources drawn by ratio (tarflow.train.mix), `data` empty
     base: str | None = None  # base Qwen2 folder (local or s3://): Tar's vocabulary is added
     resume_from: str | None = None  # or a Tar checkpoint folder to continue from
     tatok: str | None = None  # TA-Tok checkpoint: image-token rows start from its codebook when widths match
@@ -71,23 +78,77 @@ class MLLMTrainConfig(TrainConfig):
 # ----------------------------------------------------------------------------------------------------------
 # Samples
 
+IMAGE_MARK = "<image>"
+READER_ROLES = ("user", "system")  # masked turns: an <image> there is read; in any other turn it is written
+ROLE_NAMES = {"human": "user", "gpt": "assistant"}  # LLaVA's `from` -> the chat role (others pass as they are)
+
 
 def _key_rng(seed: int, key: str, epoch: int) -> random.Random:
     h = hashlib.sha256(f"{seed}/{epoch}/{key}".encode()).digest()
     return random.Random(int.from_bytes(h[:8], "big"))
 
 
-class SampleBuilder:
-    """Rows -> (input_ids, labels, task) per sample, or a skip reason (never trained on).
+def row_identity(row: dict) -> str:
+    """What seeds a row's draws: the img2dataset key of a caption row; for a conversation row its key (a position,
+    unique only within its shard), id, image hashes and text, so that rows of different shards draw apart. A
+    mix copy (`_copy` > 0) draws anew."""
+    if row.get("conversations") is None:
+        ident = str(row.get("key") or json.dumps(row, default=str)[:200])
+    else:
+        conv = row.get("conversations")
+        text = conv if isinstance(conv, str) else json.dumps(conv, default=str)
+        ident = hashlib.sha256(json.dumps([row.get("key"), row.get("id"), row.get("image_sha256"), text],
+                                          default=str).encode()).hexdigest()
+    return f"{ident}/{row['_copy']}" if row.get("_copy") else ident
 
-    The task mix: a caption row becomes I2T or T2I, drawn with the i2t : t2i weights; a conversation row is I2T
-    when it has an <image>, else text-only. Text-only rows are kept with probability `text_keep`, which the
-    driver sets from the data's row counts so that text-only samples are text / (i2t + t2i + text) of all
-    (`text_keep` 1 when the data has too few for the weight). A task of weight 0 is never built. Every draw is
-    seeded by (seed, epoch, row key): a resumed run builds the same samples."""
+
+def conversation_task(turns: list[tuple[str, list]]) -> str:
+    """The task a conversation is, from where its images are: none -> text; only read -> i2t (one image) or
+    multi_image (several, a text answer); written -> t2i (nothing read), else ti2i when the reading turns have
+    text besides their images (an instruction: an edit), i2i when they have none."""
+    read = sum(1 for role, parts in turns if role in READER_ROLES for p in parts if not isinstance(p, str))
+    written = sum(1 for role, parts in turns if role not in READER_ROLES for p in parts if not isinstance(p, str))
+    if not written:
+        return "text" if not read else "i2t" if read == 1 else "multi_image"
+    if not read:
+        return "t2i"
+    asked = any(p.strip() for role, parts in turns if role == "user" for p in parts if isinstance(p, str))
+    return "ti2i" if asked else "i2i"
+
+
+class SampleBuilder:
+    """Rows -> (input_ids, labels, task) per sample, or a skip reason (never trained on). The sequence rules are
+    the reference's (`llava/data/dataset.py: preprocess_multimodal, preprocess_qwen`,
+    `llava_arch.py: prepare_inputs_labels_for_multimodal`):
+
+        <|im_start|>system\\n{system}<|im_end|>\\n  then per turn  <|im_start|>{role}\\n{content}<|im_end|>\\n
+        role: human -> user, gpt -> assistant; a first turn that is not the human's is dropped
+        <image> in a user turn: the image's codes in place (masked); in an assistant turn:
+            <im_start> <S{s-1}> codes <im_end>, all learned (the scale token and the codes are the labels)
+        labels: system and user turns masked except every "\\n" (id 198), <|im_start|> and <|im_end|>, also
+            inside the user's text; assistant turns learned whole (their <|im_start|>assistant\\n too)
+        `conversations_short` (when the row has one) replaces `conversations` half of the time
+
+    Images: the k-th `<image>` of the conversation (counting every turn in order) is the k-th code list of
+    `tatok_s{s}` (a conversation code shard's list<list<>>); a flat list (a caption code shard, or a plain
+    conversation table with one image's codes) is one image. A caption row (no `conversations`) is the I2T
+    conversation (image, "\\n", a question; the caption) or the T2I one (the caption; the image), drawn with the
+    task mix's i2t : t2i weights.
+
+    One pool scale per sample, for all its images, drawn from `scales`. The reference draws one per forward (the
+    whole batch, every image in it); per sample gives the same distribution of scales per image while packed rows
+    hold samples of different lengths, and keeps a sample's content independent of what it is batched with
+    (so resume and any worker count build the same samples).
+
+    Text-only rows are kept with probability `text_keep` (the driver sets it from the data's row counts so that
+    text-only samples are text / (i2t + t2i + text) of all; 1 when the data has too few, and in a data mix,
+    whose ratios set the shares). A conversation whose task has weight 0 in the task mix is left out. In a data
+    mix, a row of source i is kept with probability `source_keep[i]` (the mix's thinning; its copies are the
+    mix's repeats). Every draw is seeded by (seed, epoch, row identity): a resumed run builds the same samples."""
 
     def __init__(self, tokenizer, task_mix: dict, scales: list[int], tokens_per_scale: dict,
-                 questions, system: str, max_length: int, seed: int, codebook_size: int, text_keep: float = 1.0):
+                 questions, system: str, max_length: int, seed: int, codebook_size: int, text_keep: float = 1.0,
+                 source_keep: list[float] | None = None):
         from tarflow.models.mllm import TarVocab
 
         # a Tar tokenizer, or its folder (loading Tar's 217,206 tokens takes seconds: pass one when at hand)
@@ -98,6 +159,7 @@ class SampleBuilder:
         self.questions, self.system, self.max_length, self.seed = list(questions), system, max_length, seed
         self.codebook_size = min(codebook_size, self.vocab.num_image_tokens)
         self.text_keep = text_keep if task_mix.get("text", 0) > 0 else 0.0
+        self.source_keep = list(source_keep or [])
         t = self.tokenizer
         self.im_start, self.im_end = t.convert_tokens_to_ids("<|im_start|>"), t.convert_tokens_to_ids("<|im_end|>")
         self.newline = t("\n", add_special_tokens=False)["input_ids"]
@@ -105,66 +167,100 @@ class SampleBuilder:
 
     # -- turns ------------------------------------------------------------------------------------------
     def _text(self, s: str) -> list[int]:
-        return self.tokenizer(s, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(s, add_special_tokens=False)["input_ids"] if s else []
 
-    def _turn(self, role: str, parts: list) -> tuple[list[int], list[int]]:
-        """<|im_start|>role\\n ... <|im_end|>\\n with `parts` = strings and lists of ids (image tokens)."""
-        ids = [self.im_start] + self._text(f"{role}\n")
+    def _turn(self, role: str, parts: list, images: list[list[int]], scale: int) -> tuple[list[int], list[int]]:
+        """<|im_start|>role\\n ... <|im_end|>\\n; `parts` are strings and image indices into `images`. Text is
+        tokenized in the runs between images (the reference tokenizes `<image>` as an added token, which splits
+        the text there), the role's "\\n" with the text that follows it."""
+        writes = role not in READER_ROLES
+        ids, text = [self.im_start], f"{role}\n"
         for p in parts:
-            ids += self._text(p) if isinstance(p, str) else list(p)
-        ids += [self.im_end] + self.newline
-        if role == "assistant":
-            labels = list(ids)
-        else:
-            labels = [i if i in self.unmasked else IGNORE for i in ids]
+            if isinstance(p, str):
+                text += p
+                continue
+            ids += self._text(text)
+            text = ""
+            codes = self.vocab.codes_to_ids(images[p])
+            if writes:
+                codes = [self.vocab.image_start_tag_id, self.vocab.scale_token_id(scale)] + codes + [
+                    self.vocab.image_end_tag_id]
+            ids += codes
+        ids += self._text(text) + [self.im_end] + self.newline
+        labels = list(ids) if writes else [i if i in self.unmasked else IGNORE for i in ids]
         return ids, labels
 
-    def _conversation(self, turns: list[tuple[str, list]]) -> tuple[list[int], list[int]]:
-        ids, labels = self._turn("system", [self.system])
+    def _sequence(self, turns: list[tuple[str, list]], images, scale) -> tuple[list[int], list[int]]:
+        ids, labels = self._turn("system", [self.system], images, scale)
         for role, parts in turns:
-            i, lab = self._turn(role, parts)
+            i, lab = self._turn(role, parts, images, scale)
             ids += i
             labels += lab
         return ids, labels
 
     # -- rows -------------------------------------------------------------------------------------------
-    def _codes(self, row: dict, scale: int):
+    def _images(self, row: dict, scale: int, count: int):
+        """The row's `count` images' codes at `scale` (a list of code lists), or a skip reason."""
         codes = row.get(schema.code_column(scale))
         if codes is None:
-            return None, "missing_codes"
-        codes = [int(c) for c in codes]
-        if len(codes) != self.tokens_per_scale.get(scale, -1):
-            return None, "wrong_code_length"
-        if codes and (min(codes) < 0 or max(codes) >= self.codebook_size):
-            return None, "codes_out_of_range"
-        return codes, None
+            return (None, "missing_codes") if count else ([], None)
+        codes = list(codes)
+        images = [list(c) for c in codes] if codes and isinstance(codes[0], (list, tuple)) else \
+            [codes] if codes else []
+        if len(images) != count:
+            return None, "image_count_mismatch"
+        want = self.tokens_per_scale.get(scale, -1)
+        for image in images:
+            if len(image) != want:
+                return None, "wrong_code_length"
+            if image and (min(image) < 0 or max(image) >= self.codebook_size):
+                return None, "codes_out_of_range"
+        return [[int(c) for c in image] for image in images], None
+
+    @staticmethod
+    def _parse_turns(conv) -> list[tuple[str, list]] | None:
+        """LLaVA turns ({from, value}; a list or its JSON) -> [(role, parts)], `<image>` marks numbered in order
+        over every turn; None when they do not parse."""
+        if isinstance(conv, (str, bytes)):
+            try:
+                conv = json.loads(conv)
+            except ValueError:
+                return None
+        if not isinstance(conv, list) or not all(isinstance(t, dict) and isinstance(t.get("value", ""), str)
+                                                 for t in conv):
+            return None
+        turns, k = [], 0
+        for t in conv:
+            value = (t.get("value") or "").replace("QA_GT_caption_based_noisy", "")  # the reference drops it
+            parts = []
+            for n, piece in enumerate(value.split(IMAGE_MARK)):
+                if n:
+                    parts.append(k)
+                    k += 1
+                if piece:
+                    parts.append(piece)
+            turns.append((ROLE_NAMES.get(t.get("from"), t.get("from") or t.get("role") or ""), parts))
+        return turns
 
     def build(self, row: dict, epoch: int) -> tuple[list[int], list[int], str, str]:
-        rng = _key_rng(self.seed, str(row.get("key") or row.get("id") or json.dumps(row, default=str)[:200]),
-                       epoch)
+        rng = _key_rng(self.seed, row_identity(row), epoch)
+        source = row.get("_source")
+        if source is not None and source < len(self.source_keep) and rng.random() >= self.source_keep[source]:
+            return [], [], "text", "source_ratio"
         conv = row.get("conversations")
         if conv is not None:
-            has_image = any("<image>" in (t.get("value") or "") for t in conv)
-            task = "i2t" if has_image else "text"
-            if (rng.random() >= self.text_keep) if task == "text" else self.task_mix.get("i2t", 0) <= 0:
+            short = row.get("conversations_short")
+            if short is not None and rng.random() < 0.5:  # the reference's random short/long prompt
+                conv = short
+            turns = self._parse_turns(conv)
+            if turns is None:
+                return [], [], "text", "bad_conversation"
+            count = sum(1 for _, parts in turns for p in parts if not isinstance(p, str))
+            if turns and turns[0][0] != "user":  # the reference starts at the human's turn
+                turns = turns[1:]
+            task = conversation_task(turns)
+            if (rng.random() >= self.text_keep) if task == "text" else self.task_mix.get(task, 1) <= 0:
                 return [], [], task, "task_mix"
-            turns = []
-            scale = rng.choice(self.scales)
-            image = None
-            if has_image:
-                image, why = self._codes(row, scale)
-                if image is None:
-                    return [], [], task, why
-            for t in conv:
-                role = "user" if t.get("from") in ("human", "user") else "assistant"
-                value = t.get("value") or ""
-                parts = []
-                for k, piece in enumerate(value.split("<image>")):
-                    if k:
-                        parts.append(self.vocab.codes_to_ids(image))
-                    if piece:
-                        parts.append(piece)
-                turns.append((role, parts))
         else:
             caption = row.get("caption")
             tasks = {t: w for t, w in self.task_mix.items() if t in ("i2t", "t2i") and w > 0}
@@ -173,31 +269,17 @@ class SampleBuilder:
             task = rng.choices(list(tasks), weights=list(tasks.values()))[0]
             if not caption or not str(caption).strip():
                 return [], [], task, "empty_caption"
-            scale = rng.choice(self.scales)
-            codes, why = self._codes(row, scale)
-            if codes is None:
-                return [], [], task, why
-            image = self.vocab.codes_to_ids(codes)
-            if task == "i2t":
-                turns = [("user", [image, "\n" + rng.choice(self.questions)]), ("assistant", [caption])]
-            else:
-                answer = [self.vocab.image_start_tag_id, self.vocab.scale_token_id(scale)] + image + [
-                    self.vocab.image_end_tag_id]
-                turns = [("user", [caption]), ("assistant", [answer])]
-        ids, labels = self._conversation(turns)
+            count = 1
+            turns = [("user", [0, "\n" + rng.choice(self.questions)]), ("assistant", [caption])] if task == "i2t" \
+                else [("user", [caption]), ("assistant", [0])]
+        scale = rng.choice(self.scales)
+        images, why = self._images(row, scale, count)
+        if images is None:
+            return [], [], task, why
+        ids, labels = self._sequence(turns, images, scale)
         if len(ids) > self.max_length:
             return [], [], task, "too_long"
         return ids, labels, task, ""
-
-    def __call__(self, batch: pa.Table, epoch: int = 0) -> pa.Table:
-        out = {"input_ids": [], "labels": [], "task": [], "skip": []}
-        for row in batch.to_pylist():
-            ids, labels, task, skip = self.build(row, epoch)
-            out["input_ids"].append(ids)
-            out["labels"].append(labels)
-            out["task"].append(TASK_IDS[task])
-            out["skip"].append(skip)
-        return pa.Table.from_pydict(out, schema=SAMPLE_SCHEMA)
 
 
 def _load_tokenizer(folder: str):
@@ -293,11 +375,17 @@ def packed_loss(model, batch: dict, device) -> tuple[torch.Tensor, dict]:
 
 class MLLMTask(Task):
     """Samples built from the rows (SampleBuilder), packed into `rows_per_step` rows of `max_length` per
-    micro-batch; the next-token loss over the learned labels."""
+    micro-batch; the next-token loss over the learned labels. With a data mix, the rows come from its sources,
+    interleaved by ratio (tarflow.train.mix). Metrics: loss per task, samples per task and per source (in the
+    report's window, and `total_*` over the run)."""
 
-    sum_keys = ("loss_sum", "loss_count", *(f"{k}_{t}" for t in TASK_IDS for k in ("loss_sum", "loss_count")),
-                "tokens", "padding", "micro_batches", *(f"skipped_{r}" for r in SKIP_REASONS))
-    total_keys = tuple(f"skipped_{r}" for r in SKIP_REASONS)
+    def __init__(self, cfg, config, device):
+        super().__init__(cfg, config, device)
+        self.sources = [s["name"] for s in config.get("sources") or [{"name": "data"}]]
+        counts = [f"samples_{t}" for t in TASKS] + [f"source_{n}" for n in self.sources]
+        self.sum_keys = ("loss_sum", "loss_count", *(f"{k}_{t}" for t in TASKS for k in ("loss_sum", "loss_count")),
+                         "tokens", "padding", "micro_batches", *(f"skipped_{r}" for r in SKIP_REASONS), *counts)
+        self.total_keys = (*(f"skipped_{r}" for r in SKIP_REASONS), *counts)
 
     def load_model(self, checkpoint_dir):
         from tarflow.models.mllm import load_tar
@@ -314,11 +402,24 @@ class MLLMTask(Task):
             self.vocab = TarVocab.from_tokenizer(self.tokenizer)
         c = self.config
         self.builder = SampleBuilder(self.tokenizer, cfg.task_mix, cfg.scales, c["tokens_per_scale"], cfg.questions,
-                                     cfg.system, cfg.max_length, cfg.seed, c["codebook_size"], c["text_keep"])
+                                     cfg.system, cfg.max_length, cfg.seed, c["codebook_size"], c["text_keep"],
+                                     source_keep=[s["keep"] for s in c.get("sources") or []])
         return model.to(self.device)
 
     def fsdp_layers(self, model):
         return list(model.model.layers)
+
+    def epoch_rows(self, shards, state):
+        if not self.config.get("sources"):
+            return super().epoch_rows(shards, state)
+        import ray.train
+
+        from tarflow.train.mix import MixSource, mixed_epoch_rows
+
+        ctx = ray.train.get_context()
+        return mixed_epoch_rows([MixSource(**s) for s in self.config["sources"]], self.cfg.seed, state.epoch,
+                                state.samples_seen, ctx.get_world_rank(), ctx.get_world_size(), self.read_rows,
+                                self.cfg.shuffle_buffer)
 
     def batches(self, rows, epoch):
         n_rows, max_length, pad_id = self.cfg.rows_per_step, self.cfg.max_length, self.vocab.pad_id
@@ -327,19 +428,24 @@ class MLLMTask(Task):
 
         def take():
             nonlocal pending
+            before = pending
             batch, pending = _take_rows(pending, n_rows, max_length, pad_id)
-            batch["skipped"] = dict(skipped)
+            counts = dict(skipped)
             skipped.clear()
+            for _, _, task, _, source in before[:len(before) - len(pending)]:
+                for key in (f"samples_{TASKS[task]}", f"source_{self.sources[source]}"):
+                    counts[key] = counts.get(key, 0) + 1
+            batch["counts"] = counts
             return batch
 
         for pos, table in rows:
-            built = self.builder(table, epoch=epoch)
-            for k, (ids, labels, task, skip) in enumerate(zip(*(built.column(c).to_pylist()
-                                                               for c in ("input_ids", "labels", "task", "skip")))):
+            table = table.to_pylist() if isinstance(table, pa.Table) else table
+            for k, row in enumerate(table):
+                ids, labels, task, skip = self.builder.build(row, epoch)
                 if skip:
-                    skipped[skip] = skipped.get(skip, 0) + 1
+                    skipped[f"skipped_{skip}"] = skipped.get(f"skipped_{skip}", 0) + 1
                     continue
-                pending.append((ids, labels, task, pos + k))
+                pending.append((ids, labels, TASK_IDS[task], pos + k, row.get("_source", 0)))
                 if _rows_closed(pending, n_rows, max_length):
                     batch = take()
                     # a checkpoint after this batch resumes at the first sample not trained on yet
@@ -352,7 +458,7 @@ class MLLMTask(Task):
     def loss(self, model, batch):
         loss, per_task = packed_loss(model, batch, self.device)
         sums = {"tokens": int((batch["segments"] >= 0).sum()), "padding": batch["padding"], "micro_batches": 1,
-                **{f"skipped_{r}": n for r, n in batch["skipped"].items()}}
+                **batch["counts"]}
         for t, (total, n) in per_task.items():
             sums[f"loss_sum_{t}"], sums[f"loss_count_{t}"] = total, n
         sums["loss_sum"], sums["loss_count"] = sum(v[0] for v in per_task.values()), sum(v[1] for v in per_task.values())
@@ -367,12 +473,15 @@ class MLLMTask(Task):
 
     def metrics(self, sums, totals, seconds):
         n = sums["loss_count"]
+        counts = [f"samples_{t}" for t in TASKS] + [f"source_{s}" for s in self.sources]
         return {"loss": sums["loss_sum"] / n if n else float("nan"),
-                **{f"loss_{t}": sums[f"loss_sum_{t}"] / sums[f"loss_count_{t}"] for t in TASK_IDS
+                **{f"loss_{t}": sums[f"loss_sum_{t}"] / sums[f"loss_count_{t}"] for t in TASKS
                    if sums[f"loss_count_{t}"]},
                 "tokens_per_s": sums["tokens"] / max(seconds, 1e-9),
                 "padding_fraction": sums["padding"] / max(sums["micro_batches"], 1),
-                **{k: int(v) for k, v in totals.items() if v}}
+                **{k: int(sums[k]) for k in counts if sums[k]},  # in this report's window
+                **{k: int(v) for k, v in totals.items() if v and k.startswith("skipped_")},
+                **{f"total_{k}": int(v) for k, v in totals.items() if v and k in counts}}
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -474,7 +583,7 @@ def _rows_closed(pending, n_rows, max_length) -> bool:
 # Driver
 
 
-def code_inputs(data: list[str], problems: Problems) -> list[str]:
+def code_inputs(data: list[str], problems: Problems, flag: str = "--data") -> list[str]:
     """Parquet files of code shards (a tokenize output folder: finished shards only) or conversation tables."""
     from tarflow.pipelines.caption import resolve_code_shards
 
@@ -486,7 +595,7 @@ def code_inputs(data: list[str], problems: Problems) -> list[str]:
         try:
             files += [c.path for c in resolve_code_shards(d)]
         except FileNotFoundError:
-            problems.add(f"--data {d}", "not found, or holds no Parquet files",
+            problems.add(f"{flag} {d}", "not found, or holds no Parquet files",
                          "give the tokenize job's output folder, folders of code shards or Parquet files")
     return files
 
@@ -494,10 +603,11 @@ def code_inputs(data: list[str], problems: Problems) -> list[str]:
 TAR_TATOK_FACTS = ({1: 729, 2: 169, 3: 81}, 65536)  # Tar's TA-Tok: 27 x 27 codes at scale 1, 65,536 codes
 
 
-def data_facts(footers, problems: Problems | None = None, tatok_sha256: tuple[str, str] | None = None) -> dict:
+def data_facts(footers, problems: Problems | None = None, tatok_sha256: tuple[str, str] | None = None,
+               count_rows: bool = True) -> dict:
     """What the workers need to know of the data, from the files' footers: tokens per pool scale and the TA-Tok
-    codebook size, and the rows per kind for the task mix. Every code shard must come from one TA-Tok (else a
-    problem listing the offenders), the one given as `tatok_sha256` = (sha256, its flag and path) when given.
+    codebook size, and the rows per kind for the task mix (`count_rows`). Every code shard must come from one
+    TA-Tok (else a problem listing the offenders), the one given as `tatok_sha256` = (sha256, its flag and path) when given.
     Parquet without a code shard's metadata (conversation tables made elsewhere) is taken to hold Tar's TA-Tok
     codes (rows whose codes do not fit are skipped and counted, never trained on)."""
     own = problems is None
@@ -522,7 +632,7 @@ def data_facts(footers, problems: Problems | None = None, tatok_sha256: tuple[st
                      "(%s tokens per pool scale, %d codes)", TAR_TATOK_FACTS[0], TAR_TATOK_FACTS[1])
         tokens_per_scale, codebook = TAR_TATOK_FACTS
     return {"tokens_per_scale": tokens_per_scale, "codebook_size": codebook, "tatok_sha256": sha,
-            "rows": count_row_kinds([f for f in footers if not f.error])}
+            "rows": count_row_kinds([f for f in footers if not f.error]) if count_rows else {}}
 
 
 def count_row_kinds(footers) -> dict:
@@ -540,6 +650,9 @@ def count_row_kinds(footers) -> dict:
         fs, p = storage.filesystem(f.path)
         with fs.open(p, "rb") as fh:
             conv = pq.read_table(fh, columns=["conversations"]).column("conversations").combine_chunks()
+        if pa.types.is_string(conv.type) or pa.types.is_large_string(conv.type):  # the JSON form
+            has_image = pc.fill_null(pc.match_substring(conv, "<image>"), False).to_numpy(zero_copy_only=False)
+            return {"image_chat": int(has_image.sum()), "text": int(len(conv) - has_image.sum())}
         values = pc.struct_field(pc.list_flatten(conv), "value")
         hit = pc.fill_null(pc.match_substring(values, "<image>"), False).cast(pa.int32())
         parent = pc.list_parent_indices(conv).to_numpy(zero_copy_only=False)
@@ -607,7 +720,8 @@ def preflight(cfg: MLLMTrainConfig) -> dict:
                    f"are {cfg.max_length}/{cfg.rows_per_step}", "give a row length >= 16 and >= 1 rows per step")
     bad_mix = [k for k, w in cfg.task_mix.items() if k not in TASK_IDS or w < 0]
     problems.check(not bad_mix and sum(cfg.task_mix.values()) > 0, "--task-mix", f"is {cfg.task_mix}",
-                   "give non-negative weights of i2t, t2i and text, e.g. i2t=2,t2i=4,text=1")
+                   f"give non-negative weights of {', '.join(TASKS)}, e.g. i2t=2,t2i=4,text=1 (a conversation "
+                   "task of weight 0 is left out; caption rows are i2t or t2i by their weights)")
     for flag, path in (("--base", cfg.base), ("--resume-from", cfg.resume_from)):
         if path and check_model_folder(flag, path, problems) and flag == "--base" and is_tar_folder(path):
             log.info("--base %s is a Tar folder (its tokenizer has Tar's tokens): training continues from its rows, "
@@ -620,19 +734,46 @@ def preflight(cfg: MLLMTrainConfig) -> dict:
         else:
             problems.add(f"--tatok {cfg.tatok}", "not found",
                          "give the TA-Tok checkpoint (ta_tok.pth) that made the codes")
-    files = code_inputs(cfg.data, problems)
-    facts = data_facts(read_footers(files), problems, tatok_sha)
+    sources = None
+    if cfg.data_config:
+        from tarflow.train.mix import plan_mix, read_mix_config
+
+        problems.check(not cfg.data, "--data/--data-config", "both given",
+                       "give --data for one source, or --data-config with every source in the mix file")
+        sources, files = read_mix_config(cfg.data_config, problems), []
+        for src in sources:
+            src.files = code_inputs(src.paths, problems, f"--data-config source {src.name}:")
+            files += src.files
+    else:
+        files = code_inputs(cfg.data, problems)
+    footers = read_footers(files, check=schema.check_any_code_shard)
+    facts = data_facts(footers, problems, tatok_sha, count_rows=sources is None)
+    if sources:
+        rows = {f.path: f.num_rows for f in footers}
+        for src in sources:
+            src.file_rows = [rows[f] for f in src.files]
+            src.rows = sum(src.file_rows)
+            problems.check(src.rows > 0 or not src.files, f"--data-config {cfg.data_config}",
+                           f"source {src.name!r} has no rows", "give each source tokenize outputs with rows")
+        plan_mix(sources)
     if not cfg.resume_from and facts["codebook_size"] > cfg.num_image_tokens:
         problems.add("--num-image-tokens", f"the code shards' TA-Tok has {facts['codebook_size']} codes but only "
                      f"{cfg.num_image_tokens} image tokens would be added to the base",
                      f"set --num-image-tokens to at least {facts['codebook_size']}")
-    text_keep = text_keep_probability(cfg.task_mix, facts["rows"])
+    # in a mix the sources' ratios set the shares: text-only rows are all kept (unless the task mix's text is 0)
+    text_keep = 1.0 if sources is not None else text_keep_probability(cfg.task_mix, facts["rows"])
     run_facts = {"data_files": files, "tatok_sha256": facts["tatok_sha256"],
                  "tokens_per_scale": facts["tokens_per_scale"], "codebook_size": facts["codebook_size"]}
+    if sources is not None:  # another mix is other data, even on the same files
+        run_facts["mix"] = [{"name": s.name, "ratio": s.ratio, "paths": s.paths} for s in sources]
     refuse_other_data(cfg, run_facts, problems)
     problems.raise_if_any()
+    if sources is not None:
+        log.info("data mix: %s", "; ".join(f"{s.name}: {s.rows} rows, ratio {s.ratio:g}, read {s.copies}x, "
+                                           f"kept {s.keep:.3f}" for s in sources))
     return {"files": files, "tokens_per_scale": facts["tokens_per_scale"], "codebook_size": facts["codebook_size"],
-            "text_keep": text_keep, "facts": run_facts}
+            "text_keep": text_keep, "facts": run_facts,
+            "sources": [s.as_dict() for s in sources] if sources is not None else None}
 
 
 def run_train_mllm(cfg: MLLMTrainConfig, plan: dict | None = None, train_loop=None,
@@ -643,5 +784,22 @@ def run_train_mllm(cfg: MLLMTrainConfig, plan: dict | None = None, train_loop=No
     import ray.data
 
     plan = plan or preflight(cfg)
-    ds = ray.data.read_parquet(plan["files"], shuffle=None)
-    return fit(cfg, train_loop or train_loop_per_worker, {**plan, **(loop_extra or {})}, ds)
+    if plan.get("sources"):
+        data = {}  # the workers read their rows of each source themselves (tarflow.train.mix)
+    else:
+        data = ray.data.read_parquet(plan["files"], shuffle=None)
+    summary = fit(cfg, train_loop or train_loop_per_worker, {**plan, **(loop_extra or {})}, data)
+    return MLLMTrainSummary(**summary.as_dict())
+
+
+@dataclass
+class MLLMTrainSummary(TrainSummary):
+    """The core's summary, with the run's samples per task and per source."""
+
+    def render(self, what: str = "training") -> str:
+        m = self.metrics
+        tasks = {k.removeprefix("total_samples_"): v for k, v in m.items() if k.startswith("total_samples_")}
+        sources = {k.removeprefix("total_source_"): v for k, v in m.items() if k.startswith("total_source_")}
+        losses = {k.removeprefix("loss_"): round(v, 4) for k, v in m.items() if k.startswith("loss_")}
+        head, _, tail = super().render(what).partition("\n")
+        return "\n".join([head, f"samples per task {tasks}, per source {sources}", f"loss per task {losses}", tail])
