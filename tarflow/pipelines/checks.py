@@ -209,12 +209,11 @@ def check_img2dataset_input(p: Problems, inputs: list[str], input_format: str) -
     except PermissionError as e:
         p.add(f"--input {e.filename or inputs}", "is not readable by this user", "fix its permissions")
         return []
-    # the first Parquet file only: the driver reads no footer per shard (100,000 shards would be 100,000 reads)
-    first_parquet = next((s for s in shards if s.path.endswith(".parquet")), None)
-    if first_parquet is not None and _is_code_shard(first_parquet.path):
-        p.add(f"--input {first_parquet.path}", "is a tarflow code shard, not img2dataset output or a conversation "
-              "table", "give img2dataset's output (.tar, or .parquet with image bytes) or a conversation table")
-        return []
+    for s in shards:
+        if s.format in ("parquet", "conversations") and _is_code_shard(s.path):
+            p.add(f"--input {s.path}", "is a tarflow code shard, not img2dataset output or a conversation table",
+                  "give img2dataset's output (.tar, or .parquet with image bytes) or a conversation table")
+            return []
     first = next((s for s in shards if s.format == "parquet"), None)
     if first is not None:
         try:
