@@ -213,6 +213,8 @@ def test_img2dataset_output_refuses_a_conversation_table_of_the_same_name(ray_lo
     i2d = tmp_path / "i2d"
     i2d.mkdir()
     shardmaker.write_tar(str(i2d / "00000.tar"), [("a.jpg", photos[0]), ("a.txt", b"an astronaut")])
+    (tmp_path / "x").mkdir()
+    shardmaker.write_tar(str(tmp_path / "x" / "00001.tar"), [("a.jpg", photos[0]), ("a.txt", b"an astronaut")])
     out = str(tmp_path / "out")
     assert run_tokenize(_cfg(input=str(i2d), output=out, tatok=tatok_path)).samples_ok == 1
     with pytest.raises(OutputConflict, match=r"conversations null != \{"):
@@ -222,7 +224,8 @@ def test_img2dataset_output_refuses_a_conversation_table_of_the_same_name(ray_lo
     with pytest.raises(InputError, match="--vq with conversation tables"):
         run_tokenize(_cfg(input=jsonl, output=str(tmp_path / "o3"), tatok=tatok_path, image_root=root, vq="vq.pt"))
     with pytest.raises(InputError, match="mixes conversation tables"):
-        run_tokenize(_cfg(input=[jsonl, str(i2d / "00000.tar")], output=str(tmp_path / "o3"), tatok=tatok_path))
+        run_tokenize(_cfg(input=[jsonl, str(tmp_path / "x" / "00001.tar")], output=str(tmp_path / "o3"),
+                          tatok=tatok_path))
 
 
 def test_s3_jsonl_with_images_on_s3(ray_local, tmp_path, s3_bucket, photos, tatok_path, tatok):
