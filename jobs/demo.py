@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     out = os.path.abspath(args.output)
     t0 = time.time()
     from tarflow.data import sample
-    from tarflow.data.sample import DEMO_LATENT_RESOLUTION, DEMO_VQ_RESOLUTION, SAMPLE_PHOTOS, ensure_demo_prompts
+    from tarflow.data.sample import DEMO_LATENT_RESOLUTION, DEMO_VQ_RESOLUTION, ensure_demo_prompts
 
     diffusion = _has_diffusers()
     steps = Steps(5 + diffusion + 1 + (CONVERSATION_STEPS and 2))
@@ -95,9 +95,9 @@ def main(argv=None) -> int:
     captions = os.path.join(out, "captions")
     steps.run("caption the codes with it", "caption",
               ["--input", codes, "--model", tar, "--scale", "3", "--output", captions, "--max-new-tokens", "40"])
-    got = _read_captions(captions)
-    want = {c for _, c in SAMPLE_PHOTOS}
-    print(f"captions equal to the sample's own: {sum(c in want for c in got)}/{len(got)}")
+    own = _read_column(os.path.join(codes, "codes"), "caption")  # key -> the photo's caption in the sample
+    got = _read_column(os.path.join(captions, "captions"), "caption")
+    print(f"photos captioned with their own caption: {sum(got[k] == c for k, c in own.items())}/{len(own)}")
 
     images = os.path.join(out, "images")
     steps.run("generate images from the sample's captions (demo AR de-tokenizer and VQ: noise)", "generate",
@@ -183,11 +183,13 @@ def _has_diffusers() -> bool:
     return importlib.util.find_spec("diffusers") is not None
 
 
-def _read_captions(folder: str) -> list[str]:
+def _read_column(folder: str, column: str) -> dict[str, str]:
+    """key -> `column` over the Parquet files of `folder`."""
     import pyarrow.parquet as pq
 
-    d = os.path.join(folder, "captions")
-    return [c for f in sorted(os.listdir(d)) for c in pq.read_table(os.path.join(d, f)).column("caption").to_pylist()]
+    rows = [r for f in sorted(os.listdir(folder)) if f.endswith(".parquet")
+            for r in pq.read_table(os.path.join(folder, f), columns=["key", column]).to_pylist()]
+    return {r["key"]: r[column] for r in rows}
 
 
 if __name__ == "__main__":
