@@ -30,13 +30,13 @@ def main() -> int:
     import ray
 
     answer = sys.stdout
-    for attempt in range(3):  # Ray gives its raylet 30 s to register: a loaded machine can miss that
+    for attempt in range(5):  # Ray gives its raylet 30 s to register: a loaded machine can miss that
         try:
             ray.init(address="local", num_cpus=int(os.environ.get("JOBRUNNER_CPUS", "2")), include_dashboard=False,
                      object_store_memory=256 << 20, log_to_driver=False, configure_logging=False)
             break
         except Exception as e:  # noqa: BLE001
-            if "timed out during startup" not in str(e) or attempt == 2:
+            if "timed out during startup" not in str(e) or attempt == 4:
                 raise
             ray.shutdown()
     answer.write(json.dumps({"ready": True}) + "\n")
