@@ -15,6 +15,7 @@ import io
 import json
 import os
 import sys
+import time
 
 JOBS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs")
 
@@ -39,6 +40,7 @@ def main() -> int:
             if "timed out during startup" not in str(e) or attempt == 4:
                 raise
             ray.shutdown()
+            time.sleep(10 * (attempt + 1))  # let the load that made it miss pass
     answer.write(json.dumps({"ready": True}) + "\n")
     answer.flush()
     for line in sys.stdin:
