@@ -15,6 +15,7 @@ import io
 import json
 import os
 import sys
+import time
 
 JOBS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs")
 
@@ -30,15 +31,16 @@ def main() -> int:
     import ray
 
     answer = sys.stdout
-    for attempt in range(3):  # Ray gives its raylet 30 s to register: a loaded machine can miss that
+    for attempt in range(5):  # Ray gives its raylet 30 s to register: a loaded machine can miss that
         try:
             ray.init(address="local", num_cpus=int(os.environ.get("JOBRUNNER_CPUS", "2")), include_dashboard=False,
                      object_store_memory=256 << 20, log_to_driver=False, configure_logging=False)
             break
         except Exception as e:  # noqa: BLE001
-            if "timed out during startup" not in str(e) or attempt == 2:
+            if "timed out during startup" not in str(e) or attempt == 4:
                 raise
             ray.shutdown()
+            time.sleep(10 * (attempt + 1))  # let the load that made it miss pass
     answer.write(json.dumps({"ready": True}) + "\n")
     answer.flush()
     for line in sys.stdin:

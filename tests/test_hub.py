@@ -84,9 +84,11 @@ def test_hub_paths_that_cannot_serve_are_one_line_each_before_ray_starts(hub_sta
            "--tatok": "hf://csuhan/TA-Tok/no_such.pth",
            "--vq": "hf://tarflow-test/gated/ta_tok.pth",
            "--latents": "hf://csuhan/Nowhere/vae"}
-    r = run_job("tokenize_laion", [a for kv in bad.items() for a in kv] + ["--output", str(tmp_path / "out")], env)
+    r = run_job("tokenize_laion", [a for kv in bad.items() for a in kv] + ["--output", "hf://me/out"], env)
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-    assert r.returncode == 2 and len(lines) == 4, r.stderr[-3000:]
+    assert r.returncode == 2 and len(lines) == 5, r.stderr[-3000:]
+    assert any(ln.startswith("error: --output hf://me/out: tarflow reads from the Hugging Face Hub but does not "
+                             "write to it; give a local folder or an s3:// prefix") for ln in lines), lines
     want = {"--input": "revision 'v9' not found in tarflow-test/sample-shards",
             "--tatok": "no file or folder 'no_such.pth' in csuhan/TA-Tok",
             "--vq": "tarflow-test/gated is a gated repo and this token has no access to it; accept its conditions",
@@ -96,7 +98,7 @@ def test_hub_paths_that_cannot_serve_are_one_line_each_before_ray_starts(hub_sta
         assert text in line and "; " in line, line
     assert "HF_TOKEN" in next(ln for ln in lines if "--vq" in ln)
     assert not any("/resolve/" in p and m == "GET" for m, p in hub.requests)  # nothing downloaded
-    assert "Started a local Ray" not in r.stdout + r.stderr and not (tmp_path / "out").exists()
+    assert "Started a local Ray" not in r.stdout + r.stderr
 
     # the same gated file with a token that was granted access: pinned to the commit
     code = "from tarflow.data import hub; print(hub.pin('hf://tarflow-test/gated/ta_tok.pth'))"

@@ -380,7 +380,9 @@ _CachedRepoFileSystemClass = None
 # Pinning a job's arguments
 
 
-_WRITTEN_FIELDS = {"output", "storage_path", "summary_json"}  # written to: never a Hub path (checks say so)
+_WRITTEN_FIELDS = {"output", "storage_path", "summary_json"}  # written to: never a Hub path
+NOT_WRITTEN = ("{url}: tarflow reads from the Hugging Face Hub but does not write to it; give a local folder or an "
+               "s3:// prefix (and upload the result with `hf upload`)")
 
 
 def pin_fields(cfg, flag=lambda name: "--" + name.replace("_", "-")) -> list[str]:
@@ -392,9 +394,11 @@ def pin_fields(cfg, flag=lambda name: "--" + name.replace("_", "-")) -> list[str
     if not dataclasses.is_dataclass(cfg):
         return problems
     for f in dataclasses.fields(cfg):
-        if f.name in _WRITTEN_FIELDS:
-            continue
         value = getattr(cfg, f.name)
+        if f.name in _WRITTEN_FIELDS:
+            if isinstance(value, str) and is_hub(value):
+                problems.append(f"{flag(f.name)} {NOT_WRITTEN.format(url=value)}")
+            continue
         if isinstance(value, str) and is_hub(value):
             setattr(cfg, f.name, _pinned_or_problem(value, flag(f.name), problems))
         elif isinstance(value, (list, tuple)) and any(isinstance(v, str) and is_hub(v) for v in value):

@@ -103,6 +103,8 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     Locally: write a hidden temporary sibling, fsync, rename (atomic on POSIX). On object stores a PUT is
     already atomic: the object appears whole or not at all, so a single put is used.
     """
+    if hub.is_hub(path):  # HfFileSystem would make a commit with whatever token is around
+        raise PermissionError(hub.NOT_WRITTEN.format(url=path))
     fs, p = filesystem(path)
     if is_remote(path):
         fs.pipe_file(p, data)
