@@ -184,7 +184,7 @@ def autoscaling(work: Path, defaults: bool = False) -> dict:
     import ray
 
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 300  # a busy machine starts the head slowly
         while True:
             try:
                 ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
