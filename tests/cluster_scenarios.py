@@ -252,6 +252,8 @@ def kill_processes_mentioning(*needles: str) -> None:
 
 
 if __name__ == "__main__":
+    # SIGTERM (the test's timeout) unwinds through the scenarios' `finally`, which end their clusters by PID
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     scenario, workdir = sys.argv[1], Path(sys.argv[2])
     workdir.mkdir(parents=True, exist_ok=True)
     result = {"node-removal": node_removal, "autoscaling": autoscaling,
