@@ -17,10 +17,20 @@ HERE = Path(__file__).resolve().parent
 
 def _scenario(name: str, work: Path, timeout: int = 600) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
-    proc = subprocess.run([sys.executable, str(HERE / "cluster_scenarios.py"), name, str(work)], env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, (proc.stdout[-3000:], proc.stderr[-3000:])
+    proc = subprocess.Popen([sys.executable, str(HERE / "cluster_scenarios.py"), name, str(work)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # SIGTERM: the scenario ends its cluster's processes (by PID) before it exits
+        try:
+            stdout, stderr = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        raise AssertionError(f"scenario {name} ran past {timeout} s", stdout[-3000:], stderr[-3000:]) from None
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, (stdout[-3000:], stderr[-3000:])
     return json.loads(lines[-1][len("RESULT "):])
 
 

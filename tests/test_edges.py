@@ -302,3 +302,27 @@ def test_what_ray_prints_on_the_driver_goes_to_the_job_log_without_control_codes
     assert f"(raylet) {line}" in logged and "(MapWorker(X) pid=4242, ip=127.0.0.1) worker says hi" in logged
     assert "a warning from Ray's own logger" in logged and "a warning from Ray Data" in logged
     assert "\x1b" not in logged and "\r" not in logged
+
+
+def test_sigterm_while_ray_starts_is_an_interrupt_and_a_slow_start_is_tried_again(monkeypatch, capsys):
+    """`ray job stop` while ray.init runs (its own handler exits 15) ends like any interrupt: 143 and its line.
+    A node that misses Ray's 30 s registration window on a busy machine is started again."""
+    import signal
+
+    import ray
+
+    calls = []
+
+    def init(*a, **kw):
+        calls.append(kw)
+        if len(calls) == 1:
+            raise Exception("The current node timed out during startup. This could happen because ...")
+        raise SystemExit(signal.SIGTERM)  # what ray.init's own SIGTERM handler does
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    rc = runtime.run_job(lambda cfg: None, None, None, start=lambda: runtime.init_ray(num_cpus=1), job="t")
+    assert rc == 143 and len(calls) == 2
+    assert "interrupted (SIGTERM) before any shard was written" in capsys.readouterr().err

@@ -12,6 +12,7 @@ an exit status and a few readable lines (tarflow.driver.run_driver, which the tr
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -54,7 +55,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, progress_b
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address, log_to_driver=True)
+            with _sigterm_while_ray_starts():
+                ray.init(address=address, log_to_driver=True)
         else:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             _token_auth_without_warning()
@@ -81,7 +83,8 @@ def start_local_ray(attempts: int = 3, **init_kwargs) -> None:
 
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(address="local", **init_kwargs)
+            with _sigterm_while_ray_starts():
+                ray.init(address="local", **init_kwargs)
             return
         except Exception as e:  # noqa: BLE001 - only that startup timeout is retried
             if "timed out during startup" not in str(e) or attempt == attempts:
@@ -89,6 +92,19 @@ def start_local_ray(attempts: int = 3, **init_kwargs) -> None:
             log.warning("Ray's local node did not start in time (attempt %d of %d, the machine is busy); trying "
                         "again", attempt, attempts)
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def _sigterm_while_ray_starts():
+    """ray.init installs its own SIGTERM handler, `sys.exit(15)`, until the job's are installed again: a `ray job
+    stop` while Ray starts is an interrupt like any other (exit 143 and the interrupt's line), not exit 15."""
+    try:
+        yield
+    except SystemExit as e:
+        if e.code != signal.SIGTERM:
+            raise
+        _stop_signal["signum"] = signal.SIGTERM
+        raise KeyboardInterrupt("SIGTERM") from None
 
 
 def _token_auth_without_warning() -> None:
