@@ -181,3 +181,46 @@ def test_read_footers_reports_unreadable_files(tmp_path):
     junk, chat = read_footers([str(tmp_path / "junk.parquet"), str(tmp_path / "chat.parquet")])
     assert junk.error and "not a readable Parquet file" in junk.error
     assert chat.error is None and chat.meta is None and chat.columns == ["conversations"] and chat.num_rows == 1
+
+
+def test_trainer_errors_come_out_of_ray_train_as_one_line_and_interrupts_say_where_the_run_stands(tmp_path, capsys,
+                                                                                                    monkeypatch):
+    """The trainers' driver wrapper (tarflow.driver.run_driver through tarflow.train.cli): a worker's error that
+    Ray Train wraps (WorkerGroupError: lowest rank first; ControllerError) is one line with the traceback in a
+    log file, exit 2 for bad input a worker found and 1 otherwise; an interrupt names the latest checkpoint."""
+    import argparse
+    import os
+
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+    from tarflow.train.cli import run_trainer
+
+    def trainer(error):
+        def train(cfg, plan):
+            raise error
+        args = argparse.Namespace(address=None, summary_json=None)
+        return run_trainer(lambda cfg: {}, train, TrainConfig(data=["d"], storage_path=str(tmp_path), name="r"),
+                           args, "Tar MLLM")
+
+    import tarflow.pipelines.runtime as runtime
+
+    monkeypatch.setattr(runtime, "init_ray", lambda *a, **k: None)  # no Ray: the errors come from `train`
+    rc = trainer(WorkerGroupError("worker 1 failed", {1: RuntimeError("late"),
+                                                      0: UsageError(["--data d/x.parquet: no caption column"])}))
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: UsageError: --data d/x.parquet: no caption"), err
+    assert "(traceback: " in err[0] and os.path.exists(err[0].rsplit("(traceback: ", 1)[1].rstrip(")"))
+    rc = trainer(ControllerError(RuntimeError("placement group could not be scheduled")))
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 1 and err[0].startswith("error: RuntimeError: placement group could not be scheduled"), err
+    # SIGINT/SIGTERM while training: where the run stands, from its latest checkpoint
+    rc = trainer(KeyboardInterrupt())
+    assert rc == 130 and "tarflow train-tar-mllm: interrupted (SIGINT) before the first checkpoint of run 'r'" \
+        in capsys.readouterr().err
+    ckpt = tmp_path / "r" / "checkpoint_2026-12-01_10-00-00.000000"
+    ckpt.mkdir(parents=True)
+    (ckpt / "train_meta.json").write_text(json.dumps({"step": 40}))
+    rc = trainer(KeyboardInterrupt())
+    line = capsys.readouterr().err.strip()
+    assert rc == 130 and line == (f"tarflow train-tar-mllm: interrupted (SIGINT) at step 40 of 1000 (checkpoint: "
+                                  f"{ckpt}); rerun the same command to resume from it"), line
