@@ -533,11 +533,11 @@ class InputImageLoader:
                                if i["data"] is None and not is_path_ref(i["ref"])})
                 keyed[scale] = self.codes.images(refs, scale) if refs else {}
         pixels_cache: dict = {}
-        out = []
+        out, todo_ids = [], {id(r) for r in todo}
         for r in rows:
             refs = r.pop("image_refs", None)
             r.update(input_codes=None, input_pixels=None)
-            if r not in todo:
+            if id(r) not in todo_ids:
                 out.append(r)
                 continue
             try:
