@@ -377,3 +377,24 @@ def test_questions_over_several_images_through_the_caption_job(ray_local, tokeni
         {"from": "gpt", "value": q["caption"]}]
     errors = pq.read_table(tmp_path / "out1" / "errors" / "convs.parquet").to_pylist()
     assert [(e["key"], e["reason"]) for e in errors] == [("000000003", "last_turn_not_human")]
+
+
+def test_an_edit_csv_runs_on_the_demo_models_with_no_model_argument(ray_local, photos, tmp_path, capsys, caplog):
+    import importlib.util
+    import os
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("generate_job", os.path.join(
+        os.path.dirname(__file__), "..", "jobs", "generate.py"))
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    shutil.copy(photos[0][0], tmp_path / "photo.jpg")
+    (tmp_path / "edits.csv").write_text("id,prompt,image\nsky,Make the sky red.,photo.jpg\ncat,A cat.,\n")
+    rc = job.main(["--prompts", str(tmp_path / "edits.csv"), "--output", str(tmp_path / "out"), "--scale", "3",
+                   "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-3000:]
+    assert "RANDOM, UNTRAINED demo model" in caplog.text and "images: 2 in = 2 ok + 0 failed" in captured.out
+    metas = [json.loads(v) for k, v in _members(tmp_path / "out" / "00000.tar").items() if k.endswith(".json")]
+    assert metas[0]["id"] == "sky" and metas[0]["input_images"][0]["path"] == "photo.jpg"
+    assert metas[0]["instruction"] == "Make the sky red." and "input_images" not in metas[1]

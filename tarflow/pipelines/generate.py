@@ -1066,6 +1066,14 @@ class GeneratedShardWriter:
         return outputs, totals
 
 
+def _for_workers(path: str) -> str:
+    """A path as tasks on any worker read it: local paths absolute (a worker's working directory is not the
+    driver's)."""
+    import os
+
+    return path if storage.is_remote(path) else os.path.abspath(path)
+
+
 def run_generate(cfg: GenerateConfig, generator_cls=T2IGenerator) -> JobSummary:
     """The driver holds the prompt table's row-group counts and one descriptor per output shard, never its rows:
     a task indexes the table, tasks read each shard's row groups."""
@@ -1079,6 +1087,7 @@ def run_generate(cfg: GenerateConfig, generator_cls=T2IGenerator) -> JobSummary:
     cfg.check()
     table_sha = storage.sha256(cfg.prompts)
     prompt_table_schema(cfg.prompts)
+    prompts = _for_workers(cfg.prompts)
     tatok_args, grid = tatok_header(cfg.tatok)
     input_size = resolve_teacher(tatok_args.teacher, cfg.tatok).image_size
     keep = cfg.keep if cfg.reflect else 1
@@ -1086,13 +1095,13 @@ def run_generate(cfg: GenerateConfig, generator_cls=T2IGenerator) -> JobSummary:
     staged = storage.join(cfg.output, PROMPTS_DIR, f"{table_sha[:16]}.parquet")
     indexer = ray.remote(num_cpus=0.25, max_retries=2, retry_exceptions=[OSError])(index_prompt_table)
     try:
-        index = ray.get(indexer.remote(cfg.prompts, staged, defaults))
+        index = ray.get(indexer.remote(prompts, staged, defaults))
     except ray.exceptions.RayTaskError as e:
         if isinstance(getattr(e, "cause", None), PromptTableError):
             raise e.cause from None
         raise
     shards = {d["name"]: d for d in plan_output_shards(index["groups"], cfg.samples_per_shard, keep)}
-    codes = [(c.name, c.path) for c in resolve_code_shards(cfg.codes)] if cfg.codes else None
+    codes = [(c.name, _for_workers(c.path)) for c in resolve_code_shards(cfg.codes)] if cfg.codes else None
     facts = cfg.facts(cfg.model_identities())
     layout = generate_layout(cfg.output, cfg.reflect and cfg.keep_all_scores)
     plan = plan_shards(layout, shards, facts, lambda n, m: m.get("input", {}).get("sha256") == table_sha,
@@ -1111,7 +1120,7 @@ def run_generate(cfg: GenerateConfig, generator_cls=T2IGenerator) -> JobSummary:
             ds = ray.data.from_items([shards[n] for n in names], override_num_blocks=len(names))
             ds = ds.map_batches(PromptShardReader(index["path"], defaults, key_digits(cfg.samples_per_shard, keep),
                                                   keep, block), batch_size=1, batch_format="pyarrow", num_cpus=0.25)
-            ds = ds.map_batches(InputImageLoader(input_size, storage.dirname(cfg.prompts), codes, keep),
+            ds = ds.map_batches(InputImageLoader(input_size, storage.dirname(prompts), codes, keep),
                                 batch_size=None, batch_format="pyarrow", num_cpus=0.5)
             ds = ds.map_batches(generator_cls, fn_constructor_kwargs=dict(
                 mllm=cfg.mllm, tatok=cfg.tatok, detok=cfg.detok, ar=cfg.ar_detok, vq=cfg.vq,
