@@ -75,7 +75,16 @@ def run_job(table: str, out: str, samples_per_shard: int, batch_size: int) -> di
                          vq=str(sample.ensure_demo_vq()), samples_per_shard=samples_per_shard, batch_size=batch_size,
                          num_workers=1, progress_every_s=60)
     before = peak_rss_mb()
-    init_ray(progress_bars=False)
+    for attempt in range(4):  # a loaded machine can miss Ray's 30 s raylet start limit
+        try:
+            init_ray(progress_bars=False)
+            break
+        except Exception:  # noqa: BLE001
+            import ray
+
+            ray.shutdown()
+            if attempt == 3:
+                raise
     t0 = time.time()
     summary = run_generate(cfg, generator_cls=OneByOneGenerator)
     return {"rows": summary.samples_in, "ok": summary.samples_ok, "shards": summary.shards_done,

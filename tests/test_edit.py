@@ -277,7 +277,14 @@ def test_an_edit_table_through_the_generate_job(ray_local, edit_tar, edit_table,
     assert {k: m["codes"] for k, m in m1.items()} == {k: m["codes"] for k, m in m3.items()}
     for k in p1:  # the pixel decoder's convolutions round differently per batch size on CPU
         assert np.abs(p1[k] - p3[k]).max() <= 1, k
-    # self-reflection with input images: candidates of an edit are scored against its instruction
+
+
+@pytest.mark.cluster  # one more generate run (~20 s): the edit path above is in make test already
+def test_self_reflection_with_input_images(ray_local, edit_tar, edit_table, photos, tmp_path):
+    """Candidates of an edit are scored against its instruction; the kept one is still the trained target."""
+    from tarflow.pipelines.generate import run_generate
+
+    table, conv = edit_table
     out = tmp_path / "reflect"
     summary = run_generate(_gen_cfg(table, edit_tar, out, codes=[conv], batch_size=3, reflect=True, candidates=2,
                                     keep=1))
@@ -285,6 +292,7 @@ def test_an_edit_table_through_the_generate_job(ray_local, edit_tar, edit_table,
     members = _members(out / "00000.tar")
     first = json.loads(next(v for k, v in members.items() if k.endswith(".json")))
     assert first["id"] == "next0" and first["codes"] == photos[1][2] and 0 <= first["reflect_score"] <= 1
+    assert first["input_images"][0]["path"] == photos[0][0] and first["candidates"] == 2
 
 
 def test_bad_prompt_tables_and_codes_are_refused_before_ray(tmp_path, edit_table):

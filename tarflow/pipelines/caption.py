@@ -308,7 +308,7 @@ class CaptionShardWriter:
         }
         out_schema = schema.captions_schema(source.schema)
         answers = ok.column("caption").to_pylist()
-        for name, field in zip(source.column_names, source.schema):
+        for name in source.column_names:
             if name != "key":
                 column = source.column(name)
                 columns[out_schema.names[len(columns)]] = (with_answers(column, answers)
