@@ -18,6 +18,7 @@ the best K are de-tokenized; a request then fills K consecutive rows (indices an
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -100,20 +101,22 @@ def prompt_table_format(path: str) -> str:
     return PROMPT_FORMATS[ext]
 
 
-def _open_batches(path: str, f, fmt: str):
-    """A streaming reader over an open file: (schema, iterator of record batches); CSV cells read as strings
-    (a number column with one bad cell fails that row, not the table)."""
+def _open_batches(path: str, fmt: str, stack):
+    """A streaming reader over the table: (schema, iterator of record batches), its file held open by `stack`
+    (a contextlib.ExitStack); CSV cells read as strings (a number column with one bad cell fails that row, not
+    the table)."""
     import pyarrow.csv as pacsv
     import pyarrow.json as pajson
     import pyarrow.parquet as pq
 
+    fs, p = storage.filesystem(path)
+    f = stack.enter_context(fs.open(p, "rb"))
     if fmt == "parquet":
         pf = pq.ParquetFile(f)
         return pf.schema_arrow, pf.iter_batches(batch_size=STAGED_GROUP_ROWS)
     if fmt == "csv":
-        head = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 16))
-        names = head.schema.names
-        f.seek(0)
+        with fs.open(p, "rb") as head:  # its own handle: a reader reads ahead in the background
+            names = pacsv.open_csv(head, read_options=pacsv.ReadOptions(block_size=1 << 16)).schema.names
         reader = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=_READ_BLOCK),
                                 convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
                                                                      strings_can_be_null=True))
@@ -131,9 +134,8 @@ def prompt_table_schema(path: str) -> pa.Schema:
     `prompt` unless the table has input images (variations need no instruction)."""
     fmt = prompt_table_format(path)
     try:
-        fs, p = storage.filesystem(path)
-        with fs.open(p, "rb") as f:
-            table_schema, _ = _open_batches(path, f, fmt)
+        with contextlib.ExitStack() as stack:
+            table_schema, _ = _open_batches(path, fmt, stack)
     except FileNotFoundError:
         raise PromptTableError(f"prompt table {path} does not exist") from None
     except Exception as e:  # noqa: BLE001 - whatever the parser raises, said in one line
@@ -151,9 +153,8 @@ def iter_prompt_rows(path: str):
     """Every row of a prompt table as a dict, streaming (for small tables and tools; the job reads row groups)."""
     prompt_table_schema(path)
     fmt = prompt_table_format(path)
-    fs, p = storage.filesystem(path)
-    with fs.open(p, "rb") as f:
-        _, batches = _open_batches(path, f, fmt)
+    with contextlib.ExitStack() as stack:
+        _, batches = _open_batches(path, fmt, stack)
         try:
             for rb in batches:
                 for row in rb.to_pylist():
@@ -299,8 +300,8 @@ def index_prompt_table(path: str, staged: str, d: RequestDefaults) -> dict:
             staged = path
     if staged != path and not storage.exists(staged):
         buf = io.BytesIO()
-        with fs.open(p, "rb") as f:
-            table_schema, batches = _open_batches(path, f, fmt)
+        with contextlib.ExitStack() as stack:
+            table_schema, batches = _open_batches(path, fmt, stack)
             writer = None
             try:
                 for rb in batches:
