@@ -3,8 +3,11 @@
     ray job submit --working-dir . -- python jobs/caption.py \
         --input s3://bucket/laion-tatok/ --output s3://bucket/laion-captions/ --model s3://models/Tar-1.5B
 
-Reads the tokenize job's output (only finished shards), writes captions/{shard}.parquet (key, prompt, caption,
-model, sampling, token counts), errors/ and _manifest/ per shard. Images are never decoded again.
+Reads the tokenize job's output (only finished shards; code shards of either kind), writes
+captions/{shard}.parquet (key, prompt, caption, model, sampling, token counts, then every input column),
+errors/ and _manifest/ per shard. Images are never decoded again. Conversation code shards (any number of
+images per row) are answered per row: the row's `question` column, else its `conversations` whose last turn is
+the human's (the answer is appended as the gpt turn); --question is for rows with neither.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Tar checkpoint folder (Qwen2 + tokenizer), local or s3://. Default: a small RANDOM-weight "
                         "demo Tar created on first use (its captions are noise; `make demo` trains one)")
     p.add_argument("--scale", type=int, default=1, help="which stored pool scale to read (tatok_s{scale}) [1]")
-    p.add_argument("--question", default=DEFAULT_QUESTION, help="the instruction asked about each image [%(default)s]")
+    p.add_argument("--question", default=DEFAULT_QUESTION, help="the instruction asked about each image, for rows without their own question or "
+                        "conversation [%(default)s]")
     p.add_argument("--max-new-tokens", type=int, default=256, help="caption length limit in tokens [256]")
     g = p.add_argument_group("sampling (default: greedy, deterministic)")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")

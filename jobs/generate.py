@@ -5,7 +5,9 @@
         --mllm s3://models/Tar-1.5B --tatok s3://models/ta_tok.pth \
         --ar-detok s3://models/ar_dtok_lp_256px.pth --vq s3://models/vq_ds16_t2i.pt
 
-The prompt table (Parquet, CSV or JSONL) has columns id, prompt and optionally scale, seed, n. Output:
+The prompt table (Parquet, CSV or JSONL) has columns id, prompt and optionally scale, seed, n, and image or
+images: input images (paths, s3:// URLs, bytes, or keys of rows of the --codes code shards) for edits and
+variations, where the model sees the images' codes and the prompt as the instruction. Output:
 img2dataset-style WebDataset shards ({shard}.tar with {key}.png, {key}.txt (prompt), {key}.json (seed,
 sampling, model ids, codes), {shard}.parquet, {shard}_stats.json), errors/ and _manifest/. Deterministic per
 seed; rerunning skips finished shards. With --reflect --candidates N --keep K the MLLM scores N candidates per
@@ -35,6 +37,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ar-detok", default=None, help="AR de-tokenizer checkpoint (ar_dtok_*.pth)")
     p.add_argument("--vq", default=None, help="pixel VQ checkpoint (vq_ds16_t2i.pt)")
     p.add_argument("--diffusion-detok", default=None, help="SANA de-tokenizer folder (diffusers format)")
+    p.add_argument("--codes", nargs="+", default=None,
+                   help="code shards (the tokenize job's output, either kind) whose rows the table's images may "
+                        "name by key (KEY, SHARD/KEY, KEY#k): such images are never decoded again. With --codes, "
+                        "image paths must be absolute or URLs")
     p.add_argument("--scale", type=int, default=1, help="pool scale for rows without one (1: 729 tokens) [1]")
     p.add_argument("--seed", type=int, default=0, help="seed for rows without one: seed + row number [0]")
     p.add_argument("--n", type=int, default=1, help="images per prompt for rows without n [1]")
@@ -111,7 +117,7 @@ def main(argv=None) -> int:
     cfg = GenerateConfig(
         prompts=args.prompts, output=args.output, mllm=args.mllm, tatok=args.tatok, detok=args.detok,
         ar_detok=args.ar_detok, vq=args.vq, diffusion_detok=args.diffusion_detok, scale=args.scale, seed=args.seed,
-        n=args.n, samples_per_shard=args.samples_per_shard, image_format=args.image_format,
+        n=args.n, codes=args.codes, samples_per_shard=args.samples_per_shard, image_format=args.image_format,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
         guidance_scale=args.guidance_scale, num_inference_steps=args.steps, overwrite=args.overwrite,
         batch_size=args.batch_size, num_workers=args.num_workers, min_workers=args.min_workers,
@@ -121,6 +127,8 @@ def main(argv=None) -> int:
     def check():
         problems = checks.generate_problems(cfg)
         cfg.reflect_problems(problems)
+        if not problems:  # the table and the code shards only once the paths are known to be there
+            cfg.input_problems(problems)
         problems.raise_if_any()
         cfg.output = absolute_output(cfg.output)
 

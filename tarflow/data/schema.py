@@ -255,7 +255,7 @@ def check_manifest(manifest: Mapping[str, Any], path: str, fmt: str = MANIFEST_F
 # (one per input code shard, named like it).
 
 CAPTIONS_FORMAT = "tarflow.captions"
-CAPTIONS_VERSION = 1
+CAPTIONS_VERSION = 2  # 2: every input column follows the answer's (captions_schema); conversations answered
 CAPTION_MANIFEST_FORMAT = "tarflow.caption_manifest"
 CAPTION_MANIFEST_VERSION = 2  # 2: facts compare models by content hash; model paths under `sources`
 CAPTIONS_DIR = "captions"
@@ -274,6 +274,20 @@ CAPTIONS_SCHEMA = pa.schema(
 )
 
 
+def captions_schema(code_shard: pa.Schema) -> pa.Schema:
+    """Columns of a captions file (version 2): CAPTIONS_SCHEMA's, then every column of the input code shard (of
+    either kind) but `key`, with its type, so that the output is the corpus with its answers. An input column
+    whose name is one of the answer's is kept as `input_{name}` (an image-text shard's alt text `caption` is
+    `input_caption`). A conversation shard's `conversations` holds the answer appended as a gpt turn
+    ({"from": "gpt", "value": caption}, other struct fields null)."""
+    fields = list(CAPTIONS_SCHEMA)
+    for f in code_shard:
+        if f.name != "key":
+            fields.append(f.with_name(f"input_{f.name}" if f.name in CAPTIONS_SCHEMA.names else f.name)
+                          .remove_metadata())
+    return pa.schema(fields)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Generate job: img2dataset's WebDataset layout ({shard}.tar + {shard}.parquet + {shard}_stats.json) so the
 # output feeds straight back into tarflow, plus errors/{shard}.parquet and _manifest/{shard}.json (last).
@@ -283,6 +297,10 @@ GENERATE_MANIFEST_FORMAT = "tarflow.generate_manifest"
 GENERATE_MANIFEST_VERSION = 2  # 2: facts compare models by content hash; model paths under `sources`
 GENERATED_SAMPLE_META = ("key", "id", "index", "prompt", "seed", "scale", "width", "height", "status",
                          "mllm", "detokenizer", "sampling", "detok_sampling", "codes", "codes_fix")
+# rows with input images (edits, variations) add: instruction (the prompt), input_images [{key, path, sha256}]
+GENERATED_INPUT_META = ("instruction", "input_images")
 
-PROMPT_TABLE_COLUMNS = {"id": "required", "prompt": "required", "scale": "optional (default --scale)",
-                        "seed": "optional (default --seed + row number)", "n": "optional (default --n)"}
+PROMPT_TABLE_COLUMNS = {"id": "required", "prompt": "required unless the table has images",
+                        "scale": "optional (default --scale)", "seed": "optional (default --seed + row number)",
+                        "n": "optional (default --n)",
+                        "image / images": "optional input images: paths, s3:// URLs, bytes or --codes keys"}

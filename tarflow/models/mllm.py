@@ -262,6 +262,83 @@ def t2i_prompt_ids(tokenizer, vocab: TarVocab, prompt: str, pool_scale: int,
     return _encode(tokenizer, text) + [vocab.image_start_tag_id, vocab.scale_token_id(pool_scale)]
 
 
+IMAGE_MARK = "<image>"  # LLaVA's placeholder: one per image, in order over every turn
+HUMAN_ROLES = ("human", "user")
+
+
+class ConversationError(ValueError):
+    """A conversation that cannot become a prompt; `reason` is a short stable tag for errors/."""
+
+    def __init__(self, reason: str, detail: str):
+        self.reason, self.detail = reason, detail
+        super().__init__(f"{reason}: {detail}")
+
+
+def count_image_marks(turns) -> int:
+    return sum((value or "").count(IMAGE_MARK) for _, value in turns)
+
+
+def instruction_turn(prompt: str | None, num_images: int) -> str:
+    """The human turn of a row with input images: `<image>` marks in the prompt place the images; without
+    marks the images come first, then "\n" + prompt (the I2T layout); no prompt: the images alone."""
+    prompt = prompt or ""
+    if IMAGE_MARK in prompt or not num_images:
+        return prompt
+    return IMAGE_MARK * num_images + ("\n" + prompt if prompt.strip() else "")
+
+
+def turn_ids(tokenizer, role: str, parts) -> list[int]:
+    """`<|im_start|>{role}\n` parts `<|im_end|>\n`, `parts` = strings (tokenized one by one) and id lists
+    (image tokens, in place): the layout tarflow.train.mllm.SampleBuilder trains on, piece by piece."""
+    start, end = tokenizer.convert_tokens_to_ids("<|im_start|>"), tokenizer.convert_tokens_to_ids(CHAT_EOS)
+    ids = [start] + _encode(tokenizer, f"{role}\n")
+    for part in parts:
+        ids += _encode(tokenizer, part) if isinstance(part, str) else list(part)
+    return ids + [end] + _encode(tokenizer, "\n")
+
+
+def conversation_prompt_ids(tokenizer, vocab: TarVocab, turns, images, scale: int | None, *,
+                            answer_image: bool = False, system: str = DEFAULT_SYSTEM) -> list[int]:
+    """Input ids of a conversation up to the model's answer, as Tar is trained on it (the reference's rules).
+
+    `turns`: (from, value) pairs in order, `from` human/user or gpt/assistant; `images`: one code list per
+    `<image>` mark, counting every turn in order. A mark in a human turn becomes that image's codes in place
+    (no wrapper, no scale token: images the model reads); in a gpt turn, `<im_start><S{scale-1}>` codes
+    `<im_end>` (an image the model wrote). Then the assistant's turn is opened; with `answer_image` it goes on
+    with `<im_start><S{scale-1}>`, so that what follows is an image at `scale` (as the T2I prompt).
+    ConversationError when the marks and the images differ in number."""
+    images = [vocab.codes_to_ids(c) for c in images]
+    marks = count_image_marks(turns)
+    if marks != len(images):
+        raise ConversationError("image_count_mismatch", f"{marks} {IMAGE_MARK} marks for {len(images)} images")
+    ids = turn_ids(tokenizer, "system", [system])
+    k = 0
+    for who, value in turns:
+        human = who in HUMAN_ROLES
+        parts = []
+        for j, piece in enumerate((value or "").split(IMAGE_MARK)):
+            if j:
+                img = images[k]
+                k += 1
+                parts.append(img if human else [vocab.image_start_tag_id, vocab.scale_token_id(scale)] + img
+                             + [vocab.image_end_tag_id])
+            if piece:
+                parts.append(piece)
+        ids += turn_ids(tokenizer, "user" if human else "assistant", parts)
+    ids += [tokenizer.convert_tokens_to_ids("<|im_start|>")] + _encode(tokenizer, "assistant\n")
+    if answer_image:
+        ids += [vocab.image_start_tag_id, vocab.scale_token_id(scale)]
+    return ids
+
+
+def edit_prompt_ids(tokenizer, vocab: TarVocab, prompt: str | None, images, scale: int,
+                    system: str = DEFAULT_SYSTEM) -> list[int]:
+    """Text + image(s) to image (edits, variations): one human turn = the images' codes and the instruction
+    (`instruction_turn`), then `<im_start><S{scale-1}>` for the image to write."""
+    return conversation_prompt_ids(tokenizer, vocab, [("human", instruction_turn(prompt, len(images)))], images,
+                                   scale, answer_image=True, system=system)
+
+
 def parse_image_codes(generated_ids, vocab: TarVocab, n_tokens: int, tokenizer=None) -> tuple[list[int], str]:
     """Codes of a generated image, cut or zero-padded to `n_tokens`; returns (codes, "ok"|"truncated"|"padded").
 

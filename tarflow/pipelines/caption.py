@@ -1,9 +1,13 @@
-"""The caption job: TA-Tok code shards -> captions from the Tar MLLM, on Ray Data.
+"""The caption job: TA-Tok code shards -> captions (answers) from the Tar MLLM, on Ray Data.
 
-    code shards --CodeShardReader (tasks: one scale column, checked)
-                --Captioner (GPU actor pool: I2T prompts, batched decoding, one static KV cache per batch)
-                --PartWriter --> finalize tasks: CaptionShardWriter (captions/, errors/), then _manifest/
+    code shards --CodeShardReader (tasks: one scale column, plus a conversation shard's question/turns)
+                --Captioner (GPU actor pool: prompts, batched decoding, one static KV cache per batch)
+                --PartWriter --> finalize tasks: CaptionShardWriter (captions/: the answers joined to every
+                  input column of the code shard, errors/), then _manifest/
 
+Code shards of either kind: image-text pairs (one image, the run's --question, the reference's I2T prompt) or
+conversation code shards (any number of images per row; the row's own `question`, else its `conversations`
+whose last turn is the human's, answered as the gpt turn appended; models.mllm.conversation_prompt_ids).
 Images are never decoded again: the codes stored by the tokenize job are the image. Resumable like the
 tokenize job: finished shards (manifest present, same settings) are skipped.
 """
@@ -31,7 +35,10 @@ DEFAULT_QUESTION = "Describe the image shortly."  # the reference's I2T example
 _COMMON = [pa.field("shard", pa.string()), pa.field("idx", pa.int64()), pa.field("key", pa.string()),
            pa.field("kind", pa.string()), pa.field("end_info", pa.string()), pa.field("error_stage", pa.string()),
            pa.field("error_reason", pa.string()), pa.field("error_detail", pa.string())]
-CODES_ROW_SCHEMA = pa.schema(_COMMON + [pa.field("codes", pa.list_(pa.int32()))])
+# `images`: the row's code lists at the scale (one for an image-text shard); `turns`: a conversation row's
+# [[from, value], ...] as JSON; `question`: its own question (null: the turns, else the run's --question)
+CODES_ROW_SCHEMA = pa.schema(_COMMON + [pa.field("images", pa.list_(pa.list_(pa.int32()))),
+                                        pa.field("turns", pa.string()), pa.field("question", pa.string())])
 CAPTIONED_ROW_SCHEMA = pa.schema(_COMMON + [
     pa.field("ok", pa.bool_()), pa.field("prompt", pa.string()), pa.field("caption", pa.string()),
     pa.field("prompt_tokens", pa.int32()), pa.field("caption_tokens", pa.int32()), pa.field("finished", pa.bool_()),
@@ -101,26 +108,45 @@ class CodeShardReader:
 
         with RetryingFile(d["path"]) as f:  # transient read errors retried, as for img2dataset shards
             pf = pq.ParquetFile(f)
-            schema.check_code_shard(pf.schema_arrow, d["path"])
+            meta = schema.check_any_code_shard(pf.schema_arrow, d["path"])
             if self.column not in pf.schema_arrow.names:
                 raise ValueError(f"{d['path']}: no column {self.column!r} (has "
                                  f"{[n for n in pf.schema_arrow.names if n.startswith('tatok_s')]}); choose "
                                  "another --scale or tokenize at this scale")
+            conversation = schema.is_conversation_shard(meta)
+            extra = [c for c in ("conversations", "question") if conversation and c in pf.schema_arrow.names]
             n = 0
-            for rb in pf.iter_batches(batch_size=self.chunk_size, columns=["key", self.column]):
+            for rb in pf.iter_batches(batch_size=self.chunk_size, columns=["key", self.column, *extra]):
                 keys = rb.column(0).to_pylist()
-                codes = rb.column(1).cast(pa.list_(pa.int32()))
-                yield _with_schema({"shard": [d["name"]] * len(keys), "idx": list(range(n, n + len(keys))),
-                                    "key": keys, "kind": ["sample"] * len(keys)}, codes, CODES_ROW_SCHEMA)
+                codes = rb.column(1)
+                images = (codes.cast(pa.list_(pa.list_(pa.int32()))) if conversation else
+                          pa.ListArray.from_arrays(pa.array(range(len(keys) + 1), pa.int32()),
+                                                   codes.cast(pa.list_(pa.int32()))))
+                cols = {"shard": [d["name"]] * len(keys), "idx": list(range(n, n + len(keys))), "key": keys,
+                        "kind": ["sample"] * len(keys)}
+                if "conversations" in extra:
+                    cols["turns"] = [None if c is None else json.dumps(conversation_turns(c))
+                                     for c in rb.column(extra.index("conversations") + 2).to_pylist()]
+                if "question" in extra:
+                    cols["question"] = [q if isinstance(q, str) and q.strip() else None
+                                        for q in rb.column(extra.index("question") + 2).to_pylist()]
+                yield _with_schema(cols, images, CODES_ROW_SCHEMA)
                 n += len(keys)
-        yield pa.Table.from_pylist([end_row(d["name"], n)], schema=CODES_ROW_SCHEMA)
+        # the writer joins the answers to the input's columns: it reads the shard again, by row
+        yield pa.Table.from_pylist([end_row(d["name"], n, source=d["path"])], schema=CODES_ROW_SCHEMA)
+
+
+def conversation_turns(value) -> list[list]:
+    """A `conversations` cell (list of {from, value}, or its JSON text) -> [[from, value], ...]."""
+    turns = json.loads(value) if isinstance(value, str) else value
+    return [[t.get("from"), t.get("value")] for t in turns]
 
 
 def _with_schema(cols: dict, codes: pa.Array, row_schema: pa.Schema) -> pa.Table:
     n = len(codes)
     arrays = []
     for f in row_schema:
-        if f.name == "codes":
+        if f.name == "images":
             arrays.append(codes)
         elif f.name in cols:
             arrays.append(pa.array(cols[f.name], f.type))
@@ -139,7 +165,7 @@ class Captioner:
 
     def __init__(self, model: str, question: str = DEFAULT_QUESTION, max_new_tokens: int = 256,
                  sampling: dict | None = None, seed: int = 0, dtype: str = "auto", device: str = "auto",
-                 compile: bool = False):
+                 compile: bool = False, scale: int = 1):
         import torch
 
         from tarflow.models.generation import BatchedDecoder, Sampling
@@ -153,24 +179,51 @@ class Captioner:
         self.decoder = BatchedDecoder(self.model, self.vocab.pad_id, compile=compile)
         self.sampling = Sampling(**(sampling or {"greedy": True}))
         self.question, self.max_new_tokens, self.seed = question, max_new_tokens, seed
+        self.scale = scale  # images the model wrote in a conversation are re-read as <im_start><S{scale-1}>...
+
+    def _prompt(self, r: dict) -> tuple[list[int], str]:
+        """(prompt ids, the question as text) of a row; ConversationError with the reason of a bad row."""
+        from tarflow.models.mllm import (ConversationError, conversation_prompt_ids, i2t_prompt_ids,
+                                         instruction_turn)
+
+        images = r["images"] or []
+        for k, codes in enumerate(images):
+            side = int(len(codes) ** 0.5)
+            if not codes or side * side != len(codes) or max(codes) >= self.vocab.num_image_tokens or min(codes) < 0:
+                raise ConversationError("bad_codes", f"image {k}: {len(codes)} codes, range "
+                                        f"[{min(codes, default=0)}, {max(codes, default=0)}]")
+        if r["turns"] is None and r["question"] is None:  # an image-text shard: the reference's I2T prompt
+            if len(images) != 1:
+                raise ConversationError("bad_codes", f"{len(images)} images where one was expected")
+            return i2t_prompt_ids(self.tokenizer, self.vocab, images[0], self.question), self.question
+        if r["question"] is not None:
+            question = r["question"]
+            turns = [("human", instruction_turn(question, len(images)))]
+        else:
+            turns = [tuple(t) for t in json.loads(r["turns"])]
+            if not turns or turns[-1][0] not in ("human", "user"):
+                raise ConversationError("last_turn_not_human", f"{len(turns)} turns, the last from "
+                                        f"{turns[-1][0] if turns else None!r}: there is no question to answer")
+            question = turns[-1][1] or ""
+        return conversation_prompt_ids(self.tokenizer, self.vocab, turns, images, self.scale), question
 
     @guarded("caption", CAPTIONED_ROW_SCHEMA)
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from tarflow.models.mllm import i2t_prompt_ids
+        from tarflow.models.mllm import ConversationError
 
         rows = batch.to_pylist()
-        prompts, todo = [], []
+        prompts, questions, todo = [], [], []
         for i, r in enumerate(rows):
             r.update(ok=False, prompt=None, caption=None, prompt_tokens=None, caption_tokens=None, finished=None)
             if r["kind"] != "sample":
                 continue
-            codes = r["codes"] or []
-            side = int(len(codes) ** 0.5)
-            if not codes or side * side != len(codes) or max(codes) >= self.vocab.num_image_tokens or min(codes) < 0:
-                r.update(error_stage="caption", error_reason="bad_codes",
-                         error_detail=f"{len(codes)} codes, range [{min(codes, default=0)}, {max(codes, default=0)}]")
+            try:
+                ids, question = self._prompt(r)
+            except ConversationError as e:
+                r.update(error_stage="caption", error_reason=e.reason, error_detail=e.detail)
                 continue
-            prompts.append(i2t_prompt_ids(self.tokenizer, self.vocab, codes, self.question))
+            prompts.append(ids)
+            questions.append(question)
             todo.append(i)
         if todo:
             order = sorted(range(len(todo)), key=lambda j: len(prompts[j]))  # similar lengths pad less
@@ -179,11 +232,9 @@ class Captioner:
                                         seeds=seeds, stop_ids=(self.vocab.eos_id,))
             for j, toks, stopped in zip(order, out.tokens, out.stopped):
                 r = rows[todo[j]]
-                r.update(ok=True, prompt=self.question, prompt_tokens=len(prompts[j]), caption_tokens=len(toks),
+                r.update(ok=True, prompt=questions[j], prompt_tokens=len(prompts[j]), caption_tokens=len(toks),
                          finished=stopped,
                          caption=self.tokenizer.decode(toks, skip_special_tokens=True).strip())
-        for r in rows:
-            r.pop("codes", None)
         return pa.Table.from_pylist(rows, schema=CAPTIONED_ROW_SCHEMA)
 
 
@@ -233,29 +284,42 @@ def caption_layout(output: str) -> ShardLayout:
 
 
 class CaptionShardWriter:
-    """The caption job's writer (runs in a finalize task): captions/ and errors/ of one shard."""
+    """The caption job's writer (runs in a finalize task): captions/ (the answers, then every column of the
+    input code shard, read again here: schema.captions_schema) and errors/ of one shard."""
 
     def __init__(self, cfg: CaptionConfig, facts: dict):
         import tarflow
 
         self.model = cfg.model
         self.sampling = json.dumps(facts["sampling"], sort_keys=True)
-        self.captions_schema = schema.with_metadata(schema.CAPTIONS_SCHEMA, schema.CAPTIONS_FORMAT,
-                                                    schema.CAPTIONS_VERSION,
-                                                    {**facts, "tarflow_version": tarflow.__version__})
+        self.meta = {**facts, "tarflow_version": tarflow.__version__}
 
     def __call__(self, shard: str, rows: pa.Table, end: dict, paths: dict) -> ShardWritten:
         import pyarrow.compute as pc
 
         ok, errors, reasons = split_failed(rows, shard)
         n = len(ok)
-        captions = pa.table({
+        fs, p = storage.filesystem(end["source"])
+        with fs.open(p, "rb") as f:
+            source = pq.read_table(f).take(ok.column("idx"))
+        if source.column("key").to_pylist() != ok.column("key").to_pylist():
+            raise RuntimeError(f"{end['source']} changed while it was captioned (its keys differ); rerun")
+        columns = {
             "key": ok.column("key"), "prompt": ok.column("prompt"), "caption": ok.column("caption"),
             "model": pa.array([self.model] * n, pa.string()),
             "sampling": pa.array([self.sampling] * n, pa.string()),
             "prompt_tokens": ok.column("prompt_tokens"), "caption_tokens": ok.column("caption_tokens"),
             "finished": ok.column("finished"),
-        }).cast(self.captions_schema)
+        }
+        out_schema = schema.captions_schema(source.schema)
+        answers = ok.column("caption").to_pylist()
+        for name in source.column_names:
+            if name != "key":
+                column = source.column(name)
+                columns[out_schema.names[len(columns)]] = (with_answers(column, answers)
+                                                           if name == "conversations" else column)
+        captions = pa.table(columns).cast(schema.with_metadata(out_schema, schema.CAPTIONS_FORMAT,
+                                                               schema.CAPTIONS_VERSION, self.meta))
         cap_bytes, err_bytes = parquet_bytes(captions), parquet_bytes(errors)
         storage.write_bytes_atomic(paths["captions"], cap_bytes)
         storage.write_bytes_atomic(paths["errors"], err_bytes)
@@ -266,6 +330,19 @@ class CaptionShardWriter:
                      "errors": {"path": paths["errors"], "rows": len(errors), "bytes": len(err_bytes)}},
             counts={"samples_in": len(rows), "ok": n, "failed": len(errors), "failed_by_reason": reasons},
             totals={"caption_tokens": generated, "cut_at_max_new_tokens": unfinished})
+
+
+def with_answers(conversations: pa.ChunkedArray, answers: list[str]) -> pa.Array:
+    """`conversations` (list of {from, value} structs, or their JSON text) with each row's answer appended as
+    the gpt turn."""
+    out = []
+    for turns, answer in zip(conversations.to_pylist(), answers):
+        if isinstance(turns, str):
+            out.append(json.dumps(json.loads(turns) + [{"from": "gpt", "value": answer}]))
+        else:
+            fields = conversations.type.value_type.names
+            out.append((turns or []) + [{k: {"from": "gpt", "value": answer}.get(k) for k in fields}])
+    return pa.array(out, conversations.type)
 
 
 def run_caption(cfg: CaptionConfig, captioner_cls=Captioner, shards: list[CodeShard] | None = None) -> JobSummary:
@@ -295,7 +372,7 @@ def run_caption(cfg: CaptionConfig, captioner_cls=Captioner, shards: list[CodeSh
                                 batch_format="pyarrow", num_cpus=0.25)
             ds = ds.map_batches(captioner_cls, fn_constructor_kwargs=dict(
                 model=cfg.model, question=cfg.question, max_new_tokens=cfg.max_new_tokens, sampling=cfg.sampling,
-                seed=cfg.seed, dtype=cfg.dtype, device=cfg.device, compile=cfg.compile),
+                seed=cfg.seed, dtype=cfg.dtype, device=cfg.device, compile=cfg.compile, scale=cfg.scale),
                 batch_size=cfg.batch_size or (64 if pool.gpus_per_worker else 8), batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(min_size=pool.min_workers, max_size=pool.max_workers),
                 num_gpus=pool.gpus_per_worker, num_cpus=cfg.cpus_per_worker)

@@ -310,7 +310,7 @@ def check_code_shard_input(p: Problems, inputs: list[str], scale: int | None = N
         return []
     first = shards[0].path
     try:
-        meta = schema.check_code_shard(_parquet_schema(first), first)
+        meta = schema.check_any_code_shard(_parquet_schema(first), first)
     except schema.SchemaError as e:
         p.add(f"{flag} {first}", str(e).removeprefix(f"{first}: "), fix)
         return []
