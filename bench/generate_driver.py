@@ -157,7 +157,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
         for n in (int(x) for x in args.rows.split(",")):
             table = os.path.join(tmp, f"prompts-{n}.{args.format}")
-            write_table(table, n)
+            # in a process of its own: a child's peak RSS starts from its parent's (Linux keeps the high-water
+            # mark across fork and exec), so this process stays small
+            subprocess.run([sys.executable, "-c", f"from bench.generate_driver import write_table; "
+                            f"write_table({table!r}, {n})"], cwd=ROOT, check=True)
             for mode in ("driver" if args.no_ray else "job", "old"):
                 cmd = [sys.executable, "-m", "bench.generate_driver", "--samples-per-shard",
                        str(args.samples_per_shard), "--batch-size", str(args.batch_size), "--child", mode, table,
