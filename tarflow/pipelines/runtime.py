@@ -227,7 +227,7 @@ def route_ray_output_to_job_log() -> None:
     `ray.data` loggers (Ray Data's execution plans, warnings and, off a terminal, its progress lines; its bars on
     a terminal are not logging and stay). Without a job log file, nothing changes.
     """
-    if not _job_log["path"]:
+    if not job_log_path():
         return
     try:
         import ray._private.worker as ray_worker
