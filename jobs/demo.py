@@ -28,7 +28,7 @@ JOBS = os.path.dirname(os.path.abspath(__file__))
 # The conversation path (Tar's own corpora: tarflow/data/demo_mix.py's miniature of the reference's mix, tokenized
 # with `tokenize_laion.py --input-format conversations` and trained on with `train_mllm.py --data-config`). OFF
 # until those two features are merged: then set it to True (tests/test_demo.py runs the demo either way).
-CONVERSATION_STEPS = False
+CONVERSATION_STEPS = True
 MLLM_STEPS = 300
 COPIES = 75  # training rows per epoch = 8 photos x 75: Ray Data restarts each epoch, which costs seconds
 
