@@ -9,7 +9,8 @@
 5. train the demo AR de-tokenizer a few steps
 6. (with diffusers) train the demo SANA diffusion de-tokenizer a few steps
 7. train (continue) the demo TA-Tok a few steps on the sample's images
-(with CONVERSATION_STEPS: the sample as a miniature of Tar's conversation mix, tokenized and trained on)
+8. the sample as a miniature of Tar's conversation mix (I2T, T2I, an edit, two-image questions, text), each source
+   tokenized as conversation code shards      9. train the demo Tar on that mix by its ratios (--data-config)
 Each step is the job script of the same name with its own arguments, so the printed commands can be rerun one by
 one. Every model is small and random (or trained for a minute on 8 images): this shows the jobs working, not
 results. Real results need the released checkpoints (see the README).
@@ -26,10 +27,11 @@ import time
 
 JOBS = os.path.dirname(os.path.abspath(__file__))
 # The conversation path (Tar's own corpora: tarflow/data/demo_mix.py's miniature of the reference's mix, tokenized
-# with `tokenize_laion.py --input-format conversations` and trained on with `train_mllm.py --data-config`). OFF
-# until those two features are merged: then set it to True (tests/test_demo.py runs the demo either way).
+# with `tokenize_laion.py --input-format conversations` and trained on with `train_mllm.py --data-config`);
+# tests/test_demo.py runs the demo either way.
 CONVERSATION_STEPS = True
 MLLM_STEPS = 300
+MIX_STEPS = 100  # the mix run shows the path (sources, ratios, per-task counts); the learning test is elsewhere
 COPIES = 75  # training rows per epoch = 8 photos x 75: Ray Data restarts each epoch, which costs seconds
 
 
@@ -133,7 +135,7 @@ def main(argv=None) -> int:
         outputs.append(("trained SANA de-tokenizer", sana))
     outputs.append(("trained TA-Tok", tatok))
     if CONVERSATION_STEPS:
-        outputs += conversation_steps(steps, out, args.mllm_steps)
+        outputs += conversation_steps(steps, out, min(args.mllm_steps, MIX_STEPS))
 
     print(f"\ndemo done in {time.time() - t0:.0f} s (RANDOM-UNTRAINED models: the outputs show the jobs, not results)")
     for what, where in outputs:

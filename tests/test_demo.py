@@ -3,6 +3,7 @@ and the whole chain end to end exactly as `make demo` runs it (cluster group: mi
 from __future__ import annotations
 
 import io
+import ast
 import os
 import re
 import subprocess
@@ -159,6 +160,11 @@ def check_demo_outputs(out, stdout: str, log: str) -> None:
         for source in ("llava-recap", "llava-sft", "t2i", "edit", "text"):
             assert os.listdir(out / "conversation-codes" / source / "codes"), source
         assert (out / "conversation-codes" / "mix.yaml").exists()
+        # every task of the miniature mix was drawn: the edit (ti2i), two-image questions, T2I, I2T and text
+        counts = re.search(r"samples per task (\{.*?\})", stdout)
+        assert counts, stdout[-2000:]
+        per_task = ast.literal_eval(counts.group(1))
+        assert all(per_task.get(t, 0) > 0 for t in ("i2t", "t2i", "ti2i", "multi_image", "text")), per_task
 
 
 def _job(name):
