@@ -2,8 +2,8 @@
 and the whole chain end to end exactly as `make demo` runs it (cluster group: minutes on 2 CPUs)."""
 from __future__ import annotations
 
-import io
 import ast
+import io
 import os
 import re
 import subprocess
