@@ -173,12 +173,16 @@ def check_conversation_shard(schema: pa.Schema, path: str) -> dict:
     own = [n for n in schema.names if n == "key" or n == "num_images" or n.startswith(("image_", "tatok_s"))]
     passthrough = pa.schema([schema.field(n) for n in schema.names if n not in own])
     expected = conversation_shard_schema(meta["scales"], meta["model"]["codebook_size"], passthrough)
+    _check_columns(schema, expected, path)
+    return meta
+
+
+def _check_columns(schema: pa.Schema, expected: pa.Schema, path: str) -> None:
     for f in expected:
         if f.name not in schema.names:
             raise SchemaError(f"{path}: column {f.name!r} is missing")
         if not schema.field(f.name).type.equals(f.type):
             raise SchemaError(f"{path}: column {f.name!r} is {schema.field(f.name).type}, expected {f.type}")
-    return meta
 
 
 def check_any_code_shard(schema: pa.Schema, path: str) -> dict:
@@ -229,11 +233,7 @@ def check_code_shard(schema: pa.Schema, path: str) -> dict:
             f"{LATENTS_VERSION}); re-run the tokenize job with --latents and --overwrite, or use the tarflow that "
             "wrote it")
     expected = code_shard_schema(meta["scales"], meta["model"]["codebook_size"], meta.get("vq"), lat)
-    for f in expected:
-        if f.name not in schema.names:
-            raise SchemaError(f"{path}: column {f.name!r} is missing")
-        if not schema.field(f.name).type.equals(f.type):
-            raise SchemaError(f"{path}: column {f.name!r} is {schema.field(f.name).type}, expected {f.type}")
+    _check_columns(schema, expected, path)
     return meta
 
 
