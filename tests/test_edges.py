@@ -236,7 +236,7 @@ def test_a_job_without_rows_while_the_cluster_does_not_grow_is_ended_naming_reso
     assert "tokenize: no rows for" in text and "the cluster did not grow" in text
     assert "CPU 0 free of 1, GPU 1 free of 1" in text
     assert "--min-encoders" in text and "--cpus-per-encoder" in text and "--stall-timeout" in text
-    assert isinstance(e.value, runtime._usage_errors(()))  # exit status 2, one line per point
+    assert isinstance(e.value, runtime.usage_errors(()))  # exit status 2, one line per point
 
     # a cluster that grows (an autoscaler adding nodes) is waited for; rows arriving keep the job going
     sizes = iter(range(1, 10_000))
