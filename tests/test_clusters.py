@@ -56,9 +56,11 @@ def test_gpu_encoders_start_on_an_autoscaling_cluster_with_no_gpu_node_up(tmp_pa
 def test_the_readme_command_for_an_autoscaling_cluster_with_a_1_cpu_head_runs(tmp_path):
     """`--gpus-per-encoder 1 --num-encoders 2` with the CPU settings at their defaults on a 1-CPU head (issue 21:
     it was refused at start, the check counting the GPU encoders' CPUs against the head's): the job runs its
-    encoders on the GPU nodes the autoscaler adds, the pool grows to 2, every shard is written."""
+    encoders on the GPU nodes the autoscaler adds (never on the head), every shard is written. Whether the
+    second GPU node comes up before the 8 shards are done depends on the machine's speed (seen: 1 node under
+    load), so the pool's growth to 2 is asserted by the scenario above, whose encoder is slowed down."""
     r = _scenario("autoscaling-defaults", tmp_path)
     assert r["gpus_at_start"] == 0 and r["offered"] == {}  # the v1 autoscaler's limits cannot be read
     assert r["done"] == 8 and r["failed"] == []
-    assert r["head_node"] not in r["encoder_nodes"] and len(r["encoder_nodes"]) == 2
+    assert r["head_node"] not in r["encoder_nodes"] and 1 <= len(r["encoder_nodes"]) <= 2
     assert all(ids != "[]" for ids in r["encoder_gpu_ids"])
