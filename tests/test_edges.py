@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import shardmaker
 import slowstages
+from test_reader_faults import _raised_while_handling
 
 from tarflow.data import img2dataset as i2d
 from tarflow.data import storage
@@ -113,16 +114,6 @@ class _BreakingFS:
 
     def size(self, path):
         return os.path.getsize(path)
-
-
-def _raised_while_handling(outer: BaseException, inner: BaseException) -> BaseException:
-    try:
-        try:
-            raise inner
-        except type(inner):
-            raise outer
-    except type(outer) as e:
-        return e
 
 
 @pytest.fixture
