@@ -161,9 +161,10 @@ def check_demo_outputs(out, stdout: str, log: str) -> None:
             assert os.listdir(out / "conversation-codes" / source / "codes"), source
         assert (out / "conversation-codes" / "mix.yaml").exists()
         # every task of the miniature mix was drawn: the edit (ti2i), two-image questions, T2I, I2T and text
-        counts = re.search(r"samples per task (\{.*?\})", stdout)
-        assert counts, stdout[-2000:]
-        per_task = ast.literal_eval(counts.group(1))
+        # the mix run is the last trainer to print its counts (step 2's caption run prints its own, all i2t)
+        counts = re.findall(r"samples per task (\{.*?\})", stdout)
+        assert len(counts) >= 2, stdout[-2000:]
+        per_task = ast.literal_eval(counts[-1])
         assert all(per_task.get(t, 0) > 0 for t in ("i2t", "t2i", "ti2i", "multi_image", "text")), per_task
 
 
