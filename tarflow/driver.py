@@ -54,11 +54,18 @@ def open_job_log(job: str | None = None) -> str | None:
         handler = logging.FileHandler(path, encoding="utf-8")
     except OSError:
         return None
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    handler.setFormatter(_PlainFormatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     FILE_ONLY.addHandler(handler)
     _job_log["path"] = str(path)
     return _job_log["path"]
+
+
+class _PlainFormatter(logging.Formatter):
+    """The job log is read with less, grep and editors: no library's colours (Ray's, werkzeug's) reach it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return without_control_codes(super().format(record))
 
 
 def job_log_path() -> str | None:
@@ -252,6 +259,14 @@ def pin_hub_paths(cfg) -> None:
         raise UsageError(problems)
 
 
+def _stop_ray_work() -> None:
+    """The job's Ray workers stop before its interrupt line is read: a training worker still running would write a
+    checkpoint after the line named the one before it, and the rerun would not resume where the line said."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 def _run_driver(run, cfg, summary_json, report, job, usage, check, start, interrupted_early) -> int:
     try:
         pin_hub_paths(cfg)
@@ -266,6 +281,7 @@ def _run_driver(run, cfg, summary_json, report, job, usage, check, start, interr
         name = signal.Signals(code - 128).name
         line = None
         try:
+            _stop_ray_work()
             line = interrupted_early() if interrupted_early is not None else None
         except Exception as e:  # noqa: BLE001 - the line is a courtesy; the exit status is what matters
             log.debug("no interrupt summary: %s", e)

@@ -343,7 +343,7 @@ def worker_loop(task_cls: type[Task], config_cls: type[TrainConfig], config: dic
         dt = time.perf_counter() - t0
         for k in task.total_keys:
             meta["totals"][k] = meta["totals"].get(k, 0.0) + float(sums[keys.index(k)])
-        metrics = {"step": state.step, "epoch": state.epoch, "lr": lr,
+        metrics = {"step": state.step, "epoch": state.epoch, "lr": lr, "step_seconds": dt,
                    **task.metrics(dict(zip(keys, sums)), meta["totals"], dt)}
         meta["history"] = (meta["history"] + [metrics])[-HISTORY_MAX:]
         window, window_s = window + sums, window_s + dt
