@@ -173,6 +173,7 @@ def _images(tar_path):
                 for n in t.getnames() if n.endswith(".png")}
 
 
+@pytest.mark.cluster  # minutes on 2 cores: the heavier group (make test-cluster)
 def test_generated_images_are_deterministic_per_seed_whatever_the_batch(ray_local, prompt_table, tar_folder,
                                                                          tmp_path):
     from tarflow.pipelines.generate import run_generate

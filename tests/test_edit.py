@@ -323,6 +323,7 @@ def random_tar(tmp_path_factory):
     return tiny_tar.save_tiny_tar(tmp_path_factory.mktemp("tar") / "tiny-tar", hidden=16, heads=2, kv_heads=1)
 
 
+@pytest.mark.cluster  # minutes on 2 cores: the heavier group (make test-cluster)
 def test_questions_over_several_images_through_the_caption_job(ray_local, tokenizer, photos, random_tar, tmp_path):
     """Each row is answered as Hugging Face generate answers the hand-derived prompt; every input column is kept
     and the answer appended to `conversations`; bad rows fail alone; the batch size changes nothing."""

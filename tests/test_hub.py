@@ -170,6 +170,7 @@ def _model_downloads(hub) -> dict:
     return {(repo, path): n for (t, repo, path), n in hub.downloads.items() if t == "model"}
 
 
+@pytest.mark.cluster  # minutes on 2 cores: the heavier group (make test-cluster)
 def test_tokenize_and_caption_take_models_and_data_from_the_hub_once_per_node(hub_with_tar, tmp_path):
     """tokenize (a dataset glob, 2 encoder actors) and caption with hf:// arguments on one node: every model file
     is downloaded once into the hub cache, dataset shards are read by ranges; the outputs' facts name the commit;

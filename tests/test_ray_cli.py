@@ -24,6 +24,7 @@ import time
 import urllib.error
 import urllib.request
 
+import pytest
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -71,6 +72,7 @@ def _stop(head: subprocess.Popen) -> None:
             continue
 
 
+@pytest.mark.cluster  # minutes on 2 cores: the heavier group (make test-cluster)
 def test_readme_ray_job_submit_path_with_the_real_cli(tmp_path):
     bin_dir = os.path.dirname(sys.executable)
     ray = os.path.join(bin_dir, "ray")

@@ -175,6 +175,7 @@ def test_new_model_takes_its_sizes_from_the_data(family, data):
                         math.log(64), rel_tol=1e-6)
 
 
+@pytest.mark.cluster  # minutes on 2 cores: the heavier group (make test-cluster)
 def test_resume_reaches_the_weights_of_the_straight_run(family, data, straight, tmp_path):
     """Stopped after 3 of 6 steps, then rerun: the same weights as the straight run (same 2 workers and seed:
     optimiser state, schedule, each worker's data position and the per-step seeds all resume)."""

@@ -289,6 +289,7 @@ def _mix_cfg(mix, base_folder, facts, tmp_path, name, optim, **kw):
                            log_every=20, storage_path=str(tmp_path / "runs"), name=name, optim=optim, **kw)
 
 
+@pytest.mark.cluster  # minutes on 2 cores: the heavier group (make test-cluster)
 def test_a_tiny_tar_learns_edits_two_image_questions_and_t2i_from_a_mixed_corpus(ray_local, base_folder, facts,
                                                                                   tmp_path):
     """Trained on the mix, a tiny Tar, decoding greedily with the bulk jobs' prompts, (a) writes image B's codes for the instruction and image A, (b) names both images of a pair in

@@ -290,6 +290,7 @@ def test_bad_arguments_and_paths_are_reported_together_before_ray_starts(code_sh
     assert f"were tokenized by another TA-Tok than --tatok {other}" in line and "00000.parquet" in line
 
 
+@pytest.mark.cluster  # minutes on 2 cores: the heavier group (make test-cluster)
 def test_two_workers_loss_falls_bad_rows_are_counted_and_checkpoint_loads(ray_local, code_shards, base_folder,
                                                                            tmp_path, s3_bucket, monkeypatch):
     """Also: --base on S3 (copied by the workers), the driver builds no model, and --keep-checkpoints 2 leaves
@@ -376,6 +377,7 @@ def _assert_same_weights(a, b):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.cluster  # minutes on 2 cores: the heavier group (make test-cluster)
 def test_a_run_stopped_and_resumed_under_alternating_strategies_reaches_the_straight_runs_weights(
         straight_run, code_shards, base_folder, tmp_path):
     """2 steps under FSDP, 2 under DDP, 2 under FSDP, a checkpoint between each (FSDP gathers weights and
@@ -428,6 +430,7 @@ def test_a_run_from_a_tar_checkpoint_survives_a_worker_killed_mid_run(ray_local,
     assert 0 < (w1 - w0).abs().max() < 0.1
 
 
+@pytest.mark.cluster  # minutes on 2 cores: the heavier group (make test-cluster)
 def test_learning_is_real_captions_from_codes_and_codes_from_captions(ray_local, code_shards, base_folder, tmp_path):
     """A tiny Tar trained on the 8 sample rows reproduces, greedily, each row's caption from its codes (I2T)
     and its codes from its caption (T2I), with the inference prompts the bulk jobs use."""
