@@ -1,6 +1,9 @@
 """The generate job: a prompt table -> synthetic images as img2dataset-style WebDataset shards, on Ray Data.
 
-    prompt table (driver: read, validate, expand n samples per row, cut into output shards)
+    prompt table --an index task (validates it, counts the requests per row group; the driver cuts those
+                   counts into output shards, never holding a row)
+      --PromptShardReader (tasks: one output shard's row groups, n samples per row expanded, its end row)
+      --InputImageLoader (CPU tasks: a request's input images, as stored codes or decoded pixels)
       --T2IGenerator (GPU actor pool: T2I prompts -> codes with the Tar MLLM -> pixels with a de-tokenizer)
       --ImageEncoder (CPU tasks: PNG / JPEG)
       --PartWriter --> finalize tasks: GeneratedShardWriter ({shard}.tar, .parquet, _stats.json, errors/),

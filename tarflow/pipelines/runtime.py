@@ -13,7 +13,6 @@ an exit status and a few readable lines (tarflow.driver.run_driver, which the tr
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import signal
@@ -36,6 +35,8 @@ from tarflow.driver import (  # noqa: F401
     usage_errors,
     write_error_log,
 )
+
+from tarflow.pipelines import ray_private
 
 log = logging.getLogger("tarflow")
 
@@ -62,13 +63,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, progress_b
             _token_auth_without_warning()
             start_local_ray(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                             object_store_memory=_local_object_store_bytes())
-    _pass_small_actor_arguments_by_value()
+    ray_private.pass_small_actor_arguments_by_value(_INLINE_ARG_BYTES)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress_bars is not False
     if not ctx.enable_progress_bars:
-        from ray.util.debug import log_once
-
-        log_once("ray_data_progress_manager_disabled")  # asked for (--no-progress): no warning that they are off
+        ray_private.silence_progress_bars_off_warning()  # asked for (--no-progress): no warning that they are off
     if not _is_tty():
         # Ray Data logs progress lines instead of bars when stdout is not a terminal, except inside Ray workers
         # (Ray Train's data coordinator), where its default ray-tqdm bars would still write control codes
@@ -109,16 +108,10 @@ def _sigterm_while_ray_starts():
 
 def _token_auth_without_warning() -> None:
     """Ray 2.60 turns token authentication on for a new local cluster when RAY_AUTH_MODE is unset, and warns
-    about it on every run. Asking for it explicitly, as Ray itself does (environment variable plus a refresh of
-    this process's cached config), keeps it on, the token in ~/.ray/auth_token created once, and the warning
-    away. An explicit RAY_AUTH_MODE (token or disabled) is left as it is."""
-    if os.environ.get("RAY_AUTH_MODE") is not None:
-        return
-    try:
-        from ray._private.authentication.authentication_token_setup import _enable_token_auth
-    except ImportError:  # another Ray: its defaults apply
-        return
-    _enable_token_auth()
+    about it on every run. Asking for it explicitly keeps it on, the token in ~/.ray/auth_token created once, and
+    the warning away. An explicit RAY_AUTH_MODE (token or disabled) is left as it is."""
+    if os.environ.get("RAY_AUTH_MODE") is None:
+        ray_private.enable_token_auth()
 
 
 def _is_tty() -> bool:
@@ -153,48 +146,7 @@ def _local_object_store_bytes() -> int | None:
     return int(min(2 << 30, max(256 << 20, total // 10)))
 
 
-_INLINE_ARG_BYTES = 64 << 10
-
-
-def _pass_small_actor_arguments_by_value() -> None:
-    """Stop the `core_worker.cc ... has constructor arguments in the object store and max_restarts > 0` ERROR line
-    that Ray 2.60 logs for every actor of a Ray Data actor pool.
-
-    Ray Data puts each operator's transform and DataContext in the object store and hands the references to the
-    MapWorker actors it creates with max_restarts=-1; the core worker then warns that a restart would fail if
-    those objects were lost (ray-project/ray#53727). The operator holds both for its whole life, so nothing can
-    be done about it but read it. Both are a few KB: passing them by value (Ray inlines arguments this small)
-    removes the cause. Larger ones still go by reference, as before. Only for actor pools; tasks are unchanged.
-    """
-    try:
-        import ray
-        from ray.data._internal.execution.operators.actor_pool_map_operator import ActorPoolMapOperator
-        from ray.data._internal.execution.operators.map_operator import MapOperator
-    except ImportError:
-        return
-    names = {"_map_transformer_ref": "_map_transformer", "_data_context_ref": "data_context"}
-    if getattr(ActorPoolMapOperator, "_tarflow_small_args_by_value", False) or not all(
-            isinstance(MapOperator.__dict__.get(n), functools.cached_property) for n in names):
-        return  # another Ray version: leave it alone
-
-    def by_value(ref_name: str, attr: str):
-        by_ref = MapOperator.__dict__[ref_name].func
-
-        def get(self):
-            obj = getattr(self, attr)
-            try:
-                small = len(ray.cloudpickle.dumps(obj)) <= _INLINE_ARG_BYTES
-            except Exception:
-                small = False
-            return obj if small else by_ref(self)
-
-        prop = functools.cached_property(get)
-        prop.__set_name__(ActorPoolMapOperator, ref_name)
-        return prop
-
-    for ref_name, attr in names.items():
-        setattr(ActorPoolMapOperator, ref_name, by_value(ref_name, attr))
-    ActorPoolMapOperator._tarflow_small_args_by_value = True
+_INLINE_ARG_BYTES = 64 << 10  # an actor-pool worker's transform and DataContext up to this size go by value
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -222,35 +174,18 @@ def route_ray_output_to_job_log() -> None:
 
     Ray prints, on the driver, from two background threads: the lines of its workers (with log_to_driver) and
     the errors that raylets and the GCS publish (even without log_to_driver: e.g. the colourised `(raylet) Task
-    ... submit failed ... killed by ray.kill` when Ray Data ends its actors under load). Both go through
-    `ray._private.worker.print_worker_logs`, which is replaced here; so are the console handlers of the `ray` and
-    `ray.data` loggers (Ray Data's execution plans, warnings and, off a terminal, its progress lines; its bars on
-    a terminal are not logging and stay). Without a job log file, nothing changes.
+    ... submit failed ... killed by ray.kill` when Ray Data ends its actors under load). Both go through one
+    private function of Ray's, replaced here (ray_private.route_driver_prints); so are the console handlers of
+    the `ray` and `ray.data` loggers (Ray Data's execution plans, warnings and, off a terminal, its progress
+    lines; its bars on a terminal are not logging and stay). Without a job log file, nothing changes.
     """
     if not job_log_path():
         return
-    try:
-        import ray._private.worker as ray_worker
-    except ImportError:
-        return
-    if not getattr(ray_worker, "_tarflow_routed", False):
-        magic = getattr(ray_worker, "RAY_TQDM_MAGIC", None)
 
-        def print_worker_logs(data, print_file=None, ignore_prefix=False):
-            source = data.get("pid")
-            lines = data.get("lines", [])
-            if source == "autoscaler":
-                lines = ray_worker.filter_autoscaler_events(lines)
-            name = data.get("actor_name") or data.get("task_name") or ""
-            where = f"{name} pid={source}" if name else str(source)
-            for line in lines:
-                if magic and magic in line:
-                    continue  # Ray's distributed tqdm bars
-                FILE_ONLY.info("(%s%s) %s", where, f", ip={data['ip']}" if data.get("ip") else "",
-                               without_control_codes(line))
+    def to_job_log(source: str, line: str) -> None:
+        FILE_ONLY.info("(%s) %s", source, without_control_codes(line))
 
-        ray_worker.print_worker_logs = print_worker_logs
-        ray_worker._tarflow_routed = True
+    ray_private.route_driver_prints(to_job_log)
     try:
         import ray.data  # noqa: F401  (configures its logger on import: its console handler is replaced here)
     except ImportError:

@@ -36,6 +36,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tarflow.data import schema, storage
+# the autoscaler's limits, which no public Ray API gives: one module holds every private Ray name tarflow uses
+from tarflow.pipelines.ray_private import autoscaler_max_resources, autoscaler_running
 from tarflow.preflight import UsageError
 
 log = logging.getLogger("tarflow")
@@ -1101,32 +1103,3 @@ def _cpus_by_node_kind() -> tuple[float, float]:
         else:
             cpu_only += res.get("CPU", 0.0)
     return cpu_only, on_gpu
-
-
-def autoscaler_running() -> bool:
-    """Whether an autoscaler watches this cluster: its status in the GCS (the v1 monitor writes it every few
-    seconds; autoscaler v2 keeps its state in the GCS too)."""
-    try:
-        from ray._private import ray_constants
-        from ray.experimental.internal_kv import _internal_kv_get
-
-        if _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS):
-            return True
-    except Exception:  # noqa: BLE001 - another Ray: no autoscaler known
-        pass
-    try:
-        from ray.autoscaler.v2.utils import is_autoscaler_v2
-
-        return bool(is_autoscaler_v2())
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def autoscaler_max_resources() -> dict:
-    """The most of each resource the cluster's autoscaler may bring up ({} without an autoscaler)."""
-    try:
-        from ray._private.state import state
-
-        return dict(state.get_max_resources_from_cluster_config() or {})
-    except Exception:  # noqa: BLE001 - an older Ray, or no GCS-side config: behave as a static cluster
-        return {}

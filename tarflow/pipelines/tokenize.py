@@ -1,14 +1,19 @@
-"""The tokenize pipeline: img2dataset shards -> TA-Tok code Parquet shards, on Ray Data.
+"""The tokenize job: img2dataset shards, or LLaVA-style conversation tables, -> TA-Tok code Parquet shards, on
+Ray Data.
 
     shard list --ShardReader (tasks: raw bytes, no decoding)
-               --ImageDecoder (CPU tasks: decode, convert, resize to TA-Tok's input size [and the VQ's])
-               --TATokEncoder (GPU actor pool: one encoder pass, codes at every requested scale [+ VQ codes])
-               --> driver: ShardAssembler gathers each shard's rows; CodeShardWriter writes it
+               --ImageDecoder (CPU tasks: decode, convert, resize to TA-Tok's input size [and the VQ's, the VAE's])
+               --TATokEncoder (GPU actor pool: one encoder pass, codes at every requested scale [+ VQ codes,
+                 latents])
+               --PartWriter --> finalize tasks: CodeShardWriter (codes/, errors/), then _manifest/
+    (conversation tables: ConversationReader, ConversationDecoder, the same encoder on every image of a row,
+     ConversationShardWriter)
 
-Every sample of a shard travels as one row, good or bad, and each shard ends with an "end" row that carries
-its sample count; a shard is written only once all its rows have arrived, so a shard is never written
-partially and a killed job redoes exactly the shards that have no manifest. Rows are keyed by (shard, index):
-a block replayed by a retried task cannot duplicate a sample.
+Every sample (conversation row) of a shard travels as one row, good or bad, and each shard ends with an "end"
+row that carries its sample count; a shard is written only once all its rows have arrived (in parts on the
+output's storage, see tarflow.pipelines.sharded), so a shard is never written partially and a killed job redoes
+exactly the shards that have no manifest. Rows are keyed by (shard, index): a block replayed by a retried task
+cannot duplicate a sample.
 
 With `vq` (training data for the AR de-tokenizer) each image is also resized to vq_resolution x vq_resolution
 exactly as for TA-Tok (RGB, PIL bicubic on uint8, aspect not kept, no crop), so that the condition (TA-Tok

@@ -1,7 +1,7 @@
 """Training the AR de-tokenizer on Ray Train: stored TA-Tok codes -> rec features -> pixel-VQ codes.
 
     code shards (tokenize --vq)  --ray.data.read_parquet: [tatok_s{scale}, vq16_{res}] only
-      --> Ray Train workers (TorchTrainer, DDP), per micro-batch of rows:
+      --> Ray Train workers (TorchTrainer, DDP / FSDP), per micro-batch of rows:
           rows checked: missing codes, wrong lengths, codes out of range -> skipped and counted, never trained on
           frozen TA-Tok decoder: codes -> condition (B, n_cond, C)                       (no grad)
           condition dropout: a dropped row gets the all-zero condition, the null condition CFG samples with

@@ -1,9 +1,10 @@
 """The trainer core's parts: optimiser and schedule, how workers share a model (ModelParallel), the trainer
 state in a checkpoint. The loop itself is tarflow.train.core.
 
-`trainer_state.pt` (optimiser, schedule, step, epoch, rows consumed per worker, RNG) sits beside the model in
-each checkpoint folder, loadable with `torch.load(weights_only=True)`. Ray Train persists the folder to
-`storage_path` (local or s3://) and hands the latest back to the workers after a failure or on a rerun.
+`trainer_state.pt` (optimiser, schedule, step, epoch, rows consumed per worker; no RNG state: the loop reseeds
+every step from (seed, rank, step)) sits beside the model in each checkpoint folder, loadable with
+`torch.load(weights_only=True)`. Ray Train persists the folder to `storage_path` (local or s3://) and hands the
+latest back to the workers after a failure or on a rerun.
 """
 from __future__ import annotations
 

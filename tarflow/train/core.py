@@ -8,9 +8,9 @@
              accumulation, per-step seeds, metrics (summed over the workers) every --log-every steps, and
              checkpoints every --checkpoint-every steps
 
-A trainer is a `Task` subclass and a driver function that calls `fit`. The Tar MLLM (tarflow.train.mllm) and
-the AR de-tokenizer (tarflow.train.ar_detok) are two; a diffusion de-tokenizer or TA-Tok trainer plugs in the
-same way (its model, its batches, its loss).
+A trainer is a `Task` subclass and a driver function that calls `fit`: the Tar MLLM (tarflow.train.mllm), the
+AR and diffusion de-tokenizers (tarflow.train.ar_detok, tarflow.train.diffusion_detok) and TA-Tok itself
+(tarflow.train.tatok). Another plugs in the same way (its model, its batches, its loss).
 
 Checkpoint folder = the model in the format its users load (written by the task) + `trainer_state.pt`
 (optimiser, schedule, step, epoch, each worker's data position; `torch.load(weights_only=True)`) +

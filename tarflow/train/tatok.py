@@ -2,7 +2,7 @@
 
     img2dataset shards (local or s3://)
       --the tokenize job's own stages on CPU workers: ShardReader (raw bytes) --ImageDecoder (RGB, PIL bicubic
-        to the teacher's input size, uint8): tarflow.pipelines.tokenize.read_and_decode
+        to the teacher's input size, uint8): the tokenize job's `read_and_decode`
       --> Ray Train workers (TorchTrainer, DDP / FSDP), per micro-batch of `batch_size` rows:
           failed images (undecodable, too large) skipped and counted; shards that could not be read counted
           a pool scale s drawn per micro-batch from --pool-scales (seeded per step and worker by the core)
