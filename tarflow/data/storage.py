@@ -130,14 +130,11 @@ def remove(path: str) -> None:
 
 
 def remove_many(paths: list[str]) -> None:
-    """Remove files (missing ones are fine): batched deletes on object stores (1,000 keys a request)."""
+    """Remove files (missing ones are fine) with one fsspec `rm`: batched deletes on object stores (1,000 keys a
+    request)."""
     if not paths:
         return
     fs, _ = filesystem(paths[0])
-    if not is_remote(paths[0]):
-        for path in paths:
-            remove(path)
-        return
     try:
         fs.rm([filesystem(x)[1] for x in paths])
     except FileNotFoundError:  # one was gone already: the rest one by one
@@ -194,20 +191,12 @@ def iter_read_many(paths: list[str], chunk: int = 1000, max_workers: int = 64):
 
 
 def read_many(paths: list[str], max_workers: int = 64) -> dict[str, bytes | None]:
-    """{path: bytes, or None when missing} for many small files at once: concurrent requests on object
-    stores (s3fs batches them), plain reads locally. Other errors raise."""
+    """{path: bytes, or None when missing} for many small files at once (one fsspec `cat`: concurrent requests
+    on object stores, `max_workers` at a time; plain reads locally). Other errors (a folder: IsADirectoryError)
+    raise."""
     if not paths:
         return {}
     fs, _ = filesystem(paths[0])
-    if not is_remote(paths[0]):
-        out = {}
-        for path in paths:
-            try:
-                with fs.open(filesystem(path)[1], "rb") as f:  # one open per file (a folder raises IsADirectoryError)
-                    out[path] = f.read()
-            except FileNotFoundError:
-                out[path] = None
-        return out
     inner = {filesystem(x)[1]: x for x in paths}
     got = fs.cat(list(inner), on_error="return", batch_size=max_workers)
     out = {}
@@ -219,7 +208,7 @@ def read_many(paths: list[str], max_workers: int = 64) -> dict[str, bytes | None
             raise v
         else:
             out[path] = v
-    return out
+    return {path: out[path] for path in paths if path in out}  # in the order asked (cat sorts)
 
 
 def remove_tree(path: str) -> None:
