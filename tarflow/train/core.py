@@ -570,16 +570,3 @@ def check_one_tatok(footers: list[Footer], problems, expected: tuple[str, str] |
                      + (" (or pass the TA-Tok that made them)" if expected else ""))
     return ref
 
-
-def file_sha256(path: str) -> str:
-    """sha256 of a (local or s3://) file, streamed: nothing is built and memory stays small."""
-    import hashlib
-
-    if storage.hub.is_hub(path):  # the Hub keeps it (LFS), or the file is small: never streamed whole here
-        return storage.sha256(path)
-    h = hashlib.sha256()
-    fs, p = storage.filesystem(path)
-    with fs.open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
