@@ -341,6 +341,6 @@ def run_train(cfg: ARTrainConfig, plan: dict | None = None, loop=None, loop_extr
     ds = ray.data.read_parquet(data.files).select_columns([data.cond_column, data.vq_column])  # pushed into the read
     summary = fit(cfg, loop or train_loop, {**plan, **(loop_extra or {})}, ds)
     if cfg.output:
-        storage.write_bytes_atomic(cfg.output, storage.read_bytes(storage.join(summary.checkpoint, MODEL_FILE)))
+        storage.copy_file(storage.join(summary.checkpoint, MODEL_FILE), cfg.output)  # streamed
         summary.output = cfg.output
     return summary

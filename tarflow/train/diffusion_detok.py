@@ -532,40 +532,6 @@ def preflight(cfg: DiffusionTrainConfig) -> dict:
     return {"plan": asdict(plan), "model": spec, "facts": plan.facts()}
 
 
-def copy_file(src: str, dst: str) -> None:
-    """Copy one (local or s3://) file to another, streamed in 16 MiB pieces (a 600M transformer is 2.4 GB in
-    float32: never whole in memory), appearing whole or not at all: locally a temporary sibling renamed into
-    place, on S3 an upload that completes on close."""
-    import uuid
-
-    sfs, sp = storage.filesystem(src)
-    dfs, dp = storage.filesystem(dst)
-    if storage.is_remote(dst):
-        with sfs.open(sp, "rb") as r, dfs.open(dp, "wb") as w:
-            shutil.copyfileobj(r, w, 16 << 20)
-        return
-    os.makedirs(os.path.dirname(dp), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(dp), f".{os.path.basename(dp)}.{uuid.uuid4().hex}.tmp")
-    try:
-        with sfs.open(sp, "rb") as r, open(tmp, "wb") as w:
-            shutil.copyfileobj(r, w, 16 << 20)
-        os.replace(tmp, dp)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def copy_folder(src: str, dst: str, skip=()) -> None:
-    """Copy the files of folder `src` to `dst` (each local or s3://), file by file (see copy_file); `skip`: names
-    at the top level left out."""
-    root = src.rstrip("/")
-    for path in sorted(storage.list_sizes(root, recursive=True)):
-        rel = path[len(root) + 1:]
-        if rel.split("/", 1)[0] in skip:
-            continue
-        copy_file(path, storage.join(dst, rel))
-
-
 def run_train(cfg: DiffusionTrainConfig, plan: dict | None = None, loop=None,
               loop_extra: dict | None = None) -> TrainSummary:
     """Train with Ray Train (after `preflight`, run here when `plan` is None); the final pipeline folder is
@@ -578,6 +544,6 @@ def run_train(cfg: DiffusionTrainConfig, plan: dict | None = None, loop=None,
     ds = ray.data.read_parquet(data.files).select_columns([*data.cond_columns, data.latents_column])
     summary = fit(cfg, loop or train_loop, {**plan, **(loop_extra or {})}, ds)
     if cfg.output:
-        copy_folder(summary.checkpoint, cfg.output, skip=TRAINER_FILES)
+        storage.copy_folder(summary.checkpoint, cfg.output, skip=TRAINER_FILES)  # streamed, file by file
         summary.output = cfg.output
     return summary
