@@ -462,6 +462,14 @@ def refuse_other_data(cfg: TrainConfig, facts: dict, problems) -> None:
                    "rerun it with its own --data and models, or give another --name to start a new run")
 
 
+def finish_preflight(cfg: TrainConfig, problems, facts: dict, **plan) -> dict:
+    """The end of every trainer's preflight: a rerun's data checked against its run's, every problem found raised
+    at once (UsageError), and what the workers get: `plan` with the run's `facts`."""
+    refuse_other_data(cfg, facts, problems)
+    problems.raise_if_any()
+    return {**plan, "facts": facts}
+
+
 def fit(cfg: TrainConfig, loop, loop_config: dict, dataset) -> TrainSummary:
     """Run `loop` (a worker_loop partial) with Ray Train on `dataset` (split over the workers in a fixed
     order; or a dict of named datasets, each split so, or none, for a Task whose `epoch_rows` reads them);

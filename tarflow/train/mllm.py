@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tarflow.data import schema, storage
 from tarflow.preflight import Problems, check_model_folder
 from tarflow.train.core import Task, TrainConfig, TrainSummary, check_one_tatok, fit, read_footers
-from tarflow.train.core import refuse_other_data, worker_loop
+from tarflow.train.core import finish_preflight, worker_loop
 
 log = logging.getLogger("tarflow.train.mllm")
 
@@ -753,14 +753,13 @@ def preflight(cfg: MLLMTrainConfig) -> dict:
                  "tokens_per_scale": facts["tokens_per_scale"], "codebook_size": facts["codebook_size"]}
     if sources is not None:  # another mix is other data, even on the same files
         run_facts["mix"] = [{"name": s.name, "ratio": s.ratio, "paths": s.paths} for s in sources]
-    refuse_other_data(cfg, run_facts, problems)
-    problems.raise_if_any()
+    out = finish_preflight(cfg, problems, run_facts, files=files, tokens_per_scale=facts["tokens_per_scale"],
+                           codebook_size=facts["codebook_size"], text_keep=text_keep,
+                           sources=[s.as_dict() for s in sources] if sources is not None else None)
     if sources is not None:
         log.info("data mix: %s", "; ".join(f"{s.name}: {s.rows} rows, ratio {s.ratio:g}, read {s.copies}x, "
                                            f"kept {s.keep:.3f}" for s in sources))
-    return {"files": files, "tokens_per_scale": facts["tokens_per_scale"], "codebook_size": facts["codebook_size"],
-            "text_keep": text_keep, "facts": run_facts,
-            "sources": [s.as_dict() for s in sources] if sources is not None else None}
+    return out
 
 
 def run_train_mllm(cfg: MLLMTrainConfig, plan: dict | None = None, train_loop=None,

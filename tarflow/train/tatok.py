@@ -32,7 +32,7 @@ import pyarrow as pa
 from tarflow.data import storage
 from tarflow.preflight import Problems
 from tarflow.train.common import OptimConfig
-from tarflow.train.core import Task, TrainConfig, TrainSummary, fit, refuse_other_data, worker_loop
+from tarflow.train.core import Task, TrainConfig, TrainSummary, finish_preflight, fit, worker_loop
 
 log = logging.getLogger("tarflow.train.tatok")
 
@@ -229,11 +229,10 @@ def preflight(cfg: TATokTrainConfig) -> dict:
              "model": {k: v for k, v in asdict(model).items() if k != "source"},
              "source": {k: v for k, v in model.source.items() if k != "rows"},
              "rows_sha": _rows_digest(model.source.get("rows"))}
-    refuse_other_data(cfg, facts, problems)
-    problems.raise_if_any()
+    out = finish_preflight(cfg, problems, facts, shards=[asdict(s) for s in shards], model=asdict(model))
     log.info("%d shards; TA-Tok %dpx, K=%d, D=%d, C=%d, scales %s", len(shards), model.input_size,
              model.codebook_size, model.dim, model.hidden, cfg.pool_scales)
-    return {"shards": [asdict(s) for s in shards], "model": asdict(model), "facts": facts}
+    return out
 
 
 def _rows_digest(rows) -> str | None:
