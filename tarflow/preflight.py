@@ -4,7 +4,8 @@
     problems.check(storage.exists(path), path, "does not exist", "give the folder the tokenize job wrote")
     problems.raise_if_any()          # UsageError: run_job prints each line and exits 2
 
-A line names the path (or flag), what is wrong and the fix, and is cut to a readable length.
+A line names the path (or flag), what is wrong and the fix, and is cut to a readable length. Checks that jobs
+and trainers share live here too (check_model_folder).
 """
 from __future__ import annotations
 
