@@ -204,12 +204,6 @@ def listdir(path: str) -> list[str]:
     return sorted(prefix + e for e in fs.ls(p, detail=False) if not fs.isdir(e))
 
 
-def glob(pattern: str) -> list[str]:
-    fs, p = filesystem(pattern)
-    prefix = protocol_prefix(pattern)
-    return sorted(prefix + e for e in fs.glob(p))
-
-
 def list_sizes(path: str, recursive: bool = False) -> dict[str, int]:
     """{full path: size} of the files under folder/prefix `path`, from listings alone (one request per 1,000
     keys on S3, never one per file); {} when there is nothing there."""
