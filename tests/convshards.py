@@ -15,9 +15,7 @@ def tatok_facts(tatok_path: str, scales=(1, 2, 3), codebook_size: int = 512, tok
                 input_size: int = 126) -> TokenizeFacts:
     """The footer facts a code shard of `tatok_path` has (defaults: the reference fixture's tiny TA-Tok: 9 x 9
     codes at scale 1, 512 codes, 126 px)."""
-    from tarflow.train.core import file_sha256
-
-    return TokenizeFacts(checkpoint=str(tatok_path), checkpoint_sha256=file_sha256(str(tatok_path)),
+    return TokenizeFacts(checkpoint=str(tatok_path), checkpoint_sha256=storage.sha256(str(tatok_path)),
                          model_args={"bottleneck_token_num": tokens, "codebook_size": codebook_size},
                          codebook_size=codebook_size, input_size=input_size, scales=list(scales),
                          options={"exif_transpose": False, "max_pixels": 89478485})

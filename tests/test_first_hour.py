@@ -80,7 +80,7 @@ def test_caption_reports_every_problem_at_once_before_ray(tmp_path, capsys, no_r
     errors = _errors(capsys.readouterr().err)
     assert rc == 2 and len(errors) == 2, errors
     assert errors[0] == f"error: --scale 2: the code shards in {codes} hold scales [1, 3]; pass --scale 1"
-    assert "has no tokenizer files" in errors[1]
+    assert f"--model {model}: not a Hugging Face model folder: no tokenizer files" in errors[1]
     assert not (tmp_path / "out").exists()
 
 

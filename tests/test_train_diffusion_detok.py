@@ -336,7 +336,7 @@ def test_init_from_s3(data, s3_bucket, tmp_path):
     task.save_model(model, str(tmp_path / "ckpt"))
     assert DiffusionDetokenizer.from_pretrained(tmp_path / "ckpt", device="cpu").condition_width == 36
     # --output s3://...: the checkpoint folder is streamed there file by file, and loads from there
-    from tarflow.train.diffusion_detok import copy_folder
+    from tarflow.data.storage import copy_folder
 
     (tmp_path / "ckpt" / "trainer_state.pt").write_bytes(b"the core's, not the model's")
     copy_folder(str(tmp_path / "ckpt"), f"{s3_bucket}/out/ft", skip=("trainer_state.pt",))

@@ -270,7 +270,7 @@ def test_bad_arguments_and_paths_are_reported_together_before_ray_starts(code_sh
     (tmp_path / "half" / "config.json").write_text("{}")
     for argv, expected in (
         (["--base", str(tmp_path / "no-base"), "--data", str(tmp_path / "no-data"), "--tatok", str(tmp_path / "t.pth")],
-         [f"--base {tmp_path / 'no-base'}: folder not found", f"--data {tmp_path / 'no-data'}: not found",
+         [f"--base {tmp_path / 'no-base'}: not found", f"--data {tmp_path / 'no-data'}: not found",
           f"--tatok {tmp_path / 't.pth'}: not found"]),
         (["--base", str(tmp_path / "half"), "--data", str(code_shards), "--num-image-tokens", "100"],
          [f"--base {tmp_path / 'half'}: not a Hugging Face model folder: no *.safetensors weights, tokenizer files",

@@ -123,6 +123,59 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
             os.unlink(tmp)
 
 
+COPY_CHUNK = 16 << 20  # a copy's part size: what one copy holds in memory at a time (s3fs: per part in flight)
+
+
+def copy_file(src: str, dst: str) -> None:
+    """Copy a (local or remote) file to another, streamed (a 2.4 GB checkpoint is never whole in memory) and
+    appearing whole or not at all: a local `dst` is a temporary sibling renamed into place, a remote one an
+    upload that completes at the end (fsspec put / copy; a failed multipart upload is aborted)."""
+    import shutil
+
+    if hub.is_hub(dst):
+        raise PermissionError(hub.NOT_WRITTEN.format(url=dst))
+    src = model_file(src)  # a Hub model file: its copy in the node's hub cache
+    sfs, sp = filesystem(src)
+    dfs, dp = filesystem(dst)
+    if is_remote(dst):
+        if not is_remote(src):
+            dfs.put_file(sp, dp, chunksize=COPY_CHUNK)
+        elif type(sfs) is type(dfs) and sfs.storage_options == dfs.storage_options:
+            dfs.copy(sp, dp)  # server-side: nothing passes through this process
+        else:  # between two stores: through a local temporary file
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="tarflow-copy-") as tmp:
+                local = os.path.join(tmp, os.path.basename(dp))
+                sfs.get_file(sp, local)
+                dfs.put_file(local, dp, chunksize=COPY_CHUNK)
+        return
+    d = os.path.dirname(dp)
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{os.path.basename(dp)}.{uuid.uuid4().hex}.tmp")
+    try:
+        if is_remote(src):
+            sfs.get_file(sp, tmp)
+        else:
+            shutil.copyfile(sp, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dp)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def copy_folder(src: str, dst: str, skip=()) -> None:
+    """Copy the files under folder `src` to `dst` (each local or remote), file by file as copy_file does;
+    `skip`: names at the top level left out."""
+    root = str(src).rstrip("/")
+    for path in sorted(list_sizes(root, recursive=True)):
+        rel = path[len(root) + 1:]
+        if rel.split("/", 1)[0] not in skip:
+            copy_file(path, join(dst, rel))
+
+
 def remove(path: str) -> None:
     fs, p = filesystem(path)
     if fs.exists(p):
@@ -130,14 +183,11 @@ def remove(path: str) -> None:
 
 
 def remove_many(paths: list[str]) -> None:
-    """Remove files (missing ones are fine): batched deletes on object stores (1,000 keys a request)."""
+    """Remove files (missing ones are fine) with one fsspec `rm`: batched deletes on object stores (1,000 keys a
+    request)."""
     if not paths:
         return
     fs, _ = filesystem(paths[0])
-    if not is_remote(paths[0]):
-        for path in paths:
-            remove(path)
-        return
     try:
         fs.rm([filesystem(x)[1] for x in paths])
     except FileNotFoundError:  # one was gone already: the rest one by one
@@ -152,12 +202,6 @@ def listdir(path: str) -> list[str]:
         return []
     prefix = protocol_prefix(path)
     return sorted(prefix + e for e in fs.ls(p, detail=False) if not fs.isdir(e))
-
-
-def glob(pattern: str) -> list[str]:
-    fs, p = filesystem(pattern)
-    prefix = protocol_prefix(pattern)
-    return sorted(prefix + e for e in fs.glob(p))
 
 
 def list_sizes(path: str, recursive: bool = False) -> dict[str, int]:
@@ -194,20 +238,12 @@ def iter_read_many(paths: list[str], chunk: int = 1000, max_workers: int = 64):
 
 
 def read_many(paths: list[str], max_workers: int = 64) -> dict[str, bytes | None]:
-    """{path: bytes, or None when missing} for many small files at once: concurrent requests on object
-    stores (s3fs batches them), plain reads locally. Other errors raise."""
+    """{path: bytes, or None when missing} for many small files at once (one fsspec `cat`: concurrent requests
+    on object stores, `max_workers` at a time; plain reads locally). Other errors (a folder: IsADirectoryError)
+    raise."""
     if not paths:
         return {}
     fs, _ = filesystem(paths[0])
-    if not is_remote(paths[0]):
-        out = {}
-        for path in paths:
-            try:
-                with fs.open(filesystem(path)[1], "rb") as f:  # one open per file (a folder raises IsADirectoryError)
-                    out[path] = f.read()
-            except FileNotFoundError:
-                out[path] = None
-        return out
     inner = {filesystem(x)[1]: x for x in paths}
     got = fs.cat(list(inner), on_error="return", batch_size=max_workers)
     out = {}
@@ -219,7 +255,7 @@ def read_many(paths: list[str], max_workers: int = 64) -> dict[str, bytes | None
             raise v
         else:
             out[path] = v
-    return out
+    return {path: out[path] for path in paths if path in out}  # in the order asked (cat sorts)
 
 
 def remove_tree(path: str) -> None:

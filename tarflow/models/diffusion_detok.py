@@ -27,6 +27,7 @@ import torch
 
 from tarflow.data import storage
 from tarflow.models.checkpoint import CheckpointError, read_checkpoint
+from tarflow.models.device import resolve_device_dtype
 
 INSTALL_HINT = "pip install 'tarflow[diffusion]'"
 
@@ -122,11 +123,7 @@ class DiffusionDetokenizer:
         """
         diffusers = _import_diffusers()
         source = str(path)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        device, dtype = resolve_device_dtype(device, dtype)
 
         local = Path(download_folder(source, cache_dir) if storage.is_remote(source)
                      else source.removeprefix("file://"))

@@ -166,16 +166,12 @@ class Captioner:
     def __init__(self, model: str, question: str = DEFAULT_QUESTION, max_new_tokens: int = 256,
                  sampling: dict | None = None, seed: int = 0, dtype: str = "auto", device: str = "auto",
                  compile: bool = False, scale: int = 1):
-        import torch
-
+        from tarflow.models.device import resolve_device_dtype
         from tarflow.models.generation import BatchedDecoder, Sampling
         from tarflow.models.mllm import load_tar
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype == "auto":
-            dtype = "bfloat16" if device == "cuda" else "float32"
-        self.model, self.tokenizer, self.vocab = load_tar(model, dtype=getattr(torch, dtype), device=device)
+        device, dtype = resolve_device_dtype(device, dtype)
+        self.model, self.tokenizer, self.vocab = load_tar(model, dtype=dtype, device=device)
         self.decoder = BatchedDecoder(self.model, self.vocab.pad_id, compile=compile)
         self.sampling = Sampling(**(sampling or {"greedy": True}))
         self.question, self.max_new_tokens, self.seed = question, max_new_tokens, seed

@@ -12,7 +12,7 @@ import os
 import zipfile
 
 from tarflow.data import schema, storage
-from tarflow.preflight import Problems
+from tarflow.preflight import Problems, check_model_folder
 
 ZIP_MAGIC = b"PK\x03\x04"
 MIN_CHECKPOINT_BYTES = 1024  # an empty torch.save() is ~1 KB: anything smaller is a stub or an error page
@@ -107,57 +107,6 @@ def check_checkpoint(p: Problems, path: str | None, flag: str, what: str) -> boo
         p.add(where, "is a zip file but not a torch checkpoint (no data.pkl)", f"give the {what}")
         return False
     return True
-
-
-MODEL_FILES = ("config.json",)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-def check_model_folder(p: Problems, path: str | None, flag: str, what: str = "Tar checkpoint folder",
-                       tokenizer: bool = True) -> bool:
-    """A Hugging Face folder: exists, is a folder, has config.json, *.safetensors and tokenizer files."""
-    if not path:
-        return False
-    where = f"{flag} {path}"
-    try:
-        if storage.is_remote(path):
-            if not storage.exists(storage.join(path, "config.json")):
-                p.add(where, "has no config.json (or does not exist)",
-                      f"give the {what} (config.json, *.safetensors, tokenizer files); s3:// needs AWS credentials")
-                return False
-            return True
-        local = path.removeprefix("file://")
-        if not os.path.exists(local):
-            p.add(where, "not found", f"give the {what}")
-            return False
-        if not os.path.isdir(local):
-            p.add(where, "is a file, not a folder", f"give the {what} (config.json, *.safetensors, tokenizer files)")
-            return False
-        if not os.access(local, os.R_OK | os.X_OK):
-            p.add(where, "is not readable by this user", "fix its permissions")
-            return False
-        files = set(os.listdir(local))
-    except OSError as e:
-        p.add(where, f"cannot be read ({type(e).__name__}: {e})")
-        return False
-    ok = True
-    if "config.json" not in files:
-        p.add(where, "has no config.json: not a Hugging Face model folder", f"give the {what}")
-        return False
-    try:
-        with open(os.path.join(local, "config.json")) as f:
-            json.load(f)
-    except (OSError, ValueError) as e:
-        ok = p.check(False, f"{where}/config.json", f"does not parse ({type(e).__name__})", "copy it again")
-    if not any(f.endswith(".safetensors") for f in files):
-        hint = " (it has pickled *.bin weights, which tarflow does not load)" if any(
-            f.endswith(".bin") for f in files) else ""
-        ok = p.check(False, where, f"has no *.safetensors weights{hint}",
-                     "save the model with save_pretrained(folder, safe_serialization=True)")
-    if tokenizer and not files & set(TOKENIZER_FILES):
-        ok = p.check(False, where, "has no tokenizer files (tokenizer.json / tokenizer_config.json)",
-                     "save the tokenizer into the same folder")
-    return ok
 
 
 def check_vae_folder(p: Problems, path: str | None, flag: str, resolution: int | None = None,

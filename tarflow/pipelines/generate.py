@@ -682,14 +682,14 @@ class T2IGenerator:
                  dtype: str = "auto", device: str = "auto", compile: bool = False, reflect: dict | None = None):
         import torch
 
+        from tarflow.models.device import resolve_device_dtype
         from tarflow.models.generation import BatchedDecoder, Sampling
         from tarflow.models.mllm import load_tar
         from tarflow.models.tatok import TATok
 
         self.torch = torch
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        dt = getattr(torch, "bfloat16" if device == "cuda" else "float32") if dtype == "auto" else getattr(torch, dtype)
-        self.device = torch.device(device)
+        self.device, dt = resolve_device_dtype(device, dtype)
+        device = self.device
         self.model, self.tokenizer, self.vocab = load_tar(mllm, dtype=dt, device=device)
         self.decoder = BatchedDecoder(self.model, self.vocab.pad_id, compile=compile)
         self.sampling = Sampling(**(sampling or {}))

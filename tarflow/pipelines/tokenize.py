@@ -278,16 +278,12 @@ class TATokEncoder:
         if conversations and (vq or latents):
             raise ValueError("--vq and --latents are for image-text pairs, not conversation tables")
 
+        from tarflow.models.device import resolve_device_dtype
         from tarflow.models.tatok import TATok
         from tarflow.models.vqvae import VQVAE
 
         self.torch = torch
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        if dtype == "auto":
-            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-        self.dtype = getattr(torch, dtype)
+        self.device, self.dtype = resolve_device_dtype(device, dtype)
         self.model = TATok.from_checkpoint(checkpoint).to(self.device, self.dtype)
         self.scales = [int(s) for s in scales]
         # The VQ stays in float32 whatever `dtype`: its codes are argmaxes of cosine similarities, which bf16

@@ -27,10 +27,9 @@ import pyarrow as pa
 from tarflow.data import schema, storage
 from tarflow.preflight import Problems
 from tarflow.train.code_data import CODE_SKIP_REASONS, CodeRowsTask, TATokHeader, check_codes, check_tatok
-from tarflow.train.code_data import resolve_data, row_metric_keys
+from tarflow.train.code_data import Targets, data_plan_or_raise, plan_code_shards, row_metric_keys
 from tarflow.train.common import OptimConfig
-from tarflow.train.core import TrainConfig, TrainSummary, check_one_tatok, fit, read_footers
-from tarflow.train.core import refuse_other_data, worker_loop
+from tarflow.train.core import TrainConfig, TrainSummary, finish_preflight, fit, worker_loop
 
 log = logging.getLogger("tarflow.train.ar_detok")
 
@@ -88,49 +87,21 @@ class DataPlan:
         return asdict(self)
 
 
+VQ_TARGETS = Targets(key="vq", model="VQ", missing="no VQ codes (no vq16_* column)",
+                     tokenize_flags="--vq PATH --vq-resolution RES", column_flag="--vq-column")
+
+
 def plan_data(cfg: ARTrainConfig, tatok: TATokHeader, problems: Problems | None = None) -> DataPlan | None:
-    """Every code shard must come from this TA-Tok and hold the scale and the VQ codes of one VQ. Problems (each
-    naming the shards and the fix) go to `problems`; without it they are raised (UsageError) at the end."""
-    own = problems is None
-    problems = problems if problems is not None else Problems()
-    files = resolve_data(cfg.data, problems)
-    footers = read_footers(files)
-    col = schema.code_column(cfg.scale)
-    for f in footers:
-        if f.error or f.meta is None:
-            problems.add(f.path, f.error or "not a code shard (no tarflow metadata in its footer)",
-                         "give code shards written by the tokenize job (with --vq)")
-    shards = [f for f in footers if f.meta]
-    check_one_tatok(shards, problems, (tatok.sha256, f"--tatok {cfg.tatok}"))
-    no_scale = [f.path for f in shards if cfg.scale not in f.meta["scales"]]
-    if no_scale:
-        problems.add(", ".join(no_scale[:5]), f"no {col} column (the shards hold scales "
-                     f"{shards[0].meta['scales'] if shards else []})", "choose another --scale or tokenize at it")
-    no_vq = [f.path for f in shards if not f.meta.get("vq")]
-    if no_vq:
-        problems.add(", ".join(no_vq[:5]) + (f" and {len(no_vq) - 5} more" if len(no_vq) > 5 else ""),
-                     "no VQ codes (no vq16_* column)",
-                     "re-run the tokenize job with --vq PATH --vq-resolution RES --overwrite to make training data")
-    vqs = [(f.path, f.meta["vq"]) for f in shards if f.meta.get("vq")]
-    if cfg.vq_column:
-        wrong = [path for path, vq in vqs if vq["column"] != cfg.vq_column]
-        if wrong:
-            problems.add(", ".join(wrong[:5]), f"no --vq-column {cfg.vq_column} (they hold {vqs[0][1]['column']})",
-                         "leave out --vq-column to use the shards' own")
-    settings = {(vq["sha256"], vq["column"]): path for path, vq in vqs}
-    if len(settings) > 1:
-        problems.add("--data", "shards of several VQ settings: " + "; ".join(
-            f"{path} has {col_} from VQ {sha[:12]}" for (sha, col_), path in settings.items()),
-            "train on shards of one VQ setting")
-    if own:
-        problems.raise_if_any()
-    if problems or not vqs:
+    """Every code shard must come from this TA-Tok and hold the scale and the VQ codes of one VQ (see
+    plan_code_shards: problems go to `problems`, or are raised at the end without it)."""
+    files, vq = plan_code_shards(cfg.data, tatok, f"--tatok {cfg.tatok}", [cfg.scale], "--scale", VQ_TARGETS,
+                                 cfg.vq_column, problems)
+    if vq is None:
         return None
-    vq0 = vqs[0][1]
-    return DataPlan(files=files, cond_column=col, n_cond=tatok.num_tokens(cfg.scale),
+    return DataPlan(files=files, cond_column=schema.code_column(cfg.scale), n_cond=tatok.num_tokens(cfg.scale),
                     cond_codebook=tatok.codebook_size, cond_dim=tatok.hidden_size,
-                    tatok_sha256=tatok.sha256, vq_column=vq0["column"], n_vq=int(vq0["num_tokens"]),
-                    vq_codebook=int(vq0["codebook_size"]), vq_sha256=vq0["sha256"])
+                    tatok_sha256=tatok.sha256, vq_column=vq["column"], n_vq=int(vq["num_tokens"]),
+                    vq_codebook=int(vq["codebook_size"]), vq_sha256=vq["sha256"])
 
 
 def split_rows(table: pa.Table, plan: DataPlan) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
@@ -308,12 +279,8 @@ def preflight(cfg: ARTrainConfig) -> dict:
     tatok = check_tatok(cfg.tatok, problems)
     if cfg.init and not storage.exists(cfg.init):
         problems.add(f"--init {cfg.init}", "not found", "give an AR de-tokenizer checkpoint (ar_dtok_*.pth)")
-    if tatok is None:
-        resolve_data(cfg.data, problems)
-        problems.raise_if_any()
-    plan = plan_data(cfg, tatok, problems)
+    plan = data_plan_or_raise(cfg, tatok, problems, plan_data)
     del tatok
-    problems.raise_if_any()
     try:
         spec = model_spec(cfg, plan)
     except CheckpointError as e:
@@ -322,11 +289,10 @@ def preflight(cfg: ARTrainConfig) -> dict:
     except ValueError as e:  # UsageError included
         problems.lines += getattr(e, "lines", [str(e)])
         spec = None
-    refuse_other_data(cfg, plan.facts(), problems)
-    problems.raise_if_any()
+    out = finish_preflight(cfg, problems, plan.facts(), plan=asdict(plan), model=spec)
     log.info("%d code shards: %s (%d tokens) -> %s (%d tokens, codebook %d)", len(plan.files), plan.cond_column,
              plan.n_cond, plan.vq_column, plan.n_vq, plan.vq_codebook)
-    return {"plan": asdict(plan), "model": spec, "facts": plan.facts()}
+    return out
 
 
 def run_train(cfg: ARTrainConfig, plan: dict | None = None, loop=None, loop_extra: dict | None = None) -> TrainSummary:
@@ -341,6 +307,6 @@ def run_train(cfg: ARTrainConfig, plan: dict | None = None, loop=None, loop_extr
     ds = ray.data.read_parquet(data.files).select_columns([data.cond_column, data.vq_column])  # pushed into the read
     summary = fit(cfg, loop or train_loop, {**plan, **(loop_extra or {})}, ds)
     if cfg.output:
-        storage.write_bytes_atomic(cfg.output, storage.read_bytes(storage.join(summary.checkpoint, MODEL_FILE)))
+        storage.copy_file(storage.join(summary.checkpoint, MODEL_FILE), cfg.output)  # streamed
         summary.output = cfg.output
     return summary

@@ -1,7 +1,8 @@
 """What the de-tokenizer trainers share: code shards as training data, and the frozen TA-Tok that turns their
 codes into conditions (rec features).
 
-    driver:  --data -> code shard files (resolve_data); --tatok -> TATokHeader (header + streamed hash, no model)
+    driver:  --data -> code shard files (resolve_data), checked against the TA-Tok and the targets (plan_code_shards);
+             --tatok -> TATokHeader (header + streamed hash, no model)
     worker:  CodeRowsTask: micro-batches of rows as read, bad rows counted by reason (check_codes), the frozen
              TA-Tok decoder (frozen_decoder) that makes the condition features, the row metrics
 
@@ -16,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tarflow.data import storage
+from tarflow.data import schema, storage
 from tarflow.preflight import Problems
-from tarflow.train.core import Task
+from tarflow.train.core import Task, check_one_tatok, read_footers
 
 # check_codes' reasons, in the order of its codes 1, 2, 3 (a trainer may add its own after them)
 CODE_SKIP_REASONS = ("missing", "length", "range")
@@ -36,6 +37,72 @@ def resolve_data(specs: list[str], problems: Problems) -> list[str]:
             problems.add(f"--data {spec}", "not found, or holds no code shards",
                          "give the tokenize job's output folder, a folder of code shards or shard files")
     return files
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What a de-tokenizer learns to produce, as the code shards' footers describe it (an entry of their metadata
+    with its `column` and the `sha256` of the model that made it)."""
+
+    key: str  # the footer entry: "vq", "latents"
+    model: str  # the model that made them, in messages: "VQ", "VAE"
+    missing: str  # a shard without them
+    tokenize_flags: str  # the tokenize job's flags that write them
+    column_flag: str  # the trainer's flag that picks the column
+
+
+def plan_code_shards(data: list[str], tatok: TATokHeader, tatok_flag: str, scales: list[int], scales_flag: str,
+                     targets: Targets, column: str | None, problems: Problems | None = None
+                     ) -> tuple[list[str], dict | None]:
+    """(code shard files of --data, their `targets` footer entry): every shard from this TA-Tok, with every scale and
+    targets of one setting (of `column`, when given). Problems (each naming the shards and the fix) go to
+    `problems`; without it they are raised (UsageError) at the end. The entry is None when anything is wrong."""
+    own = problems is None
+    problems = problems if problems is not None else Problems()
+    files = resolve_data(data, problems)
+    footers = read_footers(files)
+    for f in footers:
+        if f.error or f.meta is None:
+            problems.add(f.path, f.error or "not a code shard (no tarflow metadata in its footer)",
+                         f"give code shards written by the tokenize job (with --{targets.key})")
+    shards = [f for f in footers if f.meta]
+    check_one_tatok(shards, problems, (tatok.sha256, tatok_flag))
+    for scale in scales:
+        no_scale = [f.path for f in shards if scale not in f.meta["scales"]]
+        if no_scale:
+            problems.add(", ".join(no_scale[:5]), f"no {schema.code_column(scale)} column (the shards hold scales "
+                         f"{shards[0].meta['scales'] if shards else []})",
+                         f"choose {'another' if scales_flag == '--scale' else 'other'} {scales_flag} or tokenize at it")
+    lacking = [f.path for f in shards if not f.meta.get(targets.key)]
+    if lacking:
+        problems.add(", ".join(lacking[:5]) + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""),
+                     targets.missing, f"re-run the tokenize job with {targets.tokenize_flags} --overwrite to make "
+                     "training data")
+    found = [(f.path, f.meta[targets.key]) for f in shards if f.meta.get(targets.key)]
+    if column:
+        wrong = [path for path, t in found if t["column"] != column]
+        if wrong:
+            problems.add(", ".join(wrong[:5]), f"no {targets.column_flag} {column} (they hold {found[0][1]['column']})",
+                         f"leave out {targets.column_flag} to use the shards' own")
+    settings = {(t["sha256"], t["column"]): path for path, t in found}
+    if len(settings) > 1:
+        problems.add("--data", f"shards of several {targets.model} settings: " + "; ".join(
+            f"{path} has {c} from {targets.model} {sha[:12]}" for (sha, c), path in settings.items()),
+            f"train on shards of one {targets.model} setting")
+    if own:
+        problems.raise_if_any()
+    return files, (found[0][1] if found and not problems else None)
+
+
+def data_plan_or_raise(cfg, tatok: TATokHeader | None, problems: Problems, plan_data):
+    """A de-tokenizer trainer's `plan_data(cfg, tatok, problems)`, or UsageError with every problem found so far;
+    without a usable --tatok only whether --data holds code shards is checked."""
+    if tatok is None:
+        resolve_data(cfg.data, problems)
+        problems.raise_if_any()
+    plan = plan_data(cfg, tatok, problems)
+    problems.raise_if_any()
+    return plan
 
 
 def check_codes(col: pa.ChunkedArray, n: int, codebook: int) -> tuple[np.ndarray, np.ndarray]:

@@ -462,6 +462,14 @@ def refuse_other_data(cfg: TrainConfig, facts: dict, problems) -> None:
                    "rerun it with its own --data and models, or give another --name to start a new run")
 
 
+def finish_preflight(cfg: TrainConfig, problems, facts: dict, **plan) -> dict:
+    """The end of every trainer's preflight: a rerun's data checked against its run's, every problem found raised
+    at once (UsageError), and what the workers get: `plan` with the run's `facts`."""
+    refuse_other_data(cfg, facts, problems)
+    problems.raise_if_any()
+    return {**plan, "facts": facts}
+
+
 def fit(cfg: TrainConfig, loop, loop_config: dict, dataset) -> TrainSummary:
     """Run `loop` (a worker_loop partial) with Ray Train on `dataset` (split over the workers in a fixed
     order; or a dict of named datasets, each split so, or none, for a Task whose `epoch_rows` reads them);
@@ -570,16 +578,3 @@ def check_one_tatok(footers: list[Footer], problems, expected: tuple[str, str] |
                      + (" (or pass the TA-Tok that made them)" if expected else ""))
     return ref
 
-
-def file_sha256(path: str) -> str:
-    """sha256 of a (local or s3://) file, streamed: nothing is built and memory stays small."""
-    import hashlib
-
-    if storage.hub.is_hub(path):  # the Hub keeps it (LFS), or the file is small: never streamed whole here
-        return storage.sha256(path)
-    h = hashlib.sha256()
-    fs, p = storage.filesystem(path)
-    with fs.open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -53,10 +53,9 @@ from tarflow.data import schema, storage
 from tarflow.models.diffusion_detok import NEGATIVE_EMBEDS_FILE
 from tarflow.preflight import Problems
 from tarflow.train.code_data import CODE_SKIP_REASONS, CodeRowsTask, TATokHeader, check_codes, check_tatok
-from tarflow.train.code_data import resolve_data, row_metric_keys
+from tarflow.train.code_data import Targets, data_plan_or_raise, plan_code_shards, row_metric_keys
 from tarflow.train.common import OptimConfig
-from tarflow.train.core import TrainConfig, TrainSummary, check_one_tatok, fit, read_footers
-from tarflow.train.core import refuse_other_data, worker_loop
+from tarflow.train.core import TrainConfig, TrainSummary, finish_preflight, fit, worker_loop
 
 log = logging.getLogger("tarflow.train.diffusion_detok")
 
@@ -117,53 +116,24 @@ class DataPlan:
         return asdict(self)
 
 
+LATENT_TARGETS = Targets(key="latents", model="VAE", missing="no VAE latents (no latents_* column)",
+                         tokenize_flags="--latents VAE --latent-resolution RES", column_flag="--latents-column")
+
+
 def plan_data(cfg: DiffusionTrainConfig, tatok: TATokHeader, problems: Problems | None = None) -> DataPlan | None:
-    """Every code shard must come from this TA-Tok and hold the scales and the latents of one VAE setting. Problems
-    (each naming the shards and the fix) go to `problems`; without it they are raised (UsageError) at the end."""
-    own = problems is None
-    problems = problems if problems is not None else Problems()
-    files = resolve_data(cfg.data, problems)
-    footers = read_footers(files)
-    for f in footers:
-        if f.error or f.meta is None:
-            problems.add(f.path, f.error or "not a code shard (no tarflow metadata in its footer)",
-                         "give code shards written by the tokenize job (with --latents)")
-    shards = [f for f in footers if f.meta]
-    check_one_tatok(shards, problems, (tatok.sha256, f"--tatok {cfg.tatok}"))
-    for scale in cfg.scales:
-        no_scale = [f.path for f in shards if scale not in f.meta["scales"]]
-        if no_scale:
-            problems.add(", ".join(no_scale[:5]), f"no {schema.code_column(scale)} column (the shards hold scales "
-                         f"{shards[0].meta['scales'] if shards else []})", "choose other --scales or tokenize at it")
-    no_lat = [f.path for f in shards if not f.meta.get("latents")]
-    if no_lat:
-        problems.add(", ".join(no_lat[:5]) + (f" and {len(no_lat) - 5} more" if len(no_lat) > 5 else ""),
-                     "no VAE latents (no latents_* column)",
-                     "re-run the tokenize job with --latents VAE --latent-resolution RES --overwrite to make "
-                     "training data")
-    lats = [(f.path, f.meta["latents"]) for f in shards if f.meta.get("latents")]
-    if cfg.latents_column:
-        wrong = [path for path, lat in lats if lat["column"] != cfg.latents_column]
-        if wrong:
-            problems.add(", ".join(wrong[:5]), f"no --latents-column {cfg.latents_column} (they hold "
-                         f"{lats[0][1]['column']})", "leave out --latents-column to use the shards' own")
-    settings = {(lat["sha256"], lat["column"]): path for path, lat in lats}
-    if len(settings) > 1:
-        problems.add("--data", "shards of several VAE settings: " + "; ".join(
-            f"{path} has {c} from VAE {sha[:12]}" for (sha, c), path in settings.items()),
-            "train on shards of one VAE setting")
-    if own:
-        problems.raise_if_any()
-    if problems or not lats:
-        return None
-    lat0 = lats[0][1]
+    """Every code shard must come from this TA-Tok and hold the scales and the latents of one VAE setting (see
+    plan_code_shards: problems go to `problems`, or are raised at the end without it)."""
     scales = [int(v) for v in cfg.scales]
+    files, lat = plan_code_shards(cfg.data, tatok, f"--tatok {cfg.tatok}", scales, "--scales", LATENT_TARGETS,
+                                  cfg.latents_column, problems)
+    if lat is None:
+        return None
     return DataPlan(files=files, scales=scales, cond_columns=[schema.code_column(v) for v in scales],
                     n_conds=[tatok.num_tokens(v) for v in scales],
                     cond_codebook=tatok.codebook_size, cond_dim=tatok.hidden_size,
-                    tatok_sha256=tatok.sha256, latents_column=lat0["column"],
-                    latents_shape=[int(v) for v in lat0["shape"]], vae_sha256=lat0["sha256"],
-                    scaling_factor=float(lat0["scaling_factor"]))
+                    tatok_sha256=tatok.sha256, latents_column=lat["column"],
+                    latents_shape=[int(v) for v in lat["shape"]], vae_sha256=lat["sha256"],
+                    scaling_factor=float(lat["scaling_factor"]))
 
 
 def split_rows(table: pa.Table, plan: DataPlan) -> tuple[list[np.ndarray], np.ndarray, dict[str, int]]:
@@ -517,53 +487,12 @@ def preflight(cfg: DiffusionTrainConfig) -> dict:
                      "give the AutoencoderDC folder (or SANA pipeline folder) the tokenize job's --latents named")
     if cfg.init and not storage.exists(cfg.init):
         problems.add(f"--init {cfg.init}", "not found", "give a diffusers SANA pipeline folder (local or s3://)")
-    tatok = check_tatok(cfg.tatok, problems)
-    if tatok is None or problems:
-        resolve_data(cfg.data, problems)
-        problems.raise_if_any()
-    plan = plan_data(cfg, tatok, problems)
-    del tatok
-    problems.raise_if_any()
+    plan = data_plan_or_raise(cfg, check_tatok(cfg.tatok, problems), problems, plan_data)
     spec = model_spec(cfg, plan, problems)
-    refuse_other_data(cfg, plan.facts(), problems)
-    problems.raise_if_any()
+    out = finish_preflight(cfg, problems, plan.facts(), plan=asdict(plan), model=spec)
     log.info("%d code shards: %s (%s tokens) -> %s %s (VAE %s), flow shift %g", len(plan.files), plan.cond_columns,
              plan.n_conds, plan.latents_column, plan.latents_shape, plan.vae_sha256[:12], spec["flow_shift"])
-    return {"plan": asdict(plan), "model": spec, "facts": plan.facts()}
-
-
-def copy_file(src: str, dst: str) -> None:
-    """Copy one (local or s3://) file to another, streamed in 16 MiB pieces (a 600M transformer is 2.4 GB in
-    float32: never whole in memory), appearing whole or not at all: locally a temporary sibling renamed into
-    place, on S3 an upload that completes on close."""
-    import uuid
-
-    sfs, sp = storage.filesystem(src)
-    dfs, dp = storage.filesystem(dst)
-    if storage.is_remote(dst):
-        with sfs.open(sp, "rb") as r, dfs.open(dp, "wb") as w:
-            shutil.copyfileobj(r, w, 16 << 20)
-        return
-    os.makedirs(os.path.dirname(dp), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(dp), f".{os.path.basename(dp)}.{uuid.uuid4().hex}.tmp")
-    try:
-        with sfs.open(sp, "rb") as r, open(tmp, "wb") as w:
-            shutil.copyfileobj(r, w, 16 << 20)
-        os.replace(tmp, dp)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def copy_folder(src: str, dst: str, skip=()) -> None:
-    """Copy the files of folder `src` to `dst` (each local or s3://), file by file (see copy_file); `skip`: names
-    at the top level left out."""
-    root = src.rstrip("/")
-    for path in sorted(storage.list_sizes(root, recursive=True)):
-        rel = path[len(root) + 1:]
-        if rel.split("/", 1)[0] in skip:
-            continue
-        copy_file(path, storage.join(dst, rel))
+    return out
 
 
 def run_train(cfg: DiffusionTrainConfig, plan: dict | None = None, loop=None,
@@ -578,6 +507,6 @@ def run_train(cfg: DiffusionTrainConfig, plan: dict | None = None, loop=None,
     ds = ray.data.read_parquet(data.files).select_columns([*data.cond_columns, data.latents_column])
     summary = fit(cfg, loop or train_loop, {**plan, **(loop_extra or {})}, ds)
     if cfg.output:
-        copy_folder(summary.checkpoint, cfg.output, skip=TRAINER_FILES)
+        storage.copy_folder(summary.checkpoint, cfg.output, skip=TRAINER_FILES)  # streamed, file by file
         summary.output = cfg.output
     return summary

@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from tarflow.data import schema, storage
-from tarflow.preflight import Problems
-from tarflow.train.core import Task, TrainConfig, TrainSummary, check_one_tatok, file_sha256, fit, read_footers
-from tarflow.train.core import refuse_other_data, worker_loop
+from tarflow.preflight import Problems, check_model_folder
+from tarflow.train.core import Task, TrainConfig, TrainSummary, check_one_tatok, fit, read_footers
+from tarflow.train.core import finish_preflight, worker_loop
 
 log = logging.getLogger("tarflow.train.mllm")
 
@@ -690,20 +690,6 @@ def is_tar_folder(path: str) -> bool:
     return False
 
 
-def check_model_folder(flag: str, path: str, problems: Problems) -> bool:
-    """A Hugging Face model folder (local or s3://) with config.json, safetensors weights and a tokenizer."""
-    if not storage.isdir(path):
-        return problems.check(False, f"{flag} {path}", "folder not found",
-                              "give a Hugging Face model folder (config.json, *.safetensors, tokenizer files)")
-    names = {p.rstrip("/").rsplit("/", 1)[-1] for p in storage.listdir(path)}
-    missing = [what for what, ok in (("config.json", "config.json" in names),
-                                     ("*.safetensors weights", any(n.endswith(".safetensors") for n in names)),
-                                     ("tokenizer files", bool({"tokenizer.json", "tokenizer_config.json"} & names)))
-               if not ok]
-    return problems.check(not missing, f"{flag} {path}", f"not a Hugging Face model folder: no {', '.join(missing)}",
-                          "save it with save_pretrained(folder, safe_serialization=True) and its tokenizer beside")
-
-
 def preflight(cfg: MLLMTrainConfig) -> dict:
     """Every check that needs no Ray, on the driver, all problems at once (UsageError, one line each): the
     settings, --base / --resume-from, --tatok, --data (readable, one TA-Tok, the TA-Tok given), the codebook
@@ -722,15 +708,16 @@ def preflight(cfg: MLLMTrainConfig) -> dict:
     problems.check(not bad_mix and sum(cfg.task_mix.values()) > 0, "--task-mix", f"is {cfg.task_mix}",
                    f"give non-negative weights of {', '.join(TASKS)}, e.g. i2t=2,t2i=4,text=1 (a conversation "
                    "task of weight 0 is left out; caption rows are i2t or t2i by their weights)")
-    for flag, path in (("--base", cfg.base), ("--resume-from", cfg.resume_from)):
-        if path and check_model_folder(flag, path, problems) and flag == "--base" and is_tar_folder(path):
+    for flag, path, what in (("--base", cfg.base, "base Qwen2 folder"),
+                             ("--resume-from", cfg.resume_from, "Tar checkpoint folder")):
+        if check_model_folder(problems, path, flag, what) and flag == "--base" and is_tar_folder(path):
             log.info("--base %s is a Tar folder (its tokenizer has Tar's tokens): training continues from its rows, "
                      "as with --resume-from", path)
             cfg.base, cfg.resume_from = None, path
     tatok_sha = None
     if cfg.tatok:
         if storage.exists(cfg.tatok) and not storage.isdir(cfg.tatok):
-            tatok_sha = (file_sha256(cfg.tatok), f"--tatok {cfg.tatok}")
+            tatok_sha = (storage.sha256(cfg.tatok), f"--tatok {cfg.tatok}")  # cached: see storage.sha256
         else:
             problems.add(f"--tatok {cfg.tatok}", "not found",
                          "give the TA-Tok checkpoint (ta_tok.pth) that made the codes")
@@ -766,14 +753,13 @@ def preflight(cfg: MLLMTrainConfig) -> dict:
                  "tokens_per_scale": facts["tokens_per_scale"], "codebook_size": facts["codebook_size"]}
     if sources is not None:  # another mix is other data, even on the same files
         run_facts["mix"] = [{"name": s.name, "ratio": s.ratio, "paths": s.paths} for s in sources]
-    refuse_other_data(cfg, run_facts, problems)
-    problems.raise_if_any()
+    out = finish_preflight(cfg, problems, run_facts, files=files, tokens_per_scale=facts["tokens_per_scale"],
+                           codebook_size=facts["codebook_size"], text_keep=text_keep,
+                           sources=[s.as_dict() for s in sources] if sources is not None else None)
     if sources is not None:
         log.info("data mix: %s", "; ".join(f"{s.name}: {s.rows} rows, ratio {s.ratio:g}, read {s.copies}x, "
                                            f"kept {s.keep:.3f}" for s in sources))
-    return {"files": files, "tokens_per_scale": facts["tokens_per_scale"], "codebook_size": facts["codebook_size"],
-            "text_keep": text_keep, "facts": run_facts,
-            "sources": [s.as_dict() for s in sources] if sources is not None else None}
+    return out
 
 
 def run_train_mllm(cfg: MLLMTrainConfig, plan: dict | None = None, train_loop=None,

@@ -32,7 +32,7 @@ import pyarrow as pa
 from tarflow.data import storage
 from tarflow.preflight import Problems
 from tarflow.train.common import OptimConfig
-from tarflow.train.core import Task, TrainConfig, TrainSummary, fit, refuse_other_data, worker_loop
+from tarflow.train.core import Task, TrainConfig, TrainSummary, finish_preflight, fit, worker_loop
 
 log = logging.getLogger("tarflow.train.tatok")
 
@@ -229,11 +229,10 @@ def preflight(cfg: TATokTrainConfig) -> dict:
              "model": {k: v for k, v in asdict(model).items() if k != "source"},
              "source": {k: v for k, v in model.source.items() if k != "rows"},
              "rows_sha": _rows_digest(model.source.get("rows"))}
-    refuse_other_data(cfg, facts, problems)
-    problems.raise_if_any()
+    out = finish_preflight(cfg, problems, facts, shards=[asdict(s) for s in shards], model=asdict(model))
     log.info("%d shards; TA-Tok %dpx, K=%d, D=%d, C=%d, scales %s", len(shards), model.input_size,
              model.codebook_size, model.dim, model.hidden, cfg.pool_scales)
-    return {"shards": [asdict(s) for s in shards], "model": asdict(model), "facts": facts}
+    return out
 
 
 def _rows_digest(rows) -> str | None:
@@ -498,8 +497,9 @@ def run_train(cfg: TATokTrainConfig, plan: dict | None = None, loop=None, loop_e
 
 
 def export(checkpoint: str, output: str, plan: ModelPlan) -> None:
+    """The final ta_tok.pth (2.4 GB for Tar's: streamed, never whole in memory) and its side files to `output`."""
     out_dir = storage.dirname(output)
-    storage.write_bytes_atomic(output, storage.read_bytes(storage.join(checkpoint, MODEL_FILE)))
+    storage.copy_file(storage.join(checkpoint, MODEL_FILE), output)
     for rel in ([f"{plan.teacher_name}/config.json"] if plan.teacher_config is not None else []) + \
             ([ROWS_FILE] if plan.source.get("rows") else []):
-        storage.write_bytes_atomic(storage.join(out_dir, rel), storage.read_bytes(storage.join(checkpoint, rel)))
+        storage.copy_file(storage.join(checkpoint, rel), storage.join(out_dir, rel))
