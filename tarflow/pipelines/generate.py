@@ -32,6 +32,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tarflow.data import schema, storage
+from tarflow.data.schema import (GENERATE_ENCODED_ROWS, GENERATE_LOADED_ROWS, GENERATE_REQUEST_ROWS,
+                                 GENERATED_ROWS, REFLECT_CANDIDATE)
 from tarflow.pipelines.caption import resolve_code_shards
 from tarflow.pipelines.sharded import (DEFAULT_STALL_TIMEOUT_S, JobSummary, PartWriter, ShardJob, ShardLayout,
                                        ShardWritten, end_row, check_pool_leaves_cpus, file_identity, folder_identity,
@@ -39,35 +41,6 @@ from tarflow.pipelines.sharded import (DEFAULT_STALL_TIMEOUT_S, JobSummary, Part
                                        split_failed)
 
 log = logging.getLogger("tarflow.generate")
-
-# an input image as the output records it: the key of its code shard row or its path, and its bytes' sha256
-INPUT_IMAGE = pa.struct([pa.field("key", pa.string()), pa.field("path", pa.string()), pa.field("sha256", pa.string())])
-# an input image as the prompt table gives it: a path, URL or --codes key (`ref`), or the bytes (`data`)
-IMAGE_REF = pa.struct([pa.field("ref", pa.string()), pa.field("data", pa.binary())])
-_COMMON = [pa.field("shard", pa.string()), pa.field("idx", pa.int64()), pa.field("key", pa.string()),
-           pa.field("kind", pa.string()), pa.field("end_info", pa.string()), pa.field("error_stage", pa.string()),
-           pa.field("error_reason", pa.string()), pa.field("error_detail", pa.string()),
-           pa.field("id", pa.string()), pa.field("index", pa.int32()), pa.field("prompt", pa.string()),
-           pa.field("scale", pa.int32()), pa.field("seed", pa.int64()),
-           pa.field("input_images", pa.list_(INPUT_IMAGE))]
-REQUEST_SCHEMA = pa.schema(_COMMON + [pa.field("image_refs", pa.list_(IMAGE_REF))])
-# after InputImageLoader: per input image its codes (from --codes) or its pixels at TA-Tok's input size (uint8)
-LOADED_SCHEMA = pa.schema(_COMMON + [pa.field("input_codes", pa.list_(pa.list_(pa.int32()))),
-                                     pa.field("input_pixels", pa.list_(pa.binary()))])
-# every candidate of a request, on its rank-0 image's row (for reflect/{shard}.parquet)
-REFLECT_CANDIDATE = pa.struct([pa.field("candidate", pa.int32()), pa.field("seed", pa.int64()),
-                               pa.field("codes", pa.list_(pa.int32())), pa.field("codes_fix", pa.string()),
-                               pa.field("score", pa.float64()), pa.field("rank", pa.int32()),
-                               pa.field("kept", pa.bool_())])
-_REFLECTED = [pa.field("reflect_score", pa.float64()), pa.field("reflect_rank", pa.int32()),
-              pa.field("reflect_candidate", pa.int32()), pa.field("candidates", pa.int32()),
-              pa.field("reflect_tokens", pa.int64()), pa.field("reflect_seconds", pa.float64()),
-              pa.field("reflect_all", pa.list_(REFLECT_CANDIDATE))]
-_GENERATED = [pa.field("ok", pa.bool_()), pa.field("codes", pa.list_(pa.int32())), pa.field("codes_fix", pa.string()),
-              pa.field("width", pa.int32()), pa.field("height", pa.int32())] + _REFLECTED
-GENERATED_SCHEMA = pa.schema(_COMMON + _GENERATED + [pa.field("pixels", pa.binary())])
-ENCODED_SCHEMA = pa.schema(_COMMON + _GENERATED + [pa.field("image", pa.binary())])
-
 
 # ----------------------------------------------------------------------------------------------------------
 # The prompt table: read by tasks, in row groups; the driver holds one (rows, requests) pair per row group
@@ -374,7 +347,7 @@ class PromptShardReader:
             del requests
             rows.append(end_row(d["name"], sum(q["slots"] for q in rows)))
             for i in range(0, len(rows), self.block):
-                yield rows_table(rows[i:i + self.block], REQUEST_SCHEMA)
+                yield rows_table(rows[i:i + self.block], GENERATE_REQUEST_ROWS)
 
 
 def request_blocks(shards: dict[str, list[dict]], names: list[str], block: int) -> list[pa.Table]:
@@ -382,7 +355,8 @@ def request_blocks(shards: dict[str, list[dict]], names: list[str], block: int) 
     into blocks of `block` rows (for stage tests that build requests in memory)."""
     out = []
     for n in names:
-        table = rows_table(shards[n] + [end_row(n, sum(r.get("slots", 1) for r in shards[n]))], REQUEST_SCHEMA)
+        table = rows_table(shards[n] + [end_row(n, sum(r.get("slots", 1) for r in shards[n]))],
+                           GENERATE_REQUEST_ROWS)
         out += [table.slice(i, block) for i in range(0, len(table), block)]
     return out
 
@@ -523,7 +497,7 @@ class InputImageLoader:
         self.codes = CodeIndex(codes) if codes else None
         self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
 
-    @guarded("load_images", LOADED_SCHEMA)
+    @guarded("load_images", GENERATE_LOADED_ROWS)
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         todo = [r for r in rows if r["kind"] == "sample" and r["error_reason"] is None and r["image_refs"]]
@@ -546,7 +520,7 @@ class InputImageLoader:
                 out.append(r)
             except RowFailure as e:
                 out += failed_slots(r, "input_image", e.reason, e.detail, self.keep)
-        return rows_table(out, LOADED_SCHEMA)
+        return rows_table(out, GENERATE_LOADED_ROWS)
 
     def _load(self, r: dict, refs: list[dict], keyed: dict, cache: dict) -> None:
         from tarflow.models.mllm import IMAGE_MARK
@@ -770,7 +744,7 @@ class T2IGenerator:
                     codes = cache[k]
                 r["inputs"].append(codes)
 
-    @guarded("generate", GENERATED_SCHEMA)
+    @guarded("generate", GENERATED_ROWS)
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         for r in rows:
@@ -782,7 +756,7 @@ class T2IGenerator:
             rows = [r for r in rows if id(r) not in todo_ids]
             for scale in sorted({r["scale"] for r in todo}):
                 rows += self._best_of_n([r for r in todo if r["scale"] == scale], scale)
-            return pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA)
+            return pa.Table.from_pylist(rows, schema=GENERATED_ROWS)
         for scale in sorted({r["scale"] for r in todo}):
             group = [r for r in todo if r["scale"] == scale]
             codes, fixes = self._codes(group, scale)
@@ -790,7 +764,7 @@ class T2IGenerator:
             for r, c, f, px in zip(group, codes, fixes, pixels):
                 r.update(ok=True, codes=c, codes_fix=f, height=px.shape[0], width=px.shape[1],
                          pixels=np.ascontiguousarray(px, dtype=np.uint8).tobytes())
-        return pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA)
+        return pa.Table.from_pylist(rows, schema=GENERATED_ROWS)
 
     def _best_of_n(self, group: list[dict], scale: int) -> list[dict]:
         """Requests at one scale -> their K best of N candidates each, as K rows per request (idx, idx + 1, ...).
@@ -837,7 +811,7 @@ class ImageEncoder:
     def __init__(self, image_format: str = "png", quality: int = 95):
         self.image_format, self.quality = image_format, quality
 
-    @guarded("encode_image", ENCODED_SCHEMA)
+    @guarded("encode_image", GENERATE_ENCODED_ROWS)
     def __call__(self, batch: pa.Table) -> pa.Table:
         from PIL import Image
 
@@ -853,7 +827,7 @@ class ImageEncoder:
                 else:
                     im.save(buf, format="JPEG", quality=self.quality)
                 r["image"] = buf.getvalue()
-        return pa.Table.from_pylist(rows, schema=ENCODED_SCHEMA)
+        return pa.Table.from_pylist(rows, schema=GENERATE_ENCODED_ROWS)
 
 
 # ----------------------------------------------------------------------------------------------------------
