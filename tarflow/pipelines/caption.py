@@ -24,10 +24,10 @@ import pyarrow.parquet as pq
 
 from tarflow.data import schema, storage
 from tarflow.data.schema import CAPTION_CODES_ROWS, CAPTIONED_ROWS
+from tarflow.data.shardfiles import ShardFiles, ShardWritten
 from tarflow.pipelines.sharded import (DEFAULT_STALL_TIMEOUT_S, JobSummary, PartWriter, ShardJob, ShardLayout,
-                                       ShardWritten, end_row, check_pool_leaves_cpus, failed_row, folder_identity, guarded, parquet_bytes,
-                                       plan_pool, plan_shards, read_failure_reason, rows_table, run_sharded,
-                                       split_failed)
+                                       end_row, check_pool_leaves_cpus, failed_row, folder_identity, guarded,
+                                       plan_pool, plan_shards, read_failure_reason, rows_table, run_sharded)
 
 log = logging.getLogger("tarflow.caption")
 
@@ -285,7 +285,8 @@ class CaptionShardWriter:
     def __call__(self, shard: str, rows: pa.Table, end: dict, paths: dict) -> ShardWritten:
         import pyarrow.compute as pc
 
-        ok, errors, reasons = split_failed(rows, shard)
+        files = ShardFiles(shard, paths)
+        ok = files.add(rows)
         n = len(ok)
         fs, p = storage.filesystem(end["source"])
         with fs.open(p, "rb") as f:
@@ -308,16 +309,10 @@ class CaptionShardWriter:
                                                            if name == "conversations" else column)
         captions = pa.table(columns).cast(schema.with_metadata(out_schema, schema.CAPTIONS_FORMAT,
                                                                schema.CAPTIONS_VERSION, self.meta))
-        cap_bytes, err_bytes = parquet_bytes(captions), parquet_bytes(errors)
-        storage.write_bytes_atomic(paths["captions"], cap_bytes)
-        storage.write_bytes_atomic(paths["errors"], err_bytes)
+        files.write_parquet("captions", captions)
         generated = int(pc.sum(ok.column("caption_tokens")).as_py() or 0)
         unfinished = int(pc.sum(pc.invert(ok.column("finished")).cast(pa.int64())).as_py() or 0)
-        return ShardWritten(
-            outputs={"captions": {"path": paths["captions"], "rows": n, "bytes": len(cap_bytes)},
-                     "errors": {"path": paths["errors"], "rows": len(errors), "bytes": len(err_bytes)}},
-            counts={"samples_in": len(rows), "ok": n, "failed": len(errors), "failed_by_reason": reasons},
-            totals={"caption_tokens": generated, "cut_at_max_new_tokens": unfinished})
+        return files.done({"caption_tokens": generated, "cut_at_max_new_tokens": unfinished})
 
 
 def with_answers(conversations: pa.ChunkedArray, answers: list[str]) -> pa.Array:

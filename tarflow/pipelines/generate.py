@@ -23,8 +23,8 @@ import io
 import json
 import logging
 import math
-import tarfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,11 +34,11 @@ import pyarrow.compute as pc
 from tarflow.data import schema, storage
 from tarflow.data.schema import (GENERATE_ENCODED_ROWS, GENERATE_LOADED_ROWS, GENERATE_REQUEST_ROWS,
                                  GENERATED_ROWS, REFLECT_CANDIDATE)
+from tarflow.data.shardfiles import ShardFiles, ShardWritten, parquet_bytes
 from tarflow.pipelines.caption import resolve_code_shards
 from tarflow.pipelines.sharded import (DEFAULT_STALL_TIMEOUT_S, JobSummary, PartWriter, ShardJob, ShardLayout,
-                                       ShardWritten, end_row, check_pool_leaves_cpus, file_identity, folder_identity,
-                                       guarded, parquet_bytes, plan_pool, plan_shards, rows_table, run_sharded,
-                                       split_failed)
+                                       ShardParts, end_row, check_pool_leaves_cpus, file_identity, folder_identity,
+                                       guarded, plan_pool, plan_shards, rows_table, run_sharded)
 
 log = logging.getLogger("tarflow.generate")
 
@@ -969,6 +969,8 @@ class GeneratedShardWriter:
     """Writes a shard in img2dataset's layout (runs in a finalize task); `_stats.json` after the tar and
     parquet (img2dataset's own completion marker), then errors/; the core writes the manifest last."""
 
+    streams_parts = True  # its finalize task hands it the rows a part at a time (sharded.ShardParts)
+
     def __init__(self, cfg: GenerateConfig):
         import tarflow
 
@@ -989,45 +991,48 @@ class GeneratedShardWriter:
         return {"reflect_score": r["reflect_score"], "reflect_rank": r["reflect_rank"],
                 "reflect_candidate": r["reflect_candidate"], "candidates": r["candidates"]}
 
-    def __call__(self, name: str, rows: pa.Table, end: dict, paths: dict) -> ShardWritten:
+    def __call__(self, name: str, rows: ShardParts | pa.Table, end: dict, paths: dict) -> ShardWritten:
+        """`rows`: the shard's rows in index order, one part at a time (or one table). Each part's images go
+        straight into the tar file (webdataset's TarWriter, streaming to storage.open_atomic), so that one part's
+        images are all this task holds; what is kept for {shard}.parquet and the totals has no pixels."""
+        from webdataset.writer import TarWriter
+
         ext = "png" if self.cfg.image_format == "png" else "jpg"
-        buf = io.BytesIO()
-        meta_rows = []
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for r in rows.to_pylist():
-                meta = self._meta(r)
-                meta_rows.append({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in meta.items()})
-                if not r["ok"]:
-                    continue
-                # members sorted by extension within a sample, as img2dataset's writer does
-                members = {ext: r["image"], "json": json.dumps(meta, indent=4).encode(), "txt": (r["prompt"] or "").encode()}
-                for suffix in sorted(members):
-                    info = tarfile.TarInfo(f"{r['key']}.{suffix}")
-                    info.size, info.mtime, info.mode = len(members[suffix]), 0, 0o444
-                    tar.addfile(info, io.BytesIO(members[suffix]))
-        ok, errors, reasons = split_failed(rows, name)
-        tar_bytes = buf.getvalue()
-        meta_bytes = parquet_bytes(pa.Table.from_pylist(meta_rows)) if meta_rows else b""
-        err_bytes = parquet_bytes(errors)
-        fixes = {d["values"]: d["counts"] for d in pc.value_counts(ok.column("codes_fix")).to_pylist()}
-        storage.write_bytes_atomic(paths["tar"], tar_bytes)
-        if meta_bytes:
-            storage.write_bytes_atomic(paths["parquet"], meta_bytes)
-        stats = {"count": len(rows), "successes": len(ok), "failed_to_generate": len(errors),
-                 "status_dict": {"success": len(ok), **reasons}, "tarflow_version": self.version}
+        files = ShardFiles(name, paths)
+        meta_rows, fixes, reflected = [], Counter(), []
+        with storage.open_atomic(paths["tar"]) as f:
+            # member headers as tarfile's defaults (no user or group names), mtime 0: reruns give the same bytes
+            with TarWriter(f, user="", group="", mode=0o444, mtime=0, encoder=False) as tar:
+                for part in [rows] if isinstance(rows, pa.Table) else rows:
+                    for r in part.to_pylist():
+                        meta = self._meta(r)
+                        meta_rows.append({k: (json.dumps(v) if isinstance(v, (dict, list)) else v)
+                                          for k, v in meta.items()})
+                        if r["ok"]:  # TarWriter writes a sample's members sorted by extension, as img2dataset does
+                            tar.write({"__key__": r["key"], ext: r["image"], "txt": (r["prompt"] or "").encode(),
+                                       "json": json.dumps(meta, indent=4).encode()})
+                    ok = files.add(part.drop_columns(["image"]))
+                    fixes.update(ok.column("codes_fix").to_pylist())
+                    if self.cfg.reflect:
+                        reflected.append(ok.select(["key", "id", "index", "prompt", "scale", "reflect_tokens",
+                                                    "reflect_seconds", "reflect_rank", "reflect_all"]))
+            tar_bytes = f.tell()
+        files.wrote("tar", tar_bytes)
+        meta_bytes = 0
+        if meta_rows:
+            meta_bytes = len(data := parquet_bytes(pa.Table.from_pylist(meta_rows)))
+            storage.write_bytes_atomic(paths["parquet"], data)
+        files.wrote("parquet", meta_bytes)
+        failed = files.samples_in - files.ok
+        stats = {"count": files.samples_in, "successes": files.ok, "failed_to_generate": failed,
+                 "status_dict": {"success": files.ok, **files.reasons}, "tarflow_version": self.version}
         storage.write_bytes_atomic(paths["stats"], json.dumps(stats, indent=4).encode())
-        storage.write_bytes_atomic(paths["errors"], err_bytes)
-        outputs = {"tar": {"path": paths["tar"], "bytes": len(tar_bytes)},
-                   "parquet": {"path": paths["parquet"], "bytes": len(meta_bytes)},
-                   "errors": {"path": paths["errors"], "rows": len(errors), "bytes": len(err_bytes)}}
         totals = {f"codes_{k}": v for k, v in fixes.items() if k != "ok"}
         if self.cfg.reflect:
-            outputs, totals = self._write_reflect(ok, paths, outputs, totals)
-        return ShardWritten(outputs=outputs, totals=totals,
-                            counts={"samples_in": len(rows), "ok": len(ok), "failed": len(errors),
-                                    "failed_by_reason": reasons})
+            totals = self._write_reflect(files, pa.concat_tables(reflected), totals)
+        return files.done(totals)
 
-    def _write_reflect(self, ok: pa.Table, paths: dict, outputs: dict, totals: dict) -> tuple[dict, dict]:
+    def _write_reflect(self, files: ShardFiles, ok: pa.Table, totals: dict) -> dict:
         """The scoring cost as totals (the summary sums them), and reflect/{shard}.parquet if asked for."""
         cols = ok.select(["reflect_tokens", "reflect_seconds", "reflect_rank"]).to_pydict()
         firsts = [i for i, k in enumerate(cols["reflect_rank"]) if k == 0]
@@ -1036,10 +1041,9 @@ class GeneratedShardWriter:
                   "reflect_tokens_scored": sum(cols["reflect_tokens"][i] or 0 for i in firsts),
                   "reflect_seconds": round(sum(cols["reflect_seconds"][i] or 0.0 for i in firsts), 6)}
         if self.cfg.keep_all_scores:
-            data = parquet_bytes(reflect_table(ok.filter(pc.equal(ok.column("reflect_rank"), 0)).to_pylist()))
-            storage.write_bytes_atomic(paths["reflect"], data)
-            outputs = {**outputs, "reflect": {"path": paths["reflect"], "bytes": len(data)}}
-        return outputs, totals
+            firsts_table = reflect_table(ok.filter(pc.equal(ok.column("reflect_rank"), 0)).to_pylist())
+            files.write_parquet("reflect", firsts_table, rows=False)
+        return totals
 
 
 def _for_workers(path: str) -> str:
