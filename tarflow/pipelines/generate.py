@@ -3,8 +3,8 @@
     prompt table (driver: read, validate, expand n samples per row, cut into output shards)
       --T2IGenerator (GPU actor pool: T2I prompts -> codes with the Tar MLLM -> pixels with a de-tokenizer)
       --ImageEncoder (CPU tasks: PNG / JPEG)
-      --PartWriter --> finalize tasks: GeneratedShardWriter ({shard}.tar, .parquet, _stats.json, errors/),
-                       then _manifest/
+      --PartWriter --> finalize tasks: GeneratedShardWriter ({shard}.tar streamed a part at a time, .parquet,
+                       _stats.json, errors/), then _manifest/
 
 Requests stream shard by shard (each shard's end row right after its requests), so a shard is written as
 soon as its images are done: the first manifests appear long before the last request is processed.

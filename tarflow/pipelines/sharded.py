@@ -522,8 +522,8 @@ class ShardParts:
     that its finalize task holds one part at a time, never the whole shard.
 
     Opening reads every part once for its `idx` column alone (the other columns' buffers are not decompressed);
-    iterating reads each part again, once per run of consecutive indices it holds (once, when parts hold
-    disjoint index ranges, as blocks do)."""
+    iterating reads each part again, once per run of consecutive indices it holds: once, unless the parts'
+    index ranges interleave. So a part's bytes are read twice, the price of holding one at a time."""
 
     def __init__(self, paths: list[str]):
         self.paths = list(paths)
