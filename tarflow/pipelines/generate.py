@@ -1014,8 +1014,7 @@ class GeneratedShardWriter:
                     ok = files.add(part.drop_columns(["image"]))
                     fixes.update(ok.column("codes_fix").to_pylist())
                     if self.cfg.reflect:
-                        reflected.append(ok.select(["key", "id", "index", "prompt", "scale", "reflect_tokens",
-                                                    "reflect_seconds", "reflect_rank", "reflect_all"]))
+                        reflected.append(ok.select(self._reflect_columns()))
             tar_bytes = f.tell()
         files.wrote("tar", tar_bytes)
         meta_bytes = 0
@@ -1029,8 +1028,15 @@ class GeneratedShardWriter:
         storage.write_bytes_atomic(paths["stats"], json.dumps(stats, indent=4).encode())
         totals = {f"codes_{k}": v for k, v in fixes.items() if k != "ok"}
         if self.cfg.reflect:
-            totals = self._write_reflect(files, pa.concat_tables(reflected), totals)
+            ok = pa.concat_tables(reflected) if reflected else GENERATE_ENCODED_ROWS.empty_table().select(
+                self._reflect_columns())
+            totals = self._write_reflect(files, ok, totals)
         return files.done(totals)
+
+    def _reflect_columns(self) -> list[str]:
+        """What _write_reflect reads of the good rows (every candidate's codes only for reflect/{shard}.parquet)."""
+        return (["reflect_tokens", "reflect_seconds", "reflect_rank"]
+                + (["key", "id", "index", "prompt", "scale", "reflect_all"] if self.cfg.keep_all_scores else []))
 
     def _write_reflect(self, files: ShardFiles, ok: pa.Table, totals: dict) -> dict:
         """The scoring cost as totals (the summary sums them), and reflect/{shard}.parquet if asked for."""
