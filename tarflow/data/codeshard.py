@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 import tarflow
 from tarflow.data import schema, storage
-from tarflow.data.shardfiles import ShardFiles
+from tarflow.data.shards import ShardFiles
 
 
 @dataclass

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from tarflow.data import schema, storage
 from tarflow.data.schema import CAPTION_CODES_ROWS, CAPTIONED_ROWS
-from tarflow.data.shardfiles import ShardFiles, ShardWritten
+from tarflow.data.shards import ShardFiles, ShardWritten
 from tarflow.pipelines.sharded import (DEFAULT_STALL_TIMEOUT_S, JobSummary, PartWriter, ShardJob, ShardLayout,
                                        end_row, check_pool_leaves_cpus, failed_row, folder_identity, guarded,
                                        plan_pool, plan_shards, read_failure_reason, rows_table, run_sharded)

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from tarflow.data import schema, storage
 from tarflow.data.schema import (GENERATE_ENCODED_ROWS, GENERATE_LOADED_ROWS, GENERATE_REQUEST_ROWS,
                                  GENERATED_ROWS, REFLECT_CANDIDATE)
-from tarflow.data.shardfiles import ShardFiles, ShardWritten, parquet_bytes
+from tarflow.data.shards import ShardFiles, ShardWritten, parquet_bytes
 from tarflow.pipelines.caption import resolve_code_shards
 from tarflow.pipelines.sharded import (DEFAULT_STALL_TIMEOUT_S, JobSummary, PartWriter, ShardJob, ShardLayout,
                                        ShardParts, end_row, check_pool_leaves_cpus, file_identity, folder_identity,

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tarflow.data import schema, storage
-from tarflow.data.shardfiles import ShardWritten  # noqa: F401  (what a job's writer returns)
+from tarflow.data.shards import ShardWritten  # noqa: F401  (what a job's writer returns)
 from tarflow.preflight import UsageError
 
 log = logging.getLogger("tarflow")
