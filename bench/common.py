@@ -63,8 +63,8 @@ def plain_loop(shard_folder: str, tatok: str, output: str, scales, batch_size: i
 
     from tarflow.data.codeshard import CodeShardWriter, code_shard_layout
     from tarflow.data.img2dataset import resolve_inputs
-    from tarflow.pipelines.tokenize import (ImageDecoder, ShardReader, TATokEncoder, TokenizeConfig,
-                                            encoded_schema, model_facts)
+    from tarflow.data.schema import tokenize_encoded_rows
+    from tarflow.pipelines.tokenize import ImageDecoder, ShardReader, TATokEncoder, TokenizeConfig, model_facts
 
     t0 = time.time()
     enc = TATokEncoder(tatok, scales, dtype=dtype, device=device)
@@ -78,7 +78,7 @@ def plain_loop(shard_folder: str, tatok: str, output: str, scales, batch_size: i
         parts = []
         for i in range(0, len(samples), batch_size):
             parts.append(enc(decoder(samples.slice(i, batch_size))))
-        table = pa.concat_tables(parts) if parts else encoded_schema(scales, enc.model.codebook_size).empty_table()
+        table = pa.concat_tables(parts) if parts else tokenize_encoded_rows(scales, enc.model.codebook_size).empty_table()
         writer(shard.name, table, {}, layout.paths(shard.name))
         n += len(table)
     return n, time.time() - t0

@@ -72,7 +72,7 @@ class OneByOneGenerator:
         pass
 
     def __call__(self, batch):
-        from tarflow.pipelines.generate import GENERATED_SCHEMA
+        from tarflow.data.schema import GENERATED_ROWS
 
         rows = batch.to_pylist()
         for r in rows:
@@ -80,7 +80,7 @@ class OneByOneGenerator:
             if r["kind"] == "sample" and r["error_reason"] is None:
                 px = np.random.default_rng(r["seed"]).integers(0, 255, (1, 1, 3), dtype=np.uint8)
                 r.update(ok=True, codes=[0], codes_fix="ok", width=1, height=1, pixels=px.tobytes())
-        return pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA)
+        return pa.Table.from_pylist(rows, schema=GENERATED_ROWS)
 
 
 def run_job(table: str, out: str, samples_per_shard: int, batch_size: int) -> dict:

@@ -92,7 +92,8 @@ def raw_batches(jpegs: list[bytes], rows: int | None = None) -> list:
     decode_batch_size), cycling through `jpegs`."""
     import pyarrow as pa
 
-    from tarflow.pipelines.tokenize import RAW_SCHEMA, TokenizeConfig
+    from tarflow.data.schema import TOKENIZE_RAW_ROWS
+    from tarflow.pipelines.tokenize import TokenizeConfig
 
     rows = rows or TokenizeConfig.decode_batch_size
 
@@ -102,7 +103,7 @@ def raw_batches(jpegs: list[bytes], rows: int | None = None) -> list:
             {"shard": "bench", "idx": i, "key": f"{i:09d}", "kind": "sample", "image": jpegs[i % len(jpegs)],
              "image_suffix": "jpg", "txt": f"photo {i}".encode(),
              "json": json.dumps({"key": f"{i:09d}", "url": f"http://x/{i}"}).encode()}
-            for i in range(b * rows, (b + 1) * rows)], schema=RAW_SCHEMA))
+            for i in range(b * rows, (b + 1) * rows)], schema=TOKENIZE_RAW_ROWS))
     return out
 
 

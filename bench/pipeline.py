@@ -21,7 +21,8 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from tarflow.pipelines.tokenize import TATokEncoder, encoded_schema
+from tarflow.data.schema import tokenize_encoded_rows
+from tarflow.pipelines.tokenize import TATokEncoder
 
 
 class NoopEncoder(TATokEncoder):
@@ -32,7 +33,7 @@ class NoopEncoder(TATokEncoder):
 
         self.ballast = b"x" * row_bytes  # what a generated image or a long caption adds to a row
         self.scales = [int(s) for s in scales]
-        self.schema = encoded_schema(self.scales, codebook_size)
+        self.schema = tokenize_encoded_rows(self.scales, codebook_size)
         self.code_type = schema.code_value_type(codebook_size)
         self.num_tokens = num_tokens
 

@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from tarflow.pipelines.generate import GENERATED_SCHEMA, T2IGenerator
+from tarflow.data.schema import GENERATED_ROWS
+from tarflow.pipelines.generate import T2IGenerator
 from tarflow.pipelines.sharded import guarded
 from tarflow.pipelines.tokenize import TATokEncoder
 
@@ -62,7 +63,7 @@ class FakeCaptioner:
         pass
 
     def __call__(self, batch):
-        from tarflow.pipelines.caption import CAPTIONED_ROW_SCHEMA
+        from tarflow.data.schema import CAPTIONED_ROWS
 
         rows = batch.to_pylist()
         for r in rows:
@@ -70,7 +71,7 @@ class FakeCaptioner:
             ok = r["kind"] == "sample"
             r.update(ok=ok, prompt="q" if ok else None, caption=f"caption of {r['key']}" if ok else None,
                      prompt_tokens=1 if ok else None, caption_tokens=3 if ok else None, finished=True if ok else None)
-        return pa.Table.from_pylist(rows, schema=CAPTIONED_ROW_SCHEMA)
+        return pa.Table.from_pylist(rows, schema=CAPTIONED_ROWS)
 
 
 class EncoderWithBallast(TATokEncoder):
@@ -114,7 +115,7 @@ class FakeGenerator(T2IGenerator):
                 r.update(ok=True, codes=[1, 2, 3, 4], codes_fix="ok", width=8, height=8, pixels=px.tobytes())
                 with open(self.probe, "a") as f:
                     f.write(f"{r['shard']} {','.join(done)}\n")
-        return pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA)
+        return pa.Table.from_pylist(rows, schema=GENERATED_ROWS)
 
 
 class EncoderReportingPlacement(SlowEncoder):

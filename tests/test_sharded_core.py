@@ -239,3 +239,142 @@ def test_the_input_check_opens_a_few_parquet_footers_not_every_one(tmp_path, mon
     monkeypatch.setattr(checks, "_is_code_shard", lambda path: True)  # every shard a code shard
     checks.check_img2dataset_input(p, [str(tmp_path)], "parquet")
     assert len(p.lines) == 1 and "is a tarflow code shard, not img2dataset output" in p.lines[0]
+
+
+class _StreamingJson:
+    """A writer that takes its rows part by part (as the generate job's does), recording each table's size."""
+
+    streams_parts = True
+
+    def __init__(self):
+        self.tables = []
+
+    def __call__(self, shard, rows, end, paths):
+        assert isinstance(rows, sharded.ShardParts)
+        values = []
+        for table in rows:
+            self.tables.append(len(table))
+            values += table.column("v").to_pylist()
+        data = json.dumps(values).encode()
+        storage.write_bytes_atomic(paths["data"], data)
+        return ShardWritten(outputs={"data": {"path": paths["data"], "bytes": len(data)}},
+                            counts={"samples_in": len(rows), "ok": len(rows), "failed": 0, "failed_by_reason": {}})
+
+
+def test_a_streaming_writer_gets_one_part_at_a_time_in_index_order(tmp_path):
+    """Parts whose indices interleave, one replayed: a streaming writer sees every index once, in order, in tables
+    of at most one part's rows, and writes what the whole-table writer writes; a short shard is refused before
+    the writer runs."""
+    blocks = [_rows("a", [0, 2, 4]), _rows("a", [1, 3]), _rows("a", [0, 2, 4]), _rows("a", [5, 6, 7])]
+    whole, streamed = [], []
+    for out, parts in ((tmp_path / "whole", whole), (tmp_path / "streamed", streamed)):
+        writer = PartWriter(str(out / "_parts"))
+        for block in blocks:
+            parts += [m["path"] for m in writer(block).to_pylist()]
+    sharded.finalize_shard(ShardJob(job="t", layout=_layout(tmp_path / "whole"), facts={}, sources={},
+                                    writer=_write_json), "a", {}, whole, {"n_samples": 8})
+    stream = _StreamingJson()
+    done = sharded.finalize_shard(ShardJob(job="t", layout=_layout(tmp_path / "streamed"), facts={}, sources={},
+                                           writer=stream), "a", {}, streamed, {"n_samples": 8})
+    assert done["counts"]["samples_in"] == 8
+    got = json.loads((tmp_path / "streamed" / "data" / "a.json").read_text())
+    assert got == [f"a/{i}" for i in range(8)] == json.loads((tmp_path / "whole" / "data" / "a.json").read_text())
+    # 0 | 1 | 2 | 3 | 4 from the two interleaved parts (the replay dropped), then 5-7 from the last part whole
+    assert stream.tables == [1, 1, 1, 1, 1, 3]
+    parts = [m["path"] for m in PartWriter(str(tmp_path / "p"))(_rows("b", [0, 1])).to_pylist()]
+    short = _StreamingJson()
+    with pytest.raises(RuntimeError, match="expected 3"):
+        sharded.finalize_shard(ShardJob(job="t", layout=_layout(tmp_path / "short"), facts={}, sources={},
+                                        writer=short), "b", {}, parts, {"n_samples": 3})
+    assert short.tables == [] and not (tmp_path / "short" / "data").exists()
+
+
+def _generated_parts(parts_dir, blocks):
+    """Parts of the generate job's last stage: per block (first, last) indices; the last row of a block fails."""
+    import io
+
+    from PIL import Image
+
+    from tarflow.data.schema import GENERATE_ENCODED_ROWS
+
+    writer, paths, images = PartWriter(str(parts_dir)), [], {}
+    for first, last in blocks:
+        rows = []
+        for i in range(first, last + 1):
+            ok = i != last
+            buf = io.BytesIO()
+            Image.new("RGB", (2, 2), (i, 2 * i, 3 * i)).save(buf, format="PNG")
+            images[f"00000{i:04d}"] = buf.getvalue()
+            rows.append({"shard": "00000", "idx": i, "key": f"00000{i:04d}", "kind": "sample", "id": f"p{i}",
+                         "index": 0, "prompt": f"prompt {i}", "scale": 1, "seed": i, "ok": ok,
+                         "codes": [i, i + 1] if ok else None, "codes_fix": "ok" if ok else None,
+                         "width": 2 if ok else None, "height": 2 if ok else None,
+                         "image": images[f"00000{i:04d}"] if ok else None, "error_stage": None if ok else "generate",
+                         "error_reason": None if ok else "test_failure", "error_detail": None if ok else "failed"})
+        paths += [m["path"] for m in writer(pa.Table.from_pylist(rows, schema=GENERATE_ENCODED_ROWS)).to_pylist()]
+    return paths, images
+
+
+def test_generated_shards_stream_part_by_part_into_a_tar_both_readers_read(tmp_path):
+    """The generate job's writer streams each part into the tar (webdataset's TarWriter): members in index
+    order, sorted by extension within a sample, fixed headers (mode 0444, mtime 0, no owner names); tarflow's
+    img2dataset reader and webdataset read the same samples; a writer failing halfway leaves the shard's tar
+    as it was and no temporary file."""
+    import tarfile
+
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
+    from tarflow.data.img2dataset import read_all, resolve_inputs
+    from tarflow.pipelines.generate import GenerateConfig, GeneratedShardWriter, generate_layout
+
+    out = tmp_path / "gen"
+    cfg = GenerateConfig(prompts="p.jsonl", output=str(out), mllm="m", tatok="t.pth", ar_detok="a.pth", vq="v.pt")
+    spec = ShardJob(job="generate", layout=generate_layout(str(out)), facts={}, sources={},
+                    writer=GeneratedShardWriter(cfg))
+    paths, images = _generated_parts(tmp_path / "parts", [(3, 5), (0, 2), (3, 5)])  # out of order, replayed
+    done = sharded.finalize_shard(spec, "00000", {}, paths, {"n_samples": 6})
+    assert (done["counts"]["ok"], done["counts"]["failed"]) == (4, 2)
+    keys = [f"00000{i:04d}" for i in (0, 1, 3, 4)]
+    tar_path = out / "00000.tar"
+    with tarfile.open(tar_path) as t:
+        members = t.getmembers()
+    assert [m.name for m in members] == [f"{k}.{e}" for k in keys for e in ("json", "png", "txt")]
+    assert {(m.mode, m.mtime, m.uname, m.gname, m.uid, m.gid) for m in members} == {(0o444, 0, "", "", 0, 0)}
+    [shard] = resolve_inputs(str(out))
+    samples, end = read_all(shard)
+    assert end.complete and [s.key for s in samples] == keys
+    assert [s.image for s in samples] == [images[k] for k in keys]
+    assert [s.txt.decode() for s in samples] == [f"prompt {int(k[-4:])}" for k in keys]
+    read = list(wds.WebDataset(str(tar_path), shardshuffle=False))
+    assert [r["__key__"] for r in read] == keys and [r["png"] for r in read] == [images[k] for k in keys]
+    assert [json.loads(r["json"])["id"] for r in read] == [f"p{int(k[-4:])}" for k in keys]
+    assert pq.read_table(out / "00000.parquet").column("key").to_pylist() == [f"00000{i:04d}" for i in range(6)]
+    assert pq.read_table(out / "errors" / "00000.parquet").column("reason").to_pylist() == ["test_failure"] * 2
+    before = tar_path.read_bytes()
+    bad, _ = _generated_parts(tmp_path / "bad", [(0, 2), (3, 5)])
+    broken = pa.ipc.open_stream(storage.read_bytes(bad[1])).read_all()
+    broken = broken.set_column(broken.schema.get_field_index("image"), "image",
+                               pa.nulls(len(broken), pa.binary()))  # ok rows without an image: TarWriter refuses
+    storage.write_bytes_atomic(bad[1], sharded._ipc_bytes(broken))
+    with pytest.raises(ValueError, match="bytes"):
+        sharded.finalize_shard(spec, "00000", {}, bad, {"n_samples": 6})
+    assert tar_path.read_bytes() == before
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_atomic_streams_to_s3_appear_whole_or_not_at_all(s3_bucket):
+    """storage.open_atomic on an object store: the upload (multipart past the block size) completes when the block
+    ends; a block that raises leaves no object."""
+    fs, _ = storage.filesystem(s3_bucket + "/x")
+    with storage.open_atomic(f"{s3_bucket}/a.bin") as f:
+        for _ in range(3):
+            f.write(b"x" * (3 << 20))  # 9 MiB: past s3fs' 5 MiB block, a multipart upload
+    assert fs.size(f"{s3_bucket}/a.bin".removeprefix("s3://")) == 9 << 20
+    for size in (1 << 10, 9 << 20):  # a single PUT that never happens; a multipart upload aborted
+        with pytest.raises(RuntimeError, match="halfway"):
+            with storage.open_atomic(f"{s3_bucket}/b{size}.bin") as f:
+                f.write(b"y" * size)
+                raise RuntimeError("halfway")
+        fs.invalidate_cache()
+        assert not fs.exists(f"{s3_bucket}/b{size}.bin".removeprefix("s3://"))

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 import tarflow
 from tarflow.data import schema, storage
+from tarflow.data.shards import ShardFiles
 
 
 @dataclass
@@ -85,17 +86,10 @@ class CodeShardWriter:
     def __call__(self, shard: str, rows: pa.Table, end: Mapping[str, Any], paths: Mapping[str, str]):
         """`rows`: all the shard's rows in input order, good and failed, with the columns of a code shard plus
         `ok`, `error_stage`, `error_reason`, `error_detail`."""
-        from tarflow.pipelines.sharded import ShardWritten, parquet_bytes, split_failed
-
-        ok, errors, reasons = split_failed(rows, shard)
-        codes = ok.select(self.codes_schema.names).cast(self.codes_schema)
-        codes_bytes, errors_bytes = parquet_bytes(codes), parquet_bytes(errors)
-        storage.write_bytes_atomic(paths["codes"], codes_bytes)
-        storage.write_bytes_atomic(paths["errors"], errors_bytes)
-        return ShardWritten(
-            outputs={"codes": {"path": paths["codes"], "rows": len(ok), "bytes": len(codes_bytes)},
-                     "errors": {"path": paths["errors"], "rows": len(errors), "bytes": len(errors_bytes)}},
-            counts={"samples_in": len(rows), "ok": len(ok), "failed": len(errors), "failed_by_reason": reasons})
+        files = ShardFiles(shard, paths)
+        ok = files.add(rows)
+        files.write_parquet("codes", ok.select(self.codes_schema.names).cast(self.codes_schema))
+        return files.done()
 
 
 CONVERSATION_FACTS = {"format": schema.CONVERSATION_SHARD_FORMAT, "version": schema.CONVERSATION_SHARD_VERSION}
@@ -115,27 +109,20 @@ class ConversationShardWriter:
         (taken out of it: the manifest needs only the reader's findings)."""
         from tarflow.data.conversations import (PASSTHROUGH_ENCODING_KEY, PASSTHROUGH_SCHEMA_KEY, decode_schema,
                                                 passthrough_table)
-        from tarflow.pipelines.sharded import ShardWritten, parquet_bytes, split_failed
 
         pt_schema = decode_schema(end.pop(PASSTHROUGH_SCHEMA_KEY))
         encoding = end.pop(PASSTHROUGH_ENCODING_KEY)
         columns = schema.conversation_shard_schema(self.facts.scales, self.facts.codebook_size, pt_schema)
         codes_schema = schema.with_metadata(columns, schema.CONVERSATION_SHARD_FORMAT,
                                             schema.CONVERSATION_SHARD_VERSION, self.meta)
-        ok, errors, reasons = split_failed(rows, shard)
+        files = ShardFiles(shard, paths)
+        ok = files.add(rows)
         passthrough = passthrough_table(ok.column("passthrough").to_pylist(), pt_schema, encoding)
         own = ok.drop_columns(["passthrough"])
         codes = pa.table({f.name: (passthrough.column(f.name) if f.name in pt_schema.names else own.column(f.name))
                           for f in columns}).cast(codes_schema)
-        codes_bytes, errors_bytes = parquet_bytes(codes), parquet_bytes(errors)
-        storage.write_bytes_atomic(paths["codes"], codes_bytes)
-        storage.write_bytes_atomic(paths["errors"], errors_bytes)
-        images = int(pc.sum(codes.column("num_images")).as_py() or 0)
-        return ShardWritten(
-            outputs={"codes": {"path": paths["codes"], "rows": len(ok), "bytes": len(codes_bytes)},
-                     "errors": {"path": paths["errors"], "rows": len(errors), "bytes": len(errors_bytes)}},
-            counts={"samples_in": len(rows), "ok": len(ok), "failed": len(errors), "failed_by_reason": reasons},
-            totals={"images": images})
+        files.write_parquet("codes", codes)
+        return files.done({"images": int(pc.sum(codes.column("num_images")).as_py() or 0)})
 
 
 def read_code_shard(path: str) -> pa.Table:

@@ -9,6 +9,9 @@ A tokenize output folder holds, per input shard `{shard}` (the input file's name
 For conversation tables (LLaVA style) `codes/{shard}.parquet` is a CONVERSATION_SHARD instead (one row per
 conversation row, every input column kept, codes per image); the rest of the layout is the same.
 
+The rows between a sharded job's stages (and in its `_parts/`) are defined here too, at the end: ROW_FIELDS,
+common to every job, then each stage's own columns.
+
 Readers call `check_*` and fail with a message that names the file and the fix when the format or its
 version is not what they understand. Bump a version whenever a field changes meaning or type.
 """
@@ -304,3 +307,102 @@ PROMPT_TABLE_COLUMNS = {"id": "required", "prompt": "required unless the table h
                         "scale": "optional (default --scale)", "seed": "optional (default --seed + row number)",
                         "n": "optional (default --n)",
                         "image / images": "optional input images: paths, s3:// URLs, bytes or --codes keys"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rows between a sharded job's stages (tarflow.pipelines.sharded), and in its `_parts/{run}/` (Arrow IPC streams,
+# read back by the finalize tasks of the run that wrote them and removed with it). Every job's rows start with
+# ROW_FIELDS; each stage's schema adds its own columns. A stage's output schema is the next one's input, so a
+# field changed here changes every job at once: bump ROWS_VERSION with it.
+
+ROWS_VERSION = 1
+ROW_FIELDS = (
+    pa.field("shard", pa.string()),  # the input (or output) shard the row belongs to
+    pa.field("idx", pa.int64()),  # its position in the shard; -1 on control rows
+    pa.field("key", pa.string()),
+    pa.field("kind", pa.string()),  # "sample" | "end" (closes the shard) | "failed" (fails the whole shard)
+    pa.field("end_info", pa.string()),  # JSON: the reader's findings on "end" rows, the reason on "failed" rows
+    # a sample that failed alone: the stage, a short reason tag and the message (its errors/ row)
+    pa.field("error_stage", pa.string()), pa.field("error_reason", pa.string()), pa.field("error_detail", pa.string()),
+)
+ROW_FIELD_NAMES = tuple(f.name for f in ROW_FIELDS)
+
+
+def row_schema(*fields: pa.Field) -> pa.Schema:
+    """A stage's rows: ROW_FIELDS, then the stage's own `fields`."""
+    return pa.schema(list(ROW_FIELDS) + list(fields))
+
+
+# tokenize (img2dataset input): raw member bytes -> decoded pixels -> codes (the code shard's columns plus `ok`)
+_DECODED_SAMPLE = (pa.field("ok", pa.bool_()), pa.field("caption", pa.string()), pa.field("url", pa.string()),
+                   pa.field("meta", pa.string()), pa.field("sha256", pa.string()),
+                   pa.field("width", pa.int32()), pa.field("height", pa.int32()))
+TOKENIZE_RAW_ROWS = row_schema(pa.field("image", pa.binary()), pa.field("image_suffix", pa.string()),
+                               pa.field("txt", pa.binary()), pa.field("json", pa.binary()))
+# vq_pixels / latent_pixels: null unless the job stores VQ codes / latents
+TOKENIZE_DECODED_ROWS = row_schema(*_DECODED_SAMPLE, pa.field("pixels", pa.binary()),
+                                   pa.field("vq_pixels", pa.binary()), pa.field("latent_pixels", pa.binary()))
+
+
+def tokenize_encoded_rows(scales: Sequence[int], codebook_size: int, vq: Mapping[str, Any] | None = None,
+                          latents: Mapping[str, Any] | None = None) -> pa.Schema:
+    """The encoder's rows: a code shard's columns (code_shard_schema), nullable, for good and failed rows."""
+    vt = code_value_type(codebook_size)
+    extra = [pa.field(vq["column"], pa.list_(code_value_type(vq["codebook_size"])))] if vq else []
+    if latents:
+        extra.append(pa.field(latents["column"], latents_type(latents["shape"])))
+    return row_schema(*_DECODED_SAMPLE, *(pa.field(code_column(s), pa.list_(vt)) for s in scales), *extra)
+
+
+# tokenize (conversation tables, tarflow.data.conversations): one row per conversation row, its images as lists in
+# order; `passthrough` carries the row's other columns to the writer untouched
+_CONVERSATION_IMAGES = (
+    pa.field("num_images", pa.int32()), pa.field("image_sha256", pa.list_(pa.string())),
+    pa.field("image_path", pa.list_(pa.string())), pa.field("image_width", pa.list_(pa.int32())),
+    pa.field("image_height", pa.list_(pa.int32())), pa.field("passthrough", pa.binary()),
+)
+CONVERSATION_RAW_ROWS = row_schema(pa.field("images", pa.list_(pa.binary())),
+                                   pa.field("image_path", pa.list_(pa.string())), pa.field("passthrough", pa.binary()))
+CONVERSATION_DECODED_ROWS = row_schema(pa.field("ok", pa.bool_()), *_CONVERSATION_IMAGES,
+                                       pa.field("pixels", pa.list_(pa.binary())))
+
+
+def conversation_encoded_rows(scales: Sequence[int], codebook_size: int) -> pa.Schema:
+    """The encoder's rows for conversation tables: per scale one code list per image."""
+    vt = code_value_type(codebook_size)
+    return row_schema(pa.field("ok", pa.bool_()), *_CONVERSATION_IMAGES,
+                      *(pa.field(code_column(s), pa.list_(pa.list_(vt))) for s in scales))
+
+
+# caption: `images` the row's code lists at the scale (one for an image-text shard); `turns` a conversation row's
+# [[from, value], ...] as JSON; `question` its own question (null: the turns, else the run's --question)
+CAPTION_CODES_ROWS = row_schema(pa.field("images", pa.list_(pa.list_(pa.int32()))), pa.field("turns", pa.string()),
+                                pa.field("question", pa.string()))
+CAPTIONED_ROWS = row_schema(
+    pa.field("ok", pa.bool_()), pa.field("prompt", pa.string()), pa.field("caption", pa.string()),
+    pa.field("prompt_tokens", pa.int32()), pa.field("caption_tokens", pa.int32()), pa.field("finished", pa.bool_()))
+
+# generate: an input image as the output records it (the key of its code shard row or its path, and its bytes'
+# sha256), and as the prompt table gives it (a path, URL or --codes key `ref`, or the bytes `data`)
+INPUT_IMAGE = pa.struct([pa.field("key", pa.string()), pa.field("path", pa.string()), pa.field("sha256", pa.string())])
+IMAGE_REF = pa.struct([pa.field("ref", pa.string()), pa.field("data", pa.binary())])
+_REQUEST = (pa.field("id", pa.string()), pa.field("index", pa.int32()), pa.field("prompt", pa.string()),
+            pa.field("scale", pa.int32()), pa.field("seed", pa.int64()),
+            pa.field("input_images", pa.list_(INPUT_IMAGE)))
+GENERATE_REQUEST_ROWS = row_schema(*_REQUEST, pa.field("image_refs", pa.list_(IMAGE_REF)))
+# after InputImageLoader: per input image its codes (from --codes) or its pixels at TA-Tok's input size (uint8)
+GENERATE_LOADED_ROWS = row_schema(*_REQUEST, pa.field("input_codes", pa.list_(pa.list_(pa.int32()))),
+                                  pa.field("input_pixels", pa.list_(pa.binary())))
+# every candidate of a request, on its rank-0 image's row (for reflect/{shard}.parquet)
+REFLECT_CANDIDATE = pa.struct([pa.field("candidate", pa.int32()), pa.field("seed", pa.int64()),
+                               pa.field("codes", pa.list_(pa.int32())), pa.field("codes_fix", pa.string()),
+                               pa.field("score", pa.float64()), pa.field("rank", pa.int32()),
+                               pa.field("kept", pa.bool_())])
+_GENERATED = (pa.field("ok", pa.bool_()), pa.field("codes", pa.list_(pa.int32())), pa.field("codes_fix", pa.string()),
+              pa.field("width", pa.int32()), pa.field("height", pa.int32()),
+              pa.field("reflect_score", pa.float64()), pa.field("reflect_rank", pa.int32()),
+              pa.field("reflect_candidate", pa.int32()), pa.field("candidates", pa.int32()),
+              pa.field("reflect_tokens", pa.int64()), pa.field("reflect_seconds", pa.float64()),
+              pa.field("reflect_all", pa.list_(REFLECT_CANDIDATE)))
+GENERATED_ROWS = row_schema(*_REQUEST, *_GENERATED, pa.field("pixels", pa.binary()))  # (H, W, 3) uint8
+GENERATE_ENCODED_ROWS = row_schema(*_REQUEST, *_GENERATED, pa.field("image", pa.binary()))  # PNG / JPEG

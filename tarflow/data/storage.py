@@ -7,6 +7,7 @@ dataset repos on the Hugging Face Hub) go through tarflow.data.hub: a model file
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import uuid
@@ -103,18 +104,41 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     Locally: write a hidden temporary sibling, fsync, rename (atomic on POSIX). On object stores a PUT is
     already atomic: the object appears whole or not at all, so a single put is used.
     """
+    if is_remote(path) and not hub.is_hub(path):
+        fs, p = filesystem(path)
+        fs.pipe_file(p, data)
+        return
+    with open_atomic(path) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def open_atomic(path: str):
+    """A binary file to stream `path` into; no reader ever sees it partial, and an error leaves nothing.
+
+    Locally: a hidden temporary sibling, fsynced and renamed over `path` when the block ends, removed when it
+    raises. On object stores: the upload (multipart beyond the filesystem's block size), completed when the
+    block ends, aborted when it raises."""
     if hub.is_hub(path):  # HfFileSystem would make a commit with whatever token is around
         raise PermissionError(hub.NOT_WRITTEN.format(url=path))
     fs, p = filesystem(path)
     if is_remote(path):
-        fs.pipe_file(p, data)
+        f = fs.open(p, "wb")
+        try:
+            yield f
+        except BaseException:
+            getattr(f, "discard", lambda: None)()  # s3fs: aborts the multipart upload (nothing put before it)
+            with contextlib.suppress(AttributeError):
+                f.closed = True  # never completed, not even by the garbage collector
+            raise
+        f.close()
         return
     d = os.path.dirname(p)
     os.makedirs(d, exist_ok=True)
     tmp = os.path.join(d, f".{os.path.basename(p)}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)

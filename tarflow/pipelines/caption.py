@@ -23,27 +23,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tarflow.data import schema, storage
+from tarflow.data.schema import CAPTION_CODES_ROWS, CAPTIONED_ROWS
+from tarflow.data.shards import ShardFiles, ShardWritten
 from tarflow.pipelines.sharded import (DEFAULT_STALL_TIMEOUT_S, JobSummary, PartWriter, ShardJob, ShardLayout,
-                                       ShardWritten, end_row, check_pool_leaves_cpus, failed_row, folder_identity, guarded, parquet_bytes,
-                                       plan_pool, plan_shards, read_failure_reason, rows_table, run_sharded,
-                                       split_failed)
+                                       end_row, check_pool_leaves_cpus, failed_row, folder_identity, guarded,
+                                       plan_pool, plan_shards, read_failure_reason, rows_table, run_sharded)
 
 log = logging.getLogger("tarflow.caption")
 
 DEFAULT_QUESTION = "Describe the image shortly."  # the reference's I2T example
-
-_COMMON = [pa.field("shard", pa.string()), pa.field("idx", pa.int64()), pa.field("key", pa.string()),
-           pa.field("kind", pa.string()), pa.field("end_info", pa.string()), pa.field("error_stage", pa.string()),
-           pa.field("error_reason", pa.string()), pa.field("error_detail", pa.string())]
-# `images`: the row's code lists at the scale (one for an image-text shard); `turns`: a conversation row's
-# [[from, value], ...] as JSON; `question`: its own question (null: the turns, else the run's --question)
-CODES_ROW_SCHEMA = pa.schema(_COMMON + [pa.field("images", pa.list_(pa.list_(pa.int32()))),
-                                        pa.field("turns", pa.string()), pa.field("question", pa.string())])
-CAPTIONED_ROW_SCHEMA = pa.schema(_COMMON + [
-    pa.field("ok", pa.bool_()), pa.field("prompt", pa.string()), pa.field("caption", pa.string()),
-    pa.field("prompt_tokens", pa.int32()), pa.field("caption_tokens", pa.int32()), pa.field("finished", pa.bool_()),
-])
-
 
 @dataclass(frozen=True)
 class CodeShard:
@@ -101,7 +89,7 @@ class CodeShardReader:
             except Exception as e:  # noqa: BLE001 - one bad shard must not stop the others
                 log.warning("code shard %s failed while reading: %s: %s", d["path"], type(e).__name__, e)
                 yield rows_table([failed_row(d["name"], read_failure_reason(e),
-                                             f"{d['path']}: {type(e).__name__}: {e}", e)], CODES_ROW_SCHEMA)
+                                             f"{d['path']}: {type(e).__name__}: {e}", e)], CAPTION_CODES_ROWS)
 
     def _read(self, d: dict):
         from tarflow.data.img2dataset import RetryingFile
@@ -130,10 +118,10 @@ class CodeShardReader:
                 if "question" in extra:
                     cols["question"] = [q if isinstance(q, str) and q.strip() else None
                                         for q in rb.column(extra.index("question") + 2).to_pylist()]
-                yield _with_schema(cols, images, CODES_ROW_SCHEMA)
+                yield _with_schema(cols, images, CAPTION_CODES_ROWS)
                 n += len(keys)
         # the writer joins the answers to the input's columns: it reads the shard again, by row
-        yield pa.Table.from_pylist([end_row(d["name"], n, source=d["path"])], schema=CODES_ROW_SCHEMA)
+        yield pa.Table.from_pylist([end_row(d["name"], n, source=d["path"])], schema=CAPTION_CODES_ROWS)
 
 
 def conversation_turns(value) -> list[list]:
@@ -203,7 +191,7 @@ class Captioner:
             question = turns[-1][1] or ""
         return conversation_prompt_ids(self.tokenizer, self.vocab, turns, images, self.scale), question
 
-    @guarded("caption", CAPTIONED_ROW_SCHEMA)
+    @guarded("caption", CAPTIONED_ROWS)
     def __call__(self, batch: pa.Table) -> pa.Table:
         from tarflow.models.mllm import ConversationError
 
@@ -231,7 +219,7 @@ class Captioner:
                 r.update(ok=True, prompt=questions[j], prompt_tokens=len(prompts[j]), caption_tokens=len(toks),
                          finished=stopped,
                          caption=self.tokenizer.decode(toks, skip_special_tokens=True).strip())
-        return pa.Table.from_pylist(rows, schema=CAPTIONED_ROW_SCHEMA)
+        return pa.Table.from_pylist(rows, schema=CAPTIONED_ROWS)
 
 
 @dataclass
@@ -293,7 +281,8 @@ class CaptionShardWriter:
     def __call__(self, shard: str, rows: pa.Table, end: dict, paths: dict) -> ShardWritten:
         import pyarrow.compute as pc
 
-        ok, errors, reasons = split_failed(rows, shard)
+        files = ShardFiles(shard, paths)
+        ok = files.add(rows)
         n = len(ok)
         fs, p = storage.filesystem(end["source"])
         with fs.open(p, "rb") as f:
@@ -316,16 +305,10 @@ class CaptionShardWriter:
                                                            if name == "conversations" else column)
         captions = pa.table(columns).cast(schema.with_metadata(out_schema, schema.CAPTIONS_FORMAT,
                                                                schema.CAPTIONS_VERSION, self.meta))
-        cap_bytes, err_bytes = parquet_bytes(captions), parquet_bytes(errors)
-        storage.write_bytes_atomic(paths["captions"], cap_bytes)
-        storage.write_bytes_atomic(paths["errors"], err_bytes)
+        files.write_parquet("captions", captions)
         generated = int(pc.sum(ok.column("caption_tokens")).as_py() or 0)
         unfinished = int(pc.sum(pc.invert(ok.column("finished")).cast(pa.int64())).as_py() or 0)
-        return ShardWritten(
-            outputs={"captions": {"path": paths["captions"], "rows": n, "bytes": len(cap_bytes)},
-                     "errors": {"path": paths["errors"], "rows": len(errors), "bytes": len(err_bytes)}},
-            counts={"samples_in": len(rows), "ok": n, "failed": len(errors), "failed_by_reason": reasons},
-            totals={"caption_tokens": generated, "cut_at_max_new_tokens": unfinished})
+        return files.done({"caption_tokens": generated, "cut_at_max_new_tokens": unfinished})
 
 
 def with_answers(conversations: pa.ChunkedArray, answers: list[str]) -> pa.Array:

@@ -6,8 +6,8 @@
       --InputImageLoader (CPU tasks: a request's input images, as stored codes or decoded pixels)
       --T2IGenerator (GPU actor pool: T2I prompts -> codes with the Tar MLLM -> pixels with a de-tokenizer)
       --ImageEncoder (CPU tasks: PNG / JPEG)
-      --PartWriter --> finalize tasks: GeneratedShardWriter ({shard}.tar, .parquet, _stats.json, errors/),
-                       then _manifest/
+      --PartWriter --> finalize tasks: GeneratedShardWriter ({shard}.tar streamed a part at a time, .parquet,
+                       _stats.json, errors/), then _manifest/
 
 Requests stream shard by shard (each shard's end row right after its requests), so a shard is written as
 soon as its images are done: the first manifests appear long before the last request is processed.
@@ -26,8 +26,8 @@ import io
 import json
 import logging
 import math
-import tarfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,42 +35,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tarflow.data import schema, storage
+from tarflow.data.schema import (GENERATE_ENCODED_ROWS, GENERATE_LOADED_ROWS, GENERATE_REQUEST_ROWS,
+                                 GENERATED_ROWS, REFLECT_CANDIDATE)
+from tarflow.data.shards import ShardFiles, ShardWritten, parquet_bytes
 from tarflow.pipelines.caption import resolve_code_shards
 from tarflow.pipelines.sharded import (DEFAULT_STALL_TIMEOUT_S, JobSummary, PartWriter, ShardJob, ShardLayout,
-                                       ShardWritten, end_row, check_pool_leaves_cpus, file_identity, folder_identity,
-                                       guarded, parquet_bytes, plan_pool, plan_shards, rows_table, run_sharded,
-                                       split_failed)
+                                       ShardParts, end_row, check_pool_leaves_cpus, file_identity, folder_identity,
+                                       guarded, plan_pool, plan_shards, rows_table, run_sharded)
 
 log = logging.getLogger("tarflow.generate")
-
-# an input image as the output records it: the key of its code shard row or its path, and its bytes' sha256
-INPUT_IMAGE = pa.struct([pa.field("key", pa.string()), pa.field("path", pa.string()), pa.field("sha256", pa.string())])
-# an input image as the prompt table gives it: a path, URL or --codes key (`ref`), or the bytes (`data`)
-IMAGE_REF = pa.struct([pa.field("ref", pa.string()), pa.field("data", pa.binary())])
-_COMMON = [pa.field("shard", pa.string()), pa.field("idx", pa.int64()), pa.field("key", pa.string()),
-           pa.field("kind", pa.string()), pa.field("end_info", pa.string()), pa.field("error_stage", pa.string()),
-           pa.field("error_reason", pa.string()), pa.field("error_detail", pa.string()),
-           pa.field("id", pa.string()), pa.field("index", pa.int32()), pa.field("prompt", pa.string()),
-           pa.field("scale", pa.int32()), pa.field("seed", pa.int64()),
-           pa.field("input_images", pa.list_(INPUT_IMAGE))]
-REQUEST_SCHEMA = pa.schema(_COMMON + [pa.field("image_refs", pa.list_(IMAGE_REF))])
-# after InputImageLoader: per input image its codes (from --codes) or its pixels at TA-Tok's input size (uint8)
-LOADED_SCHEMA = pa.schema(_COMMON + [pa.field("input_codes", pa.list_(pa.list_(pa.int32()))),
-                                     pa.field("input_pixels", pa.list_(pa.binary()))])
-# every candidate of a request, on its rank-0 image's row (for reflect/{shard}.parquet)
-REFLECT_CANDIDATE = pa.struct([pa.field("candidate", pa.int32()), pa.field("seed", pa.int64()),
-                               pa.field("codes", pa.list_(pa.int32())), pa.field("codes_fix", pa.string()),
-                               pa.field("score", pa.float64()), pa.field("rank", pa.int32()),
-                               pa.field("kept", pa.bool_())])
-_REFLECTED = [pa.field("reflect_score", pa.float64()), pa.field("reflect_rank", pa.int32()),
-              pa.field("reflect_candidate", pa.int32()), pa.field("candidates", pa.int32()),
-              pa.field("reflect_tokens", pa.int64()), pa.field("reflect_seconds", pa.float64()),
-              pa.field("reflect_all", pa.list_(REFLECT_CANDIDATE))]
-_GENERATED = [pa.field("ok", pa.bool_()), pa.field("codes", pa.list_(pa.int32())), pa.field("codes_fix", pa.string()),
-              pa.field("width", pa.int32()), pa.field("height", pa.int32())] + _REFLECTED
-GENERATED_SCHEMA = pa.schema(_COMMON + _GENERATED + [pa.field("pixels", pa.binary())])
-ENCODED_SCHEMA = pa.schema(_COMMON + _GENERATED + [pa.field("image", pa.binary())])
-
 
 # ----------------------------------------------------------------------------------------------------------
 # The prompt table: read by tasks, in row groups; the driver holds one (rows, requests) pair per row group
@@ -377,7 +350,7 @@ class PromptShardReader:
             del requests
             rows.append(end_row(d["name"], sum(q["slots"] for q in rows)))
             for i in range(0, len(rows), self.block):
-                yield rows_table(rows[i:i + self.block], REQUEST_SCHEMA)
+                yield rows_table(rows[i:i + self.block], GENERATE_REQUEST_ROWS)
 
 
 def request_blocks(shards: dict[str, list[dict]], names: list[str], block: int) -> list[pa.Table]:
@@ -385,7 +358,8 @@ def request_blocks(shards: dict[str, list[dict]], names: list[str], block: int) 
     into blocks of `block` rows (for stage tests that build requests in memory)."""
     out = []
     for n in names:
-        table = rows_table(shards[n] + [end_row(n, sum(r.get("slots", 1) for r in shards[n]))], REQUEST_SCHEMA)
+        table = rows_table(shards[n] + [end_row(n, sum(r.get("slots", 1) for r in shards[n]))],
+                           GENERATE_REQUEST_ROWS)
         out += [table.slice(i, block) for i in range(0, len(table), block)]
     return out
 
@@ -526,7 +500,7 @@ class InputImageLoader:
         self.codes = CodeIndex(codes) if codes else None
         self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
 
-    @guarded("load_images", LOADED_SCHEMA)
+    @guarded("load_images", GENERATE_LOADED_ROWS)
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         todo = [r for r in rows if r["kind"] == "sample" and r["error_reason"] is None and r["image_refs"]]
@@ -549,7 +523,7 @@ class InputImageLoader:
                 out.append(r)
             except RowFailure as e:
                 out += failed_slots(r, "input_image", e.reason, e.detail, self.keep)
-        return rows_table(out, LOADED_SCHEMA)
+        return rows_table(out, GENERATE_LOADED_ROWS)
 
     def _load(self, r: dict, refs: list[dict], keyed: dict, cache: dict) -> None:
         from tarflow.models.mllm import IMAGE_MARK
@@ -773,7 +747,7 @@ class T2IGenerator:
                     codes = cache[k]
                 r["inputs"].append(codes)
 
-    @guarded("generate", GENERATED_SCHEMA)
+    @guarded("generate", GENERATED_ROWS)
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         for r in rows:
@@ -785,7 +759,7 @@ class T2IGenerator:
             rows = [r for r in rows if id(r) not in todo_ids]
             for scale in sorted({r["scale"] for r in todo}):
                 rows += self._best_of_n([r for r in todo if r["scale"] == scale], scale)
-            return pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA)
+            return pa.Table.from_pylist(rows, schema=GENERATED_ROWS)
         for scale in sorted({r["scale"] for r in todo}):
             group = [r for r in todo if r["scale"] == scale]
             codes, fixes = self._codes(group, scale)
@@ -793,7 +767,7 @@ class T2IGenerator:
             for r, c, f, px in zip(group, codes, fixes, pixels):
                 r.update(ok=True, codes=c, codes_fix=f, height=px.shape[0], width=px.shape[1],
                          pixels=np.ascontiguousarray(px, dtype=np.uint8).tobytes())
-        return pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA)
+        return pa.Table.from_pylist(rows, schema=GENERATED_ROWS)
 
     def _best_of_n(self, group: list[dict], scale: int) -> list[dict]:
         """Requests at one scale -> their K best of N candidates each, as K rows per request (idx, idx + 1, ...).
@@ -840,7 +814,7 @@ class ImageEncoder:
     def __init__(self, image_format: str = "png", quality: int = 95):
         self.image_format, self.quality = image_format, quality
 
-    @guarded("encode_image", ENCODED_SCHEMA)
+    @guarded("encode_image", GENERATE_ENCODED_ROWS)
     def __call__(self, batch: pa.Table) -> pa.Table:
         from PIL import Image
 
@@ -856,7 +830,7 @@ class ImageEncoder:
                 else:
                     im.save(buf, format="JPEG", quality=self.quality)
                 r["image"] = buf.getvalue()
-        return pa.Table.from_pylist(rows, schema=ENCODED_SCHEMA)
+        return pa.Table.from_pylist(rows, schema=GENERATE_ENCODED_ROWS)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -998,6 +972,8 @@ class GeneratedShardWriter:
     """Writes a shard in img2dataset's layout (runs in a finalize task); `_stats.json` after the tar and
     parquet (img2dataset's own completion marker), then errors/; the core writes the manifest last."""
 
+    streams_parts = True  # its finalize task hands it the rows a part at a time (sharded.ShardParts)
+
     def __init__(self, cfg: GenerateConfig):
         import tarflow
 
@@ -1018,45 +994,54 @@ class GeneratedShardWriter:
         return {"reflect_score": r["reflect_score"], "reflect_rank": r["reflect_rank"],
                 "reflect_candidate": r["reflect_candidate"], "candidates": r["candidates"]}
 
-    def __call__(self, name: str, rows: pa.Table, end: dict, paths: dict) -> ShardWritten:
+    def __call__(self, name: str, rows: ShardParts | pa.Table, end: dict, paths: dict) -> ShardWritten:
+        """`rows`: the shard's rows in index order, one part at a time (or one table). Each part's images go
+        straight into the tar file (webdataset's TarWriter, streaming to storage.open_atomic), so that one part's
+        images are all this task holds; what is kept for {shard}.parquet and the totals has no pixels."""
+        from webdataset.writer import TarWriter
+
         ext = "png" if self.cfg.image_format == "png" else "jpg"
-        buf = io.BytesIO()
-        meta_rows = []
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for r in rows.to_pylist():
-                meta = self._meta(r)
-                meta_rows.append({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in meta.items()})
-                if not r["ok"]:
-                    continue
-                # members sorted by extension within a sample, as img2dataset's writer does
-                members = {ext: r["image"], "json": json.dumps(meta, indent=4).encode(), "txt": (r["prompt"] or "").encode()}
-                for suffix in sorted(members):
-                    info = tarfile.TarInfo(f"{r['key']}.{suffix}")
-                    info.size, info.mtime, info.mode = len(members[suffix]), 0, 0o444
-                    tar.addfile(info, io.BytesIO(members[suffix]))
-        ok, errors, reasons = split_failed(rows, name)
-        tar_bytes = buf.getvalue()
-        meta_bytes = parquet_bytes(pa.Table.from_pylist(meta_rows)) if meta_rows else b""
-        err_bytes = parquet_bytes(errors)
-        fixes = {d["values"]: d["counts"] for d in pc.value_counts(ok.column("codes_fix")).to_pylist()}
-        storage.write_bytes_atomic(paths["tar"], tar_bytes)
-        if meta_bytes:
-            storage.write_bytes_atomic(paths["parquet"], meta_bytes)
-        stats = {"count": len(rows), "successes": len(ok), "failed_to_generate": len(errors),
-                 "status_dict": {"success": len(ok), **reasons}, "tarflow_version": self.version}
+        files = ShardFiles(name, paths)
+        meta_rows, fixes, reflected = [], Counter(), []
+        with storage.open_atomic(paths["tar"]) as f:
+            # member headers as tarfile's defaults (no user or group names), mtime 0: reruns give the same bytes
+            with TarWriter(f, user="", group="", mode=0o444, mtime=0, encoder=False) as tar:
+                for part in [rows] if isinstance(rows, pa.Table) else rows:
+                    for r in part.to_pylist():
+                        meta = self._meta(r)
+                        meta_rows.append({k: (json.dumps(v) if isinstance(v, (dict, list)) else v)
+                                          for k, v in meta.items()})
+                        if r["ok"]:  # TarWriter writes a sample's members sorted by extension, as img2dataset does
+                            tar.write({"__key__": r["key"], ext: r["image"], "txt": (r["prompt"] or "").encode(),
+                                       "json": json.dumps(meta, indent=4).encode()})
+                    ok = files.add(part.drop_columns(["image"]))
+                    fixes.update(ok.column("codes_fix").to_pylist())
+                    if self.cfg.reflect:
+                        reflected.append(ok.select(self._reflect_columns()))
+            tar_bytes = f.tell()
+        files.wrote("tar", tar_bytes)
+        meta_bytes = 0
+        if meta_rows:
+            meta_bytes = len(data := parquet_bytes(pa.Table.from_pylist(meta_rows)))
+            storage.write_bytes_atomic(paths["parquet"], data)
+        files.wrote("parquet", meta_bytes)
+        failed = files.samples_in - files.ok
+        stats = {"count": files.samples_in, "successes": files.ok, "failed_to_generate": failed,
+                 "status_dict": {"success": files.ok, **files.reasons}, "tarflow_version": self.version}
         storage.write_bytes_atomic(paths["stats"], json.dumps(stats, indent=4).encode())
-        storage.write_bytes_atomic(paths["errors"], err_bytes)
-        outputs = {"tar": {"path": paths["tar"], "bytes": len(tar_bytes)},
-                   "parquet": {"path": paths["parquet"], "bytes": len(meta_bytes)},
-                   "errors": {"path": paths["errors"], "rows": len(errors), "bytes": len(err_bytes)}}
         totals = {f"codes_{k}": v for k, v in fixes.items() if k != "ok"}
         if self.cfg.reflect:
-            outputs, totals = self._write_reflect(ok, paths, outputs, totals)
-        return ShardWritten(outputs=outputs, totals=totals,
-                            counts={"samples_in": len(rows), "ok": len(ok), "failed": len(errors),
-                                    "failed_by_reason": reasons})
+            ok = pa.concat_tables(reflected) if reflected else GENERATE_ENCODED_ROWS.empty_table().select(
+                self._reflect_columns())
+            totals = self._write_reflect(files, ok, totals)
+        return files.done(totals)
 
-    def _write_reflect(self, ok: pa.Table, paths: dict, outputs: dict, totals: dict) -> tuple[dict, dict]:
+    def _reflect_columns(self) -> list[str]:
+        """What _write_reflect reads of the good rows (every candidate's codes only for reflect/{shard}.parquet)."""
+        return (["reflect_tokens", "reflect_seconds", "reflect_rank"]
+                + (["key", "id", "index", "prompt", "scale", "reflect_all"] if self.cfg.keep_all_scores else []))
+
+    def _write_reflect(self, files: ShardFiles, ok: pa.Table, totals: dict) -> dict:
         """The scoring cost as totals (the summary sums them), and reflect/{shard}.parquet if asked for."""
         cols = ok.select(["reflect_tokens", "reflect_seconds", "reflect_rank"]).to_pydict()
         firsts = [i for i, k in enumerate(cols["reflect_rank"]) if k == 0]
@@ -1065,10 +1050,9 @@ class GeneratedShardWriter:
                   "reflect_tokens_scored": sum(cols["reflect_tokens"][i] or 0 for i in firsts),
                   "reflect_seconds": round(sum(cols["reflect_seconds"][i] or 0.0 for i in firsts), 6)}
         if self.cfg.keep_all_scores:
-            data = parquet_bytes(reflect_table(ok.filter(pc.equal(ok.column("reflect_rank"), 0)).to_pylist()))
-            storage.write_bytes_atomic(paths["reflect"], data)
-            outputs = {**outputs, "reflect": {"path": paths["reflect"], "bytes": len(data)}}
-        return outputs, totals
+            firsts_table = reflect_table(ok.filter(pc.equal(ok.column("reflect_rank"), 0)).to_pylist())
+            files.write_parquet("reflect", firsts_table, rows=False)
+        return totals
 
 
 def _for_workers(path: str) -> str:

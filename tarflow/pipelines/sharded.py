@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tarflow.data import schema, storage
+from tarflow.data.shards import ShardWritten  # noqa: F401  (what a job's writer returns)
 # the autoscaler's limits, which no public Ray API gives: one module holds every private Ray name tarflow uses
 from tarflow.pipelines.ray_private import autoscaler_max_resources, autoscaler_running
 from tarflow.preflight import UsageError
@@ -513,23 +514,67 @@ def _ipc_bytes(table: pa.Table) -> bytes:
 
 
 def read_parts(paths: list[str]) -> pa.Table:
-    tables = [pa.ipc.open_stream(storage.read_bytes(p)).read_all() for p in paths]
+    tables = [_read_part(p) for p in paths]
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-@dataclass
-class ShardWritten:
-    """What a job's writer reports for one shard; the core adds it to the manifest."""
+class ShardParts:
+    """A shard's rows as a streaming writer (`streams_parts = True`) gets them: `len()` rows, iterated as
+    tables of at most one part each, in index order, each index once (as dedupe_by_index(read_parts(...))), so
+    that its finalize task holds one part at a time, never the whole shard.
 
-    outputs: dict  # name -> {path, bytes, rows?}
-    counts: dict  # samples_in, ok, failed, failed_by_reason
-    totals: dict = field(default_factory=dict)
+    Opening reads every part once for its `idx` column alone (the other columns' buffers are not decompressed);
+    iterating reads each part again, once per run of consecutive indices it holds: once, unless the parts'
+    index ranges interleave. So a part's bytes are read twice, the price of holding one at a time."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = list(paths)
+        idx, part, row = [], [], []
+        for k, p in enumerate(self.paths):
+            ids = _read_part(p, ["idx"]).column("idx").to_numpy()
+            idx.append(ids)
+            part.append(np.full(len(ids), k, np.int64))
+            row.append(np.arange(len(ids), dtype=np.int64))
+        idx, part, row = (np.concatenate(a) if a else np.zeros(0, np.int64) for a in (idx, part, row))
+        order = np.argsort(idx, kind="stable")  # stable: of a replayed index, the first part's row is kept
+        idx, self._part, self._row = idx[order], part[order], row[order]
+        first = np.concatenate([[True], idx[1:] != idx[:-1]]) if len(idx) else np.zeros(0, bool)
+        self._part, self._row = self._part[first], self._row[first]
+
+    def __len__(self) -> int:
+        return len(self._part)
+
+    def __iter__(self):
+        if not len(self._part):
+            return
+        cuts = np.flatnonzero(self._part[1:] != self._part[:-1]) + 1
+        held = (None, None)  # (part number, its table): one part in memory at a time
+        for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(self._part)]])):
+            k = int(self._part[lo])
+            if held[0] != k:
+                held = (None, None)  # the last part dropped before the next is read
+                held = (k, _read_part(self.paths[k]))
+            rows = self._row[lo:hi]
+            if (np.diff(rows) == 1).all():
+                yield held[1].slice(int(rows[0]), hi - lo)  # a run in the part's own order: no copy
+            else:
+                yield held[1].take(pa.array(rows))
+
+
+def _read_part(path: str, columns: list[str] | None = None) -> pa.Table:
+    data = storage.read_bytes(path)
+    if columns is None:
+        return pa.ipc.open_stream(data).read_all()
+    names = pa.ipc.open_stream(data).schema.names
+    options = pa.ipc.IpcReadOptions(included_fields=[names.index(c) for c in columns])
+    return pa.ipc.open_stream(data, options=options).read_all()
 
 
 @dataclass
 class ShardJob:
     """Everything a finalize task needs (pickled once per shard): the layout, the job's facts and sources,
-    and the job's `writer(shard, rows, end, paths) -> ShardWritten`."""
+    and the job's `writer(shard, rows, end, paths) -> ShardWritten`: `rows` is the shard's whole table, or a
+    ShardParts (tables of one part at a time) for a writer whose `streams_parts` is True."""
 
     job: str
     layout: ShardLayout
@@ -548,7 +593,10 @@ def finalize_shard(spec: ShardJob, shard: str, shard_input: dict, part_paths: li
     import tarflow
 
     try:
-        rows = dedupe_by_index(read_parts(part_paths)) if part_paths else None
+        if getattr(spec.writer, "streams_parts", False):
+            rows = ShardParts(part_paths)
+        else:
+            rows = dedupe_by_index(read_parts(part_paths)) if part_paths else None
     except FileNotFoundError:
         done = finished_by_this_run(spec, shard)
         if done is None:
@@ -594,36 +642,6 @@ def finished_by_this_run(spec: ShardJob, shard: str) -> dict | None:
     if not spec.run or m.get("run") != spec.run:
         return None
     return shard_result(shard, bool(m.get("complete")), m["counts"], m.get("totals", {}), m.get("outputs", {}))
-
-
-def split_failed(rows: pa.Table, shard: str) -> tuple[pa.Table, pa.Table, dict]:
-    """A shard's rows -> (the ok rows, the errors/ table of the failed ones, failed count by reason).
-
-    Every job's rows carry `ok`, `key`, `error_stage`, `error_reason`, `error_detail`; all jobs write the same
-    errors format."""
-    import tarflow
-
-    ok_mask = rows.column("ok")
-    failed = rows.filter(pc.invert(ok_mask))
-    errors = pa.table({
-        "key": failed.column("key"),
-        "shard": pa.array([shard] * len(failed), pa.string()),
-        "stage": failed.column("error_stage"),
-        "reason": failed.column("error_reason"),
-        "detail": failed.column("error_detail"),
-    }).cast(schema.with_metadata(schema.ERRORS_SCHEMA, schema.ERRORS_FORMAT, schema.ERRORS_VERSION,
-                                 {"tarflow_version": tarflow.__version__}))
-    return rows.filter(ok_mask), errors, dict(Counter(failed.column("error_reason").to_pylist()))
-
-
-def parquet_bytes(table: pa.Table) -> bytes:
-    import io
-
-    import pyarrow.parquet as pq
-
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -42,67 +42,14 @@ from tarflow.data.conversations import ConversationRow, iter_conversation_rows
 from tarflow.data.images import DEFAULT_MAX_PIXELS, SampleError, decode_rgb
 from tarflow.data.img2dataset import (DEFAULT_MAX_MEMBER_BYTES, InputError, RawSample, ShardEnd, ShardInput,
                                       iter_samples, resolve_inputs)
+from tarflow.data.schema import (CONVERSATION_DECODED_ROWS, CONVERSATION_RAW_ROWS, TOKENIZE_DECODED_ROWS,
+                                 TOKENIZE_RAW_ROWS, conversation_encoded_rows, tokenize_encoded_rows)
 from tarflow.pipelines.sharded import OutputConflict  # noqa: F401  (raised by run_tokenize; jobs catch it)
 from tarflow.pipelines.sharded import (DEFAULT_STALL_TIMEOUT_S, JobSummary, PartWriter, ShardJob, end_row,
                                        failed_row, check_pool_leaves_cpus, guarded, plan_pool, plan_shards,
                                        read_failure_reason, rows_table, run_sharded)
 
 log = logging.getLogger("tarflow.tokenize")
-
-# Rows between stages (in memory only; the on-disk formats are in tarflow.data.schema).
-_COMMON = [
-    pa.field("shard", pa.string()), pa.field("idx", pa.int64()), pa.field("key", pa.string()),
-    pa.field("kind", pa.string()),  # "sample" | "end" | "failed"
-    pa.field("error_stage", pa.string()), pa.field("error_reason", pa.string()),
-    pa.field("error_detail", pa.string()),
-    pa.field("end_info", pa.string()),  # JSON: the ShardEnd on "end" rows, the reason on "failed" rows
-]
-RAW_SCHEMA = pa.schema(_COMMON + [
-    pa.field("image", pa.binary()), pa.field("image_suffix", pa.string()),
-    pa.field("txt", pa.binary()), pa.field("json", pa.binary()),
-])
-_DECODED_FIELDS = [
-    pa.field("ok", pa.bool_()), pa.field("caption", pa.string()), pa.field("url", pa.string()),
-    pa.field("meta", pa.string()), pa.field("sha256", pa.string()),
-    pa.field("width", pa.int32()), pa.field("height", pa.int32()),
-]
-# vq_pixels / latent_pixels: null unless the job stores VQ codes / latents
-DECODED_SCHEMA = pa.schema(_COMMON + _DECODED_FIELDS + [pa.field("pixels", pa.binary()),
-                                                        pa.field("vq_pixels", pa.binary()),
-                                                        pa.field("latent_pixels", pa.binary())])
-
-
-_CONTROL = [f.name for f in _COMMON]
-# Conversation tables (tarflow.data.conversations): one row per conversation row, its images as lists in order;
-# `passthrough` carries the row's other columns to the writer untouched.
-_CONVERSATION_IMAGE_FIELDS = [
-    pa.field("num_images", pa.int32()), pa.field("image_sha256", pa.list_(pa.string())),
-    pa.field("image_path", pa.list_(pa.string())), pa.field("image_width", pa.list_(pa.int32())),
-    pa.field("image_height", pa.list_(pa.int32())), pa.field("passthrough", pa.binary()),
-]
-RAW_CONVERSATION_SCHEMA = pa.schema(_COMMON + [
-    pa.field("images", pa.list_(pa.binary())), pa.field("image_path", pa.list_(pa.string())),
-    pa.field("passthrough", pa.binary()),
-])
-DECODED_CONVERSATION_SCHEMA = pa.schema(_COMMON + [pa.field("ok", pa.bool_())] + _CONVERSATION_IMAGE_FIELDS
-                                        + [pa.field("pixels", pa.list_(pa.binary()))])
-
-
-def conversation_encoded_schema(scales: Sequence[int], codebook_size: int) -> pa.Schema:
-    vt = schema.code_value_type(codebook_size)
-    return pa.schema(_COMMON + [pa.field("ok", pa.bool_())] + _CONVERSATION_IMAGE_FIELDS
-                     + [pa.field(schema.code_column(s), pa.list_(pa.list_(vt))) for s in scales])
-
-
-def encoded_schema(scales: Sequence[int], codebook_size: int, vq: dict | None = None,
-                   latents: dict | None = None) -> pa.Schema:
-    vt = schema.code_value_type(codebook_size)
-    extra = [pa.field(vq["column"], pa.list_(schema.code_value_type(vq["codebook_size"])))] if vq else []
-    if latents:
-        extra.append(pa.field(latents["column"], schema.latents_type(latents["shape"])))
-    return pa.schema(_COMMON + _DECODED_FIELDS + [pa.field(schema.code_column(s), pa.list_(vt)) for s in scales]
-                     + extra)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Stages
@@ -115,7 +62,7 @@ class ShardReader:
     fails that shard alone: a "failed" row with the reason instead of the end row."""
 
     MAX_CHUNK_BYTES = 256 << 20
-    schema = RAW_SCHEMA
+    schema = TOKENIZE_RAW_ROWS
 
     def __init__(self, chunk_size: int = 64, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES):
         self.chunk_size, self.max_member_bytes = chunk_size, max_member_bytes
@@ -167,7 +114,7 @@ class ImageDecoder:
         self.input_size, self.max_pixels, self.exif_transpose = input_size, max_pixels, exif_transpose
         self.vq_resolution, self.latent_resolution = vq_resolution, latent_resolution
 
-    schema = DECODED_SCHEMA
+    schema = TOKENIZE_DECODED_ROWS
 
     @guarded("decode", "schema")
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -178,7 +125,7 @@ class ImageDecoder:
         Image.MAX_IMAGE_PIXELS = None  # our own limit (max_pixels) applies, with a per-sample error
         out = []
         for r in batch.to_pylist():
-            row = {k: r[k] for k in _CONTROL}
+            row = {k: r[k] for k in schema.ROW_FIELD_NAMES}
             row["ok"] = False
             if r["kind"] == "sample" and r["error_reason"] is None:
                 try:
@@ -219,7 +166,7 @@ class ConversationReader(ShardReader):
     columns in `passthrough`), in chunks by rows and bytes, then the file's "end" row (which carries the
     passthrough schema to the writer)."""
 
-    schema = RAW_CONVERSATION_SCHEMA
+    schema = CONVERSATION_RAW_ROWS
 
     def __init__(self, chunk_size: int = 64, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
                  image_root: str | None = None):
@@ -247,7 +194,7 @@ class ConversationDecoder(ImageDecoder):
     """Raw conversation rows -> every image of a row decoded and resized as ImageDecoder does; any image that
     fails fails its row, with that image's reason."""
 
-    schema = DECODED_CONVERSATION_SCHEMA
+    schema = CONVERSATION_DECODED_ROWS
 
     def _decode(self, r: dict, resize_uint8) -> dict:
         images, n = r["images"], len(r["images"])
@@ -296,11 +243,11 @@ class TATokEncoder:
             from tarflow.models.diffusion_detok import load_vae
 
             self.vae = load_vae(latents["checkpoint"], self.device)
-        self.schema = encoded_schema(self.scales, self.model.codebook_size, self.vq_facts, latents)
+        self.schema = tokenize_encoded_rows(self.scales, self.model.codebook_size, self.vq_facts, latents)
         self.code_type = schema.code_value_type(self.model.codebook_size)
         self.conversations, self.images_per_call = conversations, max(1, int(images_per_call))
         if conversations:
-            self.schema = conversation_encoded_schema(self.scales, self.model.codebook_size)
+            self.schema = conversation_encoded_rows(self.scales, self.model.codebook_size)
 
     def _tatok_codes(self, arr: np.ndarray) -> dict[int, np.ndarray]:
         """(N, S, S, 3) uint8 images -> {scale: (N, tokens) codes}: one encoder pass for every scale."""
@@ -545,7 +492,7 @@ def model_facts(cfg: TokenizeConfig, conversations: bool = False) -> TokenizeFac
 def read_and_decode(shards: list[ShardInput], cfg: TokenizeConfig, input_size: int, decode_cpus: float,
                     vq_resolution: int | None = None, latent_resolution: int | None = None):
     """The job's first two stages, also what the TA-Tok trainer streams: shard list --ShardReader (raw bytes)
-    --ImageDecoder (RGB, resized to input_size as uint8) -> DECODED_SCHEMA rows, every shard's rows in order
+    --ImageDecoder (RGB, resized to input_size as uint8) -> TOKENIZE_DECODED_ROWS, every shard's rows in order
     followed by its "end" row. Reads `cfg`'s read_chunk, max_member_bytes, max_concurrent_shards, max_pixels,
     exif_transpose and decode_batch_size."""
     return _read_and_decode(shards, cfg, ShardReader(cfg.read_chunk, cfg.max_member_bytes),
@@ -555,7 +502,7 @@ def read_and_decode(shards: list[ShardInput], cfg: TokenizeConfig, input_size: i
 
 def read_and_decode_conversations(shards: list[ShardInput], cfg: TokenizeConfig, input_size: int,
                                   decode_cpus: float):
-    """read_and_decode for conversation tables: DECODED_CONVERSATION_SCHEMA rows, one per conversation row."""
+    """read_and_decode for conversation tables: CONVERSATION_DECODED_ROWS, one per conversation row."""
     return _read_and_decode(shards, cfg, ConversationReader(cfg.read_chunk, cfg.max_member_bytes, cfg.image_root),
                             ConversationDecoder(input_size, cfg.max_pixels, cfg.exif_transpose), decode_cpus)
 
