@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 import tarflow
 from tarflow.data import schema, storage
+from tarflow.data.shards import ShardLayout, ShardWritten, parquet_bytes, split_failed
 
 
 @dataclass
@@ -67,8 +68,6 @@ class TokenizeFacts:
 
 
 def code_shard_layout(output: str):
-    from tarflow.pipelines.sharded import ShardLayout
-
     return ShardLayout(output, ((schema.CODES_DIR, f"{schema.CODES_DIR}/{{shard}}.parquet"),
                                 (schema.ERRORS_DIR, f"{schema.ERRORS_DIR}/{{shard}}.parquet")),
                        schema.MANIFEST_FORMAT, schema.MANIFEST_VERSION)
@@ -85,8 +84,6 @@ class CodeShardWriter:
     def __call__(self, shard: str, rows: pa.Table, end: Mapping[str, Any], paths: Mapping[str, str]):
         """`rows`: all the shard's rows in input order, good and failed, with the columns of a code shard plus
         `ok`, `error_stage`, `error_reason`, `error_detail`."""
-        from tarflow.pipelines.sharded import ShardWritten, parquet_bytes, split_failed
-
         ok, errors, reasons = split_failed(rows, shard)
         codes = ok.select(self.codes_schema.names).cast(self.codes_schema)
         codes_bytes, errors_bytes = parquet_bytes(codes), parquet_bytes(errors)
@@ -115,7 +112,6 @@ class ConversationShardWriter:
         (taken out of it: the manifest needs only the reader's findings)."""
         from tarflow.data.conversations import (PASSTHROUGH_ENCODING_KEY, PASSTHROUGH_SCHEMA_KEY, decode_schema,
                                                 passthrough_table)
-        from tarflow.pipelines.sharded import ShardWritten, parquet_bytes, split_failed
 
         pt_schema = decode_schema(end.pop(PASSTHROUGH_SCHEMA_KEY))
         encoding = end.pop(PASSTHROUGH_ENCODING_KEY)

@@ -23,10 +23,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tarflow.data import schema, storage
-from tarflow.pipelines.sharded import (DEFAULT_STALL_TIMEOUT_S, JobSummary, PartWriter, ShardJob, ShardLayout,
-                                       ShardWritten, end_row, check_pool_leaves_cpus, failed_row, folder_identity, guarded, parquet_bytes,
-                                       plan_pool, plan_shards, read_failure_reason, rows_table, run_sharded,
-                                       split_failed)
+from tarflow.data.shards import ShardLayout, ShardWritten, folder_identity, parquet_bytes, split_failed
+from tarflow.pipelines.sharded import (DEFAULT_STALL_TIMEOUT_S, JobSummary, PartWriter, ShardJob,
+                                       end_row, check_pool_leaves_cpus, failed_row, guarded,
+                                       plan_pool, plan_shards, read_failure_reason, rows_table, run_sharded)
 
 log = logging.getLogger("tarflow.caption")
 

@@ -33,10 +33,11 @@ import pyarrow.compute as pc
 
 from tarflow.data import schema, storage
 from tarflow.pipelines.caption import resolve_code_shards
-from tarflow.pipelines.sharded import (DEFAULT_STALL_TIMEOUT_S, JobSummary, PartWriter, ShardJob, ShardLayout,
-                                       ShardWritten, end_row, check_pool_leaves_cpus, file_identity, folder_identity,
-                                       guarded, parquet_bytes, plan_pool, plan_shards, rows_table, run_sharded,
-                                       split_failed)
+from tarflow.data.shards import (ShardLayout, ShardWritten, file_identity, folder_identity, parquet_bytes,
+                                 split_failed)
+from tarflow.pipelines.sharded import (DEFAULT_STALL_TIMEOUT_S, JobSummary, PartWriter, ShardJob,
+                                       end_row, check_pool_leaves_cpus,
+                                       guarded, plan_pool, plan_shards, rows_table, run_sharded)
 
 log = logging.getLogger("tarflow.generate")
 

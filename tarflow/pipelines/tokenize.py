@@ -429,7 +429,7 @@ def latents_facts(path: str, resolution: int) -> dict:
     read on the driver): the VAE by content hash of its folder, the shape and the column. Raises ValueError /
     FileNotFoundError (one line, naming the path and the fix)."""
     from tarflow.models.diffusion_detok import vae_config, vae_downsample, vae_folder
-    from tarflow.pipelines.sharded import folder_identity
+    from tarflow.data.shards import folder_identity
 
     folder = vae_folder(path)
     cfg = vae_config(folder)
