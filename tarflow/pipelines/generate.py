@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tarflow.data import schema, storage
-from tarflow.pipelines.caption import resolve_code_shards
+from tarflow.data.codeshard import resolve_code_shards
 from tarflow.data.shards import (ShardLayout, ShardWritten, file_identity, folder_identity, parquet_bytes,
                                  split_failed)
 from tarflow.pipelines.sharded import (DEFAULT_STALL_TIMEOUT_S, JobSummary, PartWriter, ShardJob,

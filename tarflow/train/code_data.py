@@ -26,7 +26,7 @@ CODE_SKIP_REASONS = ("missing", "length", "range")
 
 def resolve_data(specs: list[str], problems: Problems) -> list[str]:
     """The code shard files of --data (a tokenize output: its finished shards), one problem line per bad spec."""
-    from tarflow.pipelines.caption import resolve_code_shards
+    from tarflow.data.codeshard import resolve_code_shards
 
     files = []
     for spec in specs:
