@@ -1083,8 +1083,7 @@ def run_generate(cfg: GenerateConfig, generator_cls=T2IGenerator) -> JobSummary:
     import ray
     import ray.data
 
-    from tarflow.models.tatok import resolve_teacher
-    from tarflow.pipelines.tokenize import tatok_header
+    from tarflow.models.tatok import resolve_teacher, tatok_header
 
     t0 = time.time()
     cfg.check()

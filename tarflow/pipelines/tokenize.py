@@ -487,32 +487,12 @@ class TokenizeConfig:
     image_root: str | None = None  # conversation tables: where relative image paths are read from (local or s3://)
 
 
-def tatok_header(path: str):
-    """(TATokArgs, grid) of a TA-Tok checkpoint from its header alone: no weights read, no model built."""
-    from tarflow.data.checkpoint_header import HeaderError, read_header
-    from tarflow.models.checkpoint import CheckpointError
-    from tarflow.models.tatok import TATokArgs, resolve_teacher
-
-    try:
-        header = read_header(path)
-    except FileNotFoundError:
-        raise CheckpointError(path, "file not found", "check the path; s3:// paths need AWS credentials") from None
-    except HeaderError as e:
-        raise CheckpointError(path, str(e), "is this the reference ta_tok.pth?") from None
-    entry = header.get("model") if isinstance(header, dict) else None
-    if not isinstance(entry, dict) or "args" not in entry or "sd" not in entry:
-        raise CheckpointError(path, "expected the reference format {'model': {'args', 'sd'}}",
-                              "is this the right kind of checkpoint for TA-Tok?")
-    args = TATokArgs.from_ckpt_args(entry["args"], path)
-    enc = resolve_teacher(args.teacher, path)
-    return args, enc.image_size // enc.patch_size
-
-
 def model_facts(cfg: TokenizeConfig, conversations: bool = False) -> TokenizeFacts:
     """The facts of a run from the checkpoints' headers and content hashes; no model is built (the driver
     of a job over a 2.4 GB TA-Tok reads a few hundred KB of it and hashes the rest in a stream)."""
     from tarflow.data.checkpoint_header import HeaderError, read_header
     from tarflow.models.checkpoint import CheckpointError
+    from tarflow.models.tatok import tatok_header
 
     args, grid = tatok_header(cfg.tatok)
     for s in cfg.scales:

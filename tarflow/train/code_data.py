@@ -70,8 +70,7 @@ class TATokHeader:
 
     @classmethod
     def read(cls, path: str) -> "TATokHeader":
-        from tarflow.models.tatok import resolve_teacher
-        from tarflow.pipelines.tokenize import tatok_header
+        from tarflow.models.tatok import resolve_teacher, tatok_header
 
         args, grid = tatok_header(path)
         return cls(sha256=storage.sha256(path), codebook_size=args.codebook_size, grid=grid,

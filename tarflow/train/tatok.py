@@ -106,8 +106,7 @@ def _teacher_name(folder: str, enc) -> str:
 def plan_model(cfg: TATokTrainConfig, problems: Problems) -> ModelPlan | None:
     from tarflow.models import tatok_train as tt
     from tarflow.models.checkpoint import CheckpointError
-    from tarflow.models.tatok import BUILTIN_TEACHERS, resolve_teacher, vision_config_json
-    from tarflow.pipelines.tokenize import tatok_header
+    from tarflow.models.tatok import BUILTIN_TEACHERS, resolve_teacher, tatok_header, vision_config_json
 
     if bool(cfg.teacher) == bool(cfg.init):
         problems.add("--teacher/--init", "give exactly one",
