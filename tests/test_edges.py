@@ -15,7 +15,7 @@ from test_reader_faults import _raised_while_handling
 
 from tarflow.data import img2dataset as i2d
 from tarflow.data import storage
-from tarflow.data.sample import ensure_random_tatok
+from tarflow.models.demo import ensure_random_tatok
 from tarflow.pipelines import runtime, sharded
 from tarflow.pipelines.tokenize import TokenizeConfig, run_tokenize
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from tarflow.data import storage
-from tarflow.data.sample import ensure_random_tatok
+from tarflow.models.demo import ensure_random_tatok
 from tarflow.pipelines import sharded
 from tarflow.data.shards import ShardLayout, ShardWritten
 from tarflow.pipelines.sharded import OutputConflict, PartWriter, ShardJob

@@ -20,7 +20,8 @@ import pytest
 import torch
 from conftest import reference_fixture
 
-from tarflow.data.sample import ensure_demo_base, ensure_sample_shards
+from tarflow.data.sample import ensure_sample_shards
+from tarflow.models.demo import ensure_demo_base
 from tarflow.models.tatok import TATok, pixels_from_uint8
 from tarflow.models.tatok_train import (embedding_rows, load_siglip_folder, load_tokenizer, new_tatok,
                                         rec_distances, select_rows)
