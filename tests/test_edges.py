@@ -153,7 +153,7 @@ def test_a_programming_error_fails_the_shard_at_once_and_link_errors_are_retried
         assert e.value.reason == "read_failed" and fs.opens == retry.attempts
 
     # in the job's reader stage: the shard's failed row names the error and carries the worker's traceback
-    from tarflow.pipelines.tokenize import ShardReader
+    from tarflow.pipelines.image_stages import ShardReader
 
     reading_with(TypeError("unsupported operand type(s)"))
     rows = pa.concat_tables(ShardReader()(pa.Table.from_pylist([{

@@ -56,7 +56,7 @@ def models(tmp_path_factory):
 def images():
     """The bundled sample, through the tokenize job's reader and decoder stages (called in process)."""
     from tarflow.data.img2dataset import resolve_inputs
-    from tarflow.pipelines.tokenize import ImageDecoder, ShardReader
+    from tarflow.pipelines.image_stages import ImageDecoder, ShardReader
 
     tables = []
     for s in resolve_inputs(str(ensure_sample_shards())):
@@ -227,7 +227,7 @@ def test_tatok_learns_on_cpu_and_its_codes_survive_save_and_load(models, images,
 def _stream(shards, chunk: int = 3) -> pa.Table:
     """The trainer's row stream of `shards` (the tokenize job's reader and decoder, then training_rows), in
     process and in order, as Ray Data hands it to the workers (one worker, no shuffle)."""
-    from tarflow.pipelines.tokenize import ImageDecoder, ShardReader
+    from tarflow.pipelines.image_stages import ImageDecoder, ShardReader
 
     tables = []
     for s in shards:
