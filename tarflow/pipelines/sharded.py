@@ -36,10 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tarflow.data import schema, storage
-# the output's layout, manifests and writer tail are data-floor code (tarflow.data.shards); the names stay
-# importable from here for code written against this module
-from tarflow.data.shards import (PARTS_DIR, ShardLayout, ShardWritten, facts_mismatch,  # noqa: F401
-                                 file_identity, folder_identity, parquet_bytes, split_failed)
+from tarflow.data.shards import ShardLayout, facts_mismatch  # the output's layout and manifests: data code
 from tarflow.preflight import UsageError
 
 log = logging.getLogger("tarflow")
