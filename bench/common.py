@@ -64,7 +64,8 @@ def plain_loop(shard_folder: str, tatok: str, output: str, scales, batch_size: i
     from tarflow.data.codeshard import CodeShardWriter, code_shard_layout
     from tarflow.data.img2dataset import resolve_inputs
     from tarflow.data.schema import tokenize_encoded_rows
-    from tarflow.pipelines.tokenize import ImageDecoder, ShardReader, TATokEncoder, TokenizeConfig, model_facts
+    from tarflow.pipelines.image_stages import ImageDecoder, ShardReader
+    from tarflow.pipelines.tokenize import TATokEncoder, TokenizeConfig, model_facts
 
     t0 = time.time()
     enc = TATokEncoder(tatok, scales, dtype=dtype, device=device)

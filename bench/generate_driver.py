@@ -85,14 +85,14 @@ class OneByOneGenerator:
 
 def run_job(table: str, out: str, samples_per_shard: int, batch_size: int) -> dict:
     """One generate job, in this process; returns its figures."""
-    from tarflow.data import sample
+    from tarflow.models import demo
     from tarflow.pipelines.generate import GenerateConfig, run_generate
     from tarflow.pipelines.runtime import init_ray
 
     os.environ["PYTHONPATH"] = os.pathsep.join([ROOT] + [x for x in [os.environ.get("PYTHONPATH")] if x])
-    cfg = GenerateConfig(prompts=table, output=out, mllm=str(sample.ensure_demo_tar()),
-                         tatok=str(sample.ensure_random_tatok()), ar_detok=str(sample.ensure_demo_ar_detok()),
-                         vq=str(sample.ensure_demo_vq()), samples_per_shard=samples_per_shard, batch_size=batch_size,
+    cfg = GenerateConfig(prompts=table, output=out, mllm=str(demo.ensure_demo_tar()),
+                         tatok=str(demo.ensure_random_tatok()), ar_detok=str(demo.ensure_demo_ar_detok()),
+                         vq=str(demo.ensure_demo_vq()), samples_per_shard=samples_per_shard, batch_size=batch_size,
                          num_workers=1, progress_every_s=60)
     before = peak_rss_mb()
     patient_ray_start()

@@ -91,7 +91,7 @@ def tokenize_cpu_decode(res: Results, device: str, tiny: bool, budget: Budget) -
     processes = 2 if tiny else 16
     jpegs = photo_like_jpegs(64 if tiny else 256, 512)
     res.set(jpeg_size=512, unique_jpegs=len(jpegs), mean_jpeg_bytes=sum(map(len, jpegs)) / len(jpegs),
-            cpus=os.cpu_count(), method="tarflow.pipelines.tokenize.ImageDecoder per decode batch in worker "
+            cpus=os.cpu_count(), method="tarflow.pipelines.image_stages.ImageDecoder per decode batch in worker "
                                         "processes (multiprocessing, no Ray); pixels stay in the workers")
     r = res.attempt("decode", lambda: decode_throughput(jpegs, 384, processes, 2.0 if tiny else 10.0),
                     budget=budget)

@@ -109,7 +109,7 @@ def raw_batches(jpegs: list[bytes], rows: int | None = None) -> list:
 
 def _decoder_init(batches, input_size: int) -> None:
     global _DECODER_STATE
-    from tarflow.pipelines.tokenize import ImageDecoder
+    from tarflow.pipelines.image_stages import ImageDecoder
 
     _DECODER_STATE = (batches, ImageDecoder(input_size))
 
@@ -124,7 +124,7 @@ def _decode_batches(n: int) -> int:
 
 
 def decode_throughput(jpegs: list[bytes], input_size: int, processes: int, seconds: float) -> dict:
-    """images/s of the tokenize job's CPU stage (tarflow.pipelines.tokenize.ImageDecoder: JPEG decode with
+    """images/s of the tokenize job's CPU stage (tarflow.pipelines.image_stages.ImageDecoder: JPEG decode with
     decode_rgb, resize_uint8 to the TA-Tok input size, sha256, caption and metadata) in `processes` worker
     processes, for about `seconds`. The decoded pixels stay in the workers: moving them to the encoder (Ray's
     object store in the job) is not counted."""

@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     from ray.cluster_utils import Cluster
 
     from bench.common import photo_like_jpegs, results_path, write_shards
-    from tarflow.data.sample import ensure_random_tatok
+    from tarflow.models.demo import ensure_random_tatok
     from tarflow.pipelines.tokenize import TokenizeConfig, model_facts
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -48,7 +48,7 @@ FACTS = {"model": {"sha256": "0" * 64}}
 
 
 def _layout(root: str):
-    from tarflow.pipelines.sharded import ShardLayout
+    from tarflow.data.shards import ShardLayout
 
     return ShardLayout(root.rstrip("/") + "/out", (("codes", "codes/{shard}.parquet"),), "bench.manifest", 1)
 
@@ -129,7 +129,8 @@ def plan_before(root: str):
     from tarflow.data import storage
     from tarflow.data.img2dataset import resolve_inputs
     from tarflow.pipelines.checks import _is_code_shard
-    from tarflow.pipelines.sharded import Plan, facts_mismatch
+    from tarflow.data.shards import facts_mismatch
+    from tarflow.pipelines.sharded import Plan
 
     for s in resolve_inputs([root + "/in/"], "auto"):  # the check
         if s.format == "parquet" and _is_code_shard(s.path):

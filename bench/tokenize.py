@@ -34,7 +34,7 @@ def main():
     args = p.parse_args()
     scales = [int(s) for s in args.scales.split(",")]
 
-    from tarflow.data.sample import ensure_random_tatok
+    from tarflow.models.demo import ensure_random_tatok
     from tarflow.pipelines.runtime import init_ray
     from tarflow.pipelines.tokenize import TokenizeConfig, run_tokenize
 

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import logging
 
-    from tarflow.data.sample import demo_warning, ensure_demo_tar
+    from tarflow.models.demo import demo_warning, ensure_demo_tar
     from tarflow.pipelines import checks
     from tarflow.pipelines.caption import CaptionConfig, run_caption
     from tarflow.pipelines.runtime import absolute_output, init_ray, run_job, setup_logging

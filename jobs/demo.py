@@ -72,8 +72,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = os.path.abspath(args.output)
     t0 = time.time()
-    from tarflow.data import sample
-    from tarflow.data.sample import DEMO_LATENT_RESOLUTION, DEMO_VQ_RESOLUTION, ensure_demo_prompts
+    from tarflow.data.sample import ensure_demo_prompts
+    from tarflow.models import demo
+    from tarflow.models.demo import DEMO_LATENT_RESOLUTION, DEMO_VQ_RESOLUTION
 
     diffusion = _has_diffusers()
     steps = Steps(5 + diffusion + 1 + (CONVERSATION_STEPS and 2))
@@ -103,8 +104,8 @@ def main(argv=None) -> int:
 
     images = os.path.join(out, "images")
     steps.run("generate images from the sample's captions (demo AR de-tokenizer and VQ: noise)", "generate",
-              ["--prompts", str(ensure_demo_prompts()), "--mllm", tar, "--tatok", str(sample.ensure_random_tatok()),
-               "--ar-detok", str(sample.ensure_demo_ar_detok()), "--vq", str(sample.ensure_demo_vq()), "--scale",
+              ["--prompts", str(ensure_demo_prompts()), "--mllm", tar, "--tatok", str(demo.ensure_random_tatok()),
+               "--ar-detok", str(demo.ensure_demo_ar_detok()), "--vq", str(demo.ensure_demo_vq()), "--scale",
                "3", "--output", images])
 
     ar = os.path.join(out, "ar_dtok_demo.pth")

@@ -98,6 +98,7 @@ def main(argv=None) -> int:
     import logging
 
     from tarflow.data import sample
+    from tarflow.models import demo
     from tarflow.pipelines import checks
     from tarflow.pipelines.generate import GenerateConfig, PromptTableError, run_generate
     from tarflow.pipelines.runtime import absolute_output, init_ray, run_job, setup_logging
@@ -105,12 +106,12 @@ def main(argv=None) -> int:
     setup_logging()
     log = logging.getLogger("tarflow.generate")
     if args.demo:
-        args.mllm, args.tatok = str(sample.ensure_demo_tar()), str(sample.ensure_random_tatok())
+        args.mllm, args.tatok = str(demo.ensure_demo_tar()), str(demo.ensure_random_tatok())
         if args.detok == "diffusion":
-            args.diffusion_detok = str(sample.ensure_demo_sana())
+            args.diffusion_detok = str(demo.ensure_demo_sana())
         else:
-            args.ar_detok, args.vq = str(sample.ensure_demo_ar_detok()), str(sample.ensure_demo_vq())
-        log.warning("%s", sample.demo_warning("model arguments", sample.demo_model_folder("*")))
+            args.ar_detok, args.vq = str(demo.ensure_demo_ar_detok()), str(demo.ensure_demo_vq())
+        log.warning("%s", demo.demo_warning("model arguments", demo.demo_model_folder("*")))
     if args.prompts is None:
         args.prompts = str(sample.ensure_demo_prompts())
         log.info("no --prompts: using the sample's captions %s", args.prompts)

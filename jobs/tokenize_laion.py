@@ -118,8 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from tarflow.data.img2dataset import InputError
-    from tarflow.data.sample import (demo_warning, ensure_demo_sana, ensure_demo_vq, ensure_random_tatok,
-                                     ensure_sample_shards)
+    from tarflow.data.sample import ensure_sample_shards
+    from tarflow.models.demo import demo_warning, ensure_demo_sana, ensure_demo_vq, ensure_random_tatok
     from tarflow.pipelines import checks
     from tarflow.pipelines.runtime import absolute_output, init_ray, run_job, setup_logging
     from tarflow.pipelines.tokenize import TokenizeConfig, run_tokenize

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     if args.tatok is None:  # no model arguments: the demo TA-Tok and AR de-tokenizer
         import logging
 
-        from tarflow.data.sample import demo_warning, ensure_demo_ar_detok, ensure_random_tatok
+        from tarflow.models.demo import demo_warning, ensure_demo_ar_detok, ensure_random_tatok
 
         args.tatok = str(ensure_random_tatok())
         if not (args.init or args.preset or args.n_layer):

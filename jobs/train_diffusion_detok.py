@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     if args.demo:  # no model arguments: the demo TA-Tok and SANA (what `make demo` tokenized the latents with)
         import logging
 
-        from tarflow.data.sample import demo_warning, ensure_demo_sana, ensure_random_tatok
+        from tarflow.models.demo import demo_warning, ensure_demo_sana, ensure_random_tatok
 
         args.tatok, args.init = str(ensure_random_tatok()), str(ensure_demo_sana())
         logging.getLogger("tarflow.train").warning("%s", demo_warning("--tatok/--init", args.init))

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     if not (args.base or args.resume_from or args.tatok):  # no model arguments: the demo family
         import logging
 
-        from tarflow.data.sample import demo_warning, ensure_demo_base, ensure_random_tatok
+        from tarflow.models.demo import demo_warning, ensure_demo_base, ensure_random_tatok
         from tarflow.models.tatok import TATok
 
         args.base, args.tatok = str(ensure_demo_base()), str(ensure_random_tatok())

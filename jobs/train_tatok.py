@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     if args.demo:  # no model arguments: continue the demo TA-Tok (its encoder is the teacher)
         import logging
 
-        from tarflow.data.sample import demo_warning, ensure_random_tatok
+        from tarflow.models.demo import demo_warning, ensure_random_tatok
 
         args.init = str(ensure_random_tatok())
         logging.getLogger("tarflow.train").warning("%s", demo_warning("--init/--teacher/--llm", args.init))

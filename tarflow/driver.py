@@ -44,7 +44,7 @@ def open_job_log(job: str | None = None) -> str | None:
     own (worker output, raylet and GCS errors, the `ray` logger), which stays off the job's output."""
     if _job_log["path"]:
         return _job_log["path"]
-    from tarflow.data.sample import tarflow_home
+    from tarflow.data.storage import tarflow_home
 
     job = job or os.path.splitext(os.path.basename(sys.argv[0] or ""))[0] or "tarflow"
     try:
@@ -186,7 +186,7 @@ def is_usage_error(e: BaseException, usage: tuple) -> bool:
 
 def write_error_log(job: str, e: BaseException) -> str | None:
     """Keep the full traceback (with Ray's remote one) in $TARFLOW_HOME/logs; return the file's path."""
-    from tarflow.data.sample import tarflow_home
+    from tarflow.data.storage import tarflow_home
 
     text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
     if job_log_path():  # the job's log file, where the rest of the run's story is

@@ -77,7 +77,7 @@ def node_removal(work: Path) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    from tarflow.data.sample import ensure_random_tatok
+    from tarflow.models.demo import ensure_random_tatok
     from tarflow.pipelines.tokenize import TokenizeConfig, run_tokenize
 
     shards = make_shards(work / "in", 6, 6)
@@ -198,7 +198,7 @@ def autoscaling(work: Path, defaults: bool = False) -> dict:
         ray.data.DataContext.get_current().enable_progress_bars = False
         from slowstages import EncoderReportingPlacement
 
-        from tarflow.data.sample import ensure_random_tatok
+        from tarflow.models.demo import ensure_random_tatok
         from tarflow.pipelines.sharded import autoscaler_max_resources, plan_pool
         from tarflow.pipelines.tokenize import TokenizeConfig, run_tokenize
 

@@ -15,7 +15,7 @@ from test_reader_faults import _raised_while_handling
 
 from tarflow.data import img2dataset as i2d
 from tarflow.data import storage
-from tarflow.data.sample import ensure_random_tatok
+from tarflow.models.demo import ensure_random_tatok
 from tarflow.pipelines import runtime, sharded
 from tarflow.pipelines.tokenize import TokenizeConfig, run_tokenize
 
@@ -153,7 +153,7 @@ def test_a_programming_error_fails_the_shard_at_once_and_link_errors_are_retried
         assert e.value.reason == "read_failed" and fs.opens == retry.attempts
 
     # in the job's reader stage: the shard's failed row names the error and carries the worker's traceback
-    from tarflow.pipelines.tokenize import ShardReader
+    from tarflow.pipelines.image_stages import ShardReader
 
     reading_with(TypeError("unsupported operand type(s)"))
     rows = pa.concat_tables(ShardReader()(pa.Table.from_pylist([{

@@ -222,7 +222,8 @@ def test_sigterm_stops_a_running_job_with_its_summary_and_a_rerun_resumes(ray_lo
     """SIGTERM (what `ray job stop` sends) to a job between shards: exit 143, no traceback, the summary with what
     is left; its log is quiet (no token-auth warning, no core_worker error line, no control codes) and has a
     line per finished shard. The rerun skips the finished shards and does the rest."""
-    from tarflow.data.sample import ensure_random_tatok, sample_photos, write_img2dataset_shards
+    from tarflow.data.sample import sample_photos, write_img2dataset_shards
+    from tarflow.models.demo import ensure_random_tatok
     from tarflow.pipelines.tokenize import TokenizeConfig, run_tokenize
 
     shards = tmp_path / "i2d"
@@ -265,14 +266,15 @@ def test_sigterm_stops_a_running_job_with_its_summary_and_a_rerun_resumes(ray_lo
 
 def test_demo_models_are_a_consistent_labelled_family(tmp_path):
     from tarflow.data import sample
+    from tarflow.models import demo
     from tarflow.models.ar_detok import ARDetokenizer
     from tarflow.models.detokenize import ARImageDecoder
     from tarflow.models.mllm import i2t_prompt_ids, load_tar
     from tarflow.models.tatok import TATok
     from tarflow.models.vqvae import VQVAE
 
-    paths = {"tatok": sample.ensure_random_tatok(), "vq": sample.ensure_demo_vq(),
-             "ar": sample.ensure_demo_ar_detok(), "base": sample.ensure_demo_base(), "tar": sample.ensure_demo_tar()}
+    paths = {"tatok": demo.ensure_random_tatok(), "vq": demo.ensure_demo_vq(),
+             "ar": demo.ensure_demo_ar_detok(), "base": demo.ensure_demo_base(), "tar": demo.ensure_demo_tar()}
     for p in paths.values():
         folder = p if p.is_dir() else p.parent
         assert "RANDOM-UNTRAINED" in folder.name and "UNTRAINED" in (folder / "README.txt").read_text()
@@ -281,7 +283,7 @@ def test_demo_models_are_a_consistent_labelled_family(tmp_path):
     decoder = ARImageDecoder(tatok, ar, vq)  # checks condition width and vocabulary
     codes = torch.randint(0, tatok.codebook_size, (1, tatok.num_tokens(3)), generator=torch.Generator().manual_seed(0))
     image = decoder(codes, generator=torch.Generator().manual_seed(0))
-    assert image.shape == (1, sample.DEMO_VQ_RESOLUTION, sample.DEMO_VQ_RESOLUTION, 3) and image.dtype == torch.uint8
+    assert image.shape == (1, demo.DEMO_VQ_RESOLUTION, demo.DEMO_VQ_RESOLUTION, 3) and image.dtype == torch.uint8
     model, tok, vocab = load_tar(str(paths["tar"]))
     assert vocab.num_image_tokens == tatok.codebook_size and len(tok) < 2000
     text = tok.decode(i2t_prompt_ids(tok, vocab, [1, 2], sample.DEMO_QUESTION))
@@ -291,8 +293,8 @@ def test_demo_models_are_a_consistent_labelled_family(tmp_path):
     rows = model.get_input_embeddings().weight[vocab.image_base_id:vocab.image_base_id + vocab.num_image_tokens]
     assert torch.equal(rows, tatok.bottleneck.regularizer.codebook().detach())
     # made with fixed seeds: the same tokenizer and weights every time
-    assert sample.demo_tokenizer().backend_tokenizer.to_str() == sample.demo_tokenizer().backend_tokenizer.to_str()
-    again = sample.ensure_demo_vq(tmp_path / "home2")
+    assert demo.demo_tokenizer().backend_tokenizer.to_str() == demo.demo_tokenizer().backend_tokenizer.to_str()
+    again = demo.ensure_demo_vq(tmp_path / "home2")
     assert again.read_bytes() == paths["vq"].read_bytes()
 
 

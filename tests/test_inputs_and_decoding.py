@@ -11,7 +11,7 @@ import shardmaker
 
 from tarflow.data import img2dataset as i2d
 from tarflow.data.images import decode_rgb
-from tarflow.pipelines.tokenize import ImageDecoder, ShardReader
+from tarflow.pipelines.image_stages import ImageDecoder, ShardReader
 
 
 def _shard(path) -> i2d.ShardInput:
@@ -190,3 +190,16 @@ def _orientation(data: bytes) -> int | None:
     except Exception:
         return None
 
+
+
+def test_the_tatok_trainer_reads_images_with_the_tokenize_jobs_defaults():
+    """ReadSettings (what the TA-Tok trainer passes to read_and_decode) holds the tokenize job's own defaults."""
+    import dataclasses
+
+    from tarflow.pipelines.image_stages import ReadSettings
+    from tarflow.pipelines.tokenize import TokenizeConfig
+
+    job = TokenizeConfig(input="in", output="out", tatok="ta_tok.pth")
+    settings = dataclasses.asdict(ReadSettings())
+    assert len(settings) == 7
+    assert settings == {name: getattr(job, name) for name in settings}

@@ -9,9 +9,10 @@ import pyarrow as pa
 import pytest
 
 from tarflow.data import storage
-from tarflow.data.sample import ensure_random_tatok
+from tarflow.models.demo import ensure_random_tatok
 from tarflow.pipelines import sharded
-from tarflow.pipelines.sharded import OutputConflict, PartWriter, ShardJob, ShardLayout, ShardWritten
+from tarflow.data.shards import ShardLayout, ShardWritten
+from tarflow.pipelines.sharded import OutputConflict, PartWriter, ShardJob
 
 ROWS = pa.schema([pa.field("shard", pa.string()), pa.field("idx", pa.int64()), pa.field("key", pa.string()),
                   pa.field("kind", pa.string()), pa.field("end_info", pa.string()), pa.field("v", pa.string())])

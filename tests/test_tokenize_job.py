@@ -17,7 +17,7 @@ from conftest import reference_fixture
 
 from tarflow.data import schema, storage
 from tarflow.data.codeshard import read_code_shard
-from tarflow.data.sample import ensure_random_tatok
+from tarflow.models.demo import ensure_random_tatok
 from tarflow.models.tatok import TATok
 from tarflow.pipelines.tokenize import OutputConflict, TATokEncoder, TokenizeConfig, run_tokenize
 

@@ -20,7 +20,8 @@ import pytest
 import torch
 from conftest import reference_fixture
 
-from tarflow.data.sample import ensure_demo_base, ensure_sample_shards
+from tarflow.data.sample import ensure_sample_shards
+from tarflow.models.demo import ensure_demo_base
 from tarflow.models.tatok import TATok, pixels_from_uint8
 from tarflow.models.tatok_train import (embedding_rows, load_siglip_folder, load_tokenizer, new_tatok,
                                         rec_distances, select_rows)
@@ -55,7 +56,7 @@ def models(tmp_path_factory):
 def images():
     """The bundled sample, through the tokenize job's reader and decoder stages (called in process)."""
     from tarflow.data.img2dataset import resolve_inputs
-    from tarflow.pipelines.tokenize import ImageDecoder, ShardReader
+    from tarflow.pipelines.image_stages import ImageDecoder, ShardReader
 
     tables = []
     for s in resolve_inputs(str(ensure_sample_shards())):
@@ -226,7 +227,7 @@ def test_tatok_learns_on_cpu_and_its_codes_survive_save_and_load(models, images,
 def _stream(shards, chunk: int = 3) -> pa.Table:
     """The trainer's row stream of `shards` (the tokenize job's reader and decoder, then training_rows), in
     process and in order, as Ray Data hands it to the workers (one worker, no shuffle)."""
-    from tarflow.pipelines.tokenize import ImageDecoder, ShardReader
+    from tarflow.pipelines.image_stages import ImageDecoder, ShardReader
 
     tables = []
     for s in shards:

@@ -3,9 +3,12 @@
 `CodeShardWriter` turns all the rows of one input shard into `codes/{shard}.parquet` and
 `errors/{shard}.parquet` (`ConversationShardWriter` the same for a conversation table's rows); the sharded-job
 core then writes `_manifest/{shard}.json` last. Each file appears atomically under its final name.
+`resolve_code_shards` finds the finished code shards of a tokenize output: what caption, generate and the
+trainers read.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -15,7 +18,9 @@ import pyarrow.parquet as pq
 
 import tarflow
 from tarflow.data import schema, storage
-from tarflow.data.shards import ShardFiles
+from tarflow.data.shards import ShardFiles, ShardLayout
+
+log = logging.getLogger("tarflow.codeshard")
 
 
 @dataclass
@@ -68,8 +73,6 @@ class TokenizeFacts:
 
 
 def code_shard_layout(output: str):
-    from tarflow.pipelines.sharded import ShardLayout
-
     return ShardLayout(output, ((schema.CODES_DIR, f"{schema.CODES_DIR}/{{shard}}.parquet"),
                                 (schema.ERRORS_DIR, f"{schema.ERRORS_DIR}/{{shard}}.parquet")),
                        schema.MANIFEST_FORMAT, schema.MANIFEST_VERSION)
@@ -141,3 +144,46 @@ def _read_checked(path: str, check) -> pa.Table:
         table = pq.read_table(f)
     check(table.schema, path)
     return table
+
+
+@dataclass(frozen=True)
+class CodeShard:
+    path: str
+    name: str
+    size: int
+
+
+def resolve_code_shards(spec: str | list[str]) -> list[CodeShard]:
+    """A tokenize output folder (finished shards: those with a manifest), a folder of code shards, or files."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    out = []
+    for s in specs:
+        # sizes from the listings (a request per 1,000 files), never a request per shard
+        if storage.isdir(storage.join(s, schema.CODES_DIR)):
+            manifests = {p.rsplit("/", 1)[-1][:-5] for p in storage.list_sizes(storage.join(s, schema.MANIFEST_DIR))
+                         if p.endswith(".json")}
+            files = {p: n for p, n in storage.list_sizes(storage.join(s, schema.CODES_DIR)).items()
+                     if p.endswith(".parquet")}
+            unfinished = sum(_stem(p) not in manifests for p in files)
+            if unfinished:
+                log.warning("%d code shards in %s have no manifest (their tokenize run did not finish); skipped",
+                            unfinished, s)
+            files = {p: n for p, n in files.items() if _stem(p) in manifests}
+        elif storage.isdir(s):
+            files = {p: n for p, n in storage.list_sizes(s).items() if p.endswith(".parquet")}
+        elif storage.exists(s):
+            files = {s: storage.size(s)}
+        else:
+            raise FileNotFoundError(f"caption input {s} does not exist (give the tokenize job's output folder, a "
+                                    "folder of code shards, or code shard files)")
+        out += [CodeShard(p, _stem(p), n) for p, n in files.items()]
+    if not out:
+        raise FileNotFoundError(f"no code shards found in {specs}")
+    names = [c.name for c in out]
+    if len(set(names)) != len(names):
+        raise ValueError("two code shards share a name; outputs are named after their input shard")
+    return sorted(out, key=lambda c: c.name)
+
+
+def _stem(path: str) -> str:
+    return path.rsplit("/", 1)[-1].rsplit(".", 1)[0]

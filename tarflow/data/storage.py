@@ -11,11 +11,18 @@ import contextlib
 import os
 import posixpath
 import uuid
+from pathlib import Path
 
 import fsspec
 from fsspec.core import url_to_fs
 
 from tarflow.data import hub
+
+
+def tarflow_home() -> Path:
+    """tarflow's folder on this machine, $TARFLOW_HOME (default ~/.cache/tarflow): the bundled sample and demo
+    models, job logs, the hash cache, model folders copied from object storage."""
+    return Path(os.environ.get("TARFLOW_HOME", Path.home() / ".cache" / "tarflow"))
 
 
 def is_remote(path: str) -> bool:
@@ -310,7 +317,7 @@ def sha256(path: str, cache_dir=None) -> str:
     from pathlib import Path
 
     if cache_dir is None:
-        cache_dir = Path(os.environ.get("TARFLOW_HOME", Path.home() / ".cache" / "tarflow")) / "sha256"
+        cache_dir = tarflow_home() / "sha256"
     if hub.is_hub(path):  # the Hub keeps an LFS file's sha256; a small git file is hashed from the cache
         digest = hub.lfs_sha256(path)
         if digest:

@@ -54,8 +54,7 @@ def _import_diffusers():
 
 def default_cache_dir() -> Path:
     """Where remote pipeline folders are copied: $TARFLOW_HOME/diffusion_detok (default ~/.cache/tarflow/...)."""
-    home = Path(os.environ.get("TARFLOW_HOME", Path.home() / ".cache" / "tarflow"))
-    return home / "diffusion_detok"
+    return storage.tarflow_home() / "diffusion_detok"
 
 
 def _is_unused(rel: str) -> bool:

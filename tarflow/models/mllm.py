@@ -373,8 +373,7 @@ _MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".txt", ".jinja", ".model")
 
 def default_cache_dir() -> Path:
     """Where remote Tar folders are copied: $TARFLOW_HOME/cache/mllm (default ~/.cache/tarflow/cache/mllm)."""
-    home = Path(os.environ.get("TARFLOW_HOME", Path.home() / ".cache" / "tarflow"))
-    return home / "cache" / "mllm"
+    return storage.tarflow_home() / "cache" / "mllm"
 
 
 def fetch_model_folder(url: str, cache_dir: str | os.PathLike | None = None) -> Path:

@@ -134,6 +134,25 @@ def resolve_teacher(teacher: str, ckpt_path: str | None = None) -> VisionConfig:
     )
 
 
+def tatok_header(path: str):
+    """(TATokArgs, grid) of a TA-Tok checkpoint from its header alone: no weights read, no model built."""
+    from tarflow.data.checkpoint_header import HeaderError, read_header
+
+    try:
+        header = read_header(path)
+    except FileNotFoundError:
+        raise CheckpointError(path, "file not found", "check the path; s3:// paths need AWS credentials") from None
+    except HeaderError as e:
+        raise CheckpointError(path, str(e), "is this the reference ta_tok.pth?") from None
+    entry = header.get("model") if isinstance(header, dict) else None
+    if not isinstance(entry, dict) or "args" not in entry or "sd" not in entry:
+        raise CheckpointError(path, "expected the reference format {'model': {'args', 'sd'}}",
+                              "is this the right kind of checkpoint for TA-Tok?")
+    args = TATokArgs.from_ckpt_args(entry["args"], path)
+    enc = resolve_teacher(args.teacher, path)
+    return args, enc.image_size // enc.patch_size
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Encoder and decoder: transformers' own SigLIP / Siglip2 vision modules (embeddings, encoder layers, heads),
 # held in containers named as the reference's state dict names them. transformers' top-level vision models are

@@ -23,57 +23,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tarflow.data import schema, storage
+from tarflow.data.codeshard import CodeShard, resolve_code_shards
 from tarflow.data.schema import CAPTION_CODES_ROWS, CAPTIONED_ROWS
-from tarflow.data.shards import ShardFiles, ShardWritten
-from tarflow.pipelines.sharded import (DEFAULT_STALL_TIMEOUT_S, JobSummary, PartWriter, ShardJob, ShardLayout,
-                                       end_row, check_pool_leaves_cpus, failed_row, folder_identity, guarded,
+from tarflow.data.shards import ShardFiles, ShardLayout, ShardWritten, folder_identity
+from tarflow.pipelines.sharded import (DEFAULT_STALL_TIMEOUT_S, JobSummary, PartWriter, ShardJob,
+                                       end_row, check_pool_leaves_cpus, failed_row, guarded,
                                        plan_pool, plan_shards, read_failure_reason, rows_table, run_sharded)
 
 log = logging.getLogger("tarflow.caption")
 
 DEFAULT_QUESTION = "Describe the image shortly."  # the reference's I2T example
 
-@dataclass(frozen=True)
-class CodeShard:
-    path: str
-    name: str
-    size: int
-
-
-def resolve_code_shards(spec: str | list[str]) -> list[CodeShard]:
-    """A tokenize output folder (finished shards: those with a manifest), a folder of code shards, or files."""
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    out = []
-    for s in specs:
-        # sizes from the listings (a request per 1,000 files), never a request per shard
-        if storage.isdir(storage.join(s, schema.CODES_DIR)):
-            manifests = {p.rsplit("/", 1)[-1][:-5] for p in storage.list_sizes(storage.join(s, schema.MANIFEST_DIR))
-                         if p.endswith(".json")}
-            files = {p: n for p, n in storage.list_sizes(storage.join(s, schema.CODES_DIR)).items()
-                     if p.endswith(".parquet")}
-            unfinished = sum(_stem(p) not in manifests for p in files)
-            if unfinished:
-                log.warning("%d code shards in %s have no manifest (their tokenize run did not finish); skipped",
-                            unfinished, s)
-            files = {p: n for p, n in files.items() if _stem(p) in manifests}
-        elif storage.isdir(s):
-            files = {p: n for p, n in storage.list_sizes(s).items() if p.endswith(".parquet")}
-        elif storage.exists(s):
-            files = {s: storage.size(s)}
-        else:
-            raise FileNotFoundError(f"caption input {s} does not exist (give the tokenize job's output folder, a "
-                                    "folder of code shards, or code shard files)")
-        out += [CodeShard(p, _stem(p), n) for p, n in files.items()]
-    if not out:
-        raise FileNotFoundError(f"no code shards found in {specs}")
-    names = [c.name for c in out]
-    if len(set(names)) != len(names):
-        raise ValueError("two code shards share a name; outputs are named after their input shard")
-    return sorted(out, key=lambda c: c.name)
-
-
-def _stem(path: str) -> str:
-    return path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
 
 
 class CodeShardReader:

@@ -243,7 +243,7 @@ def _is_code_shard(path: str) -> bool:
 
 def check_code_shard_input(p: Problems, inputs: list[str], scale: int | None = None, flag: str = "--input") -> list:
     """The tokenize job's output (or code shards): present, in the code shard format, with the asked scale."""
-    from tarflow.pipelines.caption import resolve_code_shards
+    from tarflow.data.codeshard import resolve_code_shards
 
     fix = "give the tokenize job's output folder (it holds codes/ and _manifest/)"
     for s in inputs:

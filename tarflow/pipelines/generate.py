@@ -35,12 +35,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tarflow.data import schema, storage
+from tarflow.data.codeshard import resolve_code_shards
 from tarflow.data.schema import (GENERATE_ENCODED_ROWS, GENERATE_LOADED_ROWS, GENERATE_REQUEST_ROWS,
                                  GENERATED_ROWS, REFLECT_CANDIDATE)
-from tarflow.data.shards import ShardFiles, ShardWritten, parquet_bytes
-from tarflow.pipelines.caption import resolve_code_shards
-from tarflow.pipelines.sharded import (DEFAULT_STALL_TIMEOUT_S, JobSummary, PartWriter, ShardJob, ShardLayout,
-                                       ShardParts, end_row, check_pool_leaves_cpus, file_identity, folder_identity,
+from tarflow.data.shards import ShardFiles, ShardLayout, ShardWritten, file_identity, folder_identity, parquet_bytes
+from tarflow.pipelines.sharded import (DEFAULT_STALL_TIMEOUT_S, JobSummary, PartWriter, ShardJob,
+                                       ShardParts, end_row, check_pool_leaves_cpus,
                                        guarded, plan_pool, plan_shards, rows_table, run_sharded)
 
 log = logging.getLogger("tarflow.generate")
@@ -1069,8 +1069,7 @@ def run_generate(cfg: GenerateConfig, generator_cls=T2IGenerator) -> JobSummary:
     import ray
     import ray.data
 
-    from tarflow.models.tatok import resolve_teacher
-    from tarflow.pipelines.tokenize import tatok_header
+    from tarflow.models.tatok import resolve_teacher, tatok_header
 
     t0 = time.time()
     cfg.check()

@@ -36,14 +36,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tarflow.data import schema, storage
-from tarflow.data.shards import ShardWritten  # noqa: F401  (what a job's writer returns)
+from tarflow.data.shards import ShardLayout, facts_mismatch  # the output's layout and manifests: data code
 # the autoscaler's limits, which no public Ray API gives: one module holds every private Ray name tarflow uses
 from tarflow.pipelines.ray_private import autoscaler_max_resources, autoscaler_running
 from tarflow.preflight import UsageError
 
 log = logging.getLogger("tarflow")
-
-PARTS_DIR = "_parts"
 
 
 class OutputConflict(RuntimeError):
@@ -310,106 +308,7 @@ def dedupe_by_index(table: pa.Table) -> pa.Table:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Layout, manifests, facts
-
-
-@dataclass(frozen=True)
-class ShardLayout:
-    """Where a job writes: per shard the files named by `files` ({name: pattern with {shard}}), and
-    `_manifest/{shard}.json` last. Manifests of every job share `format`, `version`, `shard`, `input`,
-    `complete`, `counts` {samples_in, ok, failed, failed_by_reason}, `totals`, `outputs`, the job's facts at
-    the top level, and `sources` (where the models were read from: informative, never compared)."""
-
-    output: str
-    files: tuple[tuple[str, str], ...]
-    manifest_format: str
-    manifest_version: int
-
-    def paths(self, shard: str) -> dict[str, str]:
-        out = {name: storage.join(self.output, *pattern.format(shard=shard).split("/"))
-               for name, pattern in self.files}
-        out["manifest"] = self.manifest_path(shard)
-        return out
-
-    def manifest_path(self, shard: str) -> str:
-        return storage.join(self.output, schema.MANIFEST_DIR, f"{shard}.json")
-
-    @property
-    def parts_root(self) -> str:
-        return storage.join(self.output, PARTS_DIR)
-
-    def parse_manifest(self, data: bytes, path: str) -> dict | None:
-        """A manifest's content, or None when it is unreadable (it is then redone; an atomic write never
-        leaves one half-written, so this is damage from outside, logged)."""
-        try:
-            manifest = json.loads(data)
-        except ValueError as e:
-            log.warning("%s: manifest is not valid JSON (%s); the shard will be redone", path, e)
-            return None
-        if not isinstance(manifest, dict) or manifest.get("format") != self.manifest_format:
-            found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-            raise schema.SchemaError(f"{path}: format {found!r} is not {self.manifest_format}; is this output "
-                                     "folder another job's? Use another --output")
-        return manifest
-
-    def read_manifest(self, shard: str) -> dict | None:
-        path = self.manifest_path(shard)
-        try:
-            return self.parse_manifest(storage.read_bytes(path), path)
-        except FileNotFoundError:
-            return None
-
-
-def facts_mismatch(facts: Mapping[str, Any], manifest: Mapping[str, Any], version: int) -> list[str]:
-    """What differs between a job's facts and a finished shard's manifest ([] if nothing)."""
-    if manifest.get("version") != version:
-        return [f"manifest version {manifest.get('version')} (made by another tarflow) != {version}"]
-    diffs = []
-    for k, v in facts.items():
-        diffs += _leaf_diffs(k, _jsonable(manifest.get(k)), _jsonable(v))
-    return diffs[:6]
-
-
-def _leaf_diffs(path: str, old, new) -> list[str]:
-    """The dotted paths where two JSON values differ, with both values (shortened)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new)):
-            out += _leaf_diffs(f"{path}.{k}", old.get(k), new.get(k))
-        return out
-    return [] if old == new else [f"{path} {_short(old, 40)} != {_short(new, 40)}"]
-
-
-def _jsonable(v):
-    return json.loads(json.dumps(v, sort_keys=True, default=str))
-
-
-def _short(v, n: int = 80) -> str:
-    s = json.dumps(v, sort_keys=True, default=str)
-    return s if len(s) <= n else s[: n - 3] + "..."
-
-
-def file_identity(path: str) -> dict:
-    """A model file's identity for facts: its content hash (memory-flat, cached per path/size/mtime)."""
-    return {"sha256": storage.sha256(path)}
-
-
-def folder_identity(path: str) -> dict:
-    """A model folder's identity: one hash over its files' relative paths and content hashes, so the same
-    model copied elsewhere is the same model and a model replaced at the same path is another one."""
-    import hashlib
-
-    root = path.rstrip("/")
-    files = storage.list_sizes(root, recursive=True)
-    if not files:
-        raise FileNotFoundError(f"{path}: no files found there; check the path (s3:// needs AWS credentials)")
-    entries = sorted((p[len(root) + 1:], storage.sha256(p)) for p in files
-                     if not os.path.basename(p).startswith("."))
-    return {"sha256": hashlib.sha256(json.dumps(entries).encode()).hexdigest()}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Planning
+# Planning (the layout, manifests and facts: tarflow.data.shards)
 
 
 @dataclass

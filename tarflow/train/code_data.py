@@ -27,7 +27,7 @@ CODE_SKIP_REASONS = ("missing", "length", "range")
 
 def resolve_data(specs: list[str], problems: Problems) -> list[str]:
     """The code shard files of --data (a tokenize output: its finished shards), one problem line per bad spec."""
-    from tarflow.pipelines.caption import resolve_code_shards
+    from tarflow.data.codeshard import resolve_code_shards
 
     files = []
     for spec in specs:
@@ -137,8 +137,7 @@ class TATokHeader:
 
     @classmethod
     def read(cls, path: str) -> "TATokHeader":
-        from tarflow.models.tatok import resolve_teacher
-        from tarflow.pipelines.tokenize import tatok_header
+        from tarflow.models.tatok import resolve_teacher, tatok_header
 
         args, grid = tatok_header(path)
         return cls(sha256=storage.sha256(path), codebook_size=args.codebook_size, grid=grid,

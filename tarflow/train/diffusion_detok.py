@@ -180,7 +180,7 @@ def model_spec(cfg: DiffusionTrainConfig, plan: DataPlan, problems: Problems) ->
     checked against the data: the latents must come from this VAE (by content hash) and the transformer must
     take them and the condition."""
     from tarflow.models.diffusion_detok import SANA_600M, vae_folder
-    from tarflow.pipelines.sharded import folder_identity
+    from tarflow.data.shards import folder_identity
 
     shift = cfg.flow_shift
     if cfg.init:

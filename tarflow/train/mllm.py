@@ -585,7 +585,7 @@ def _rows_closed(pending, n_rows, max_length) -> bool:
 
 def code_inputs(data: list[str], problems: Problems, flag: str = "--data") -> list[str]:
     """Parquet files of code shards (a tokenize output folder: finished shards only) or conversation tables."""
-    from tarflow.pipelines.caption import resolve_code_shards
+    from tarflow.data.codeshard import resolve_code_shards
 
     files = []
     for d in data:

@@ -2,7 +2,7 @@
 
     img2dataset shards (local or s3://)
       --the tokenize job's own stages on CPU workers: ShardReader (raw bytes) --ImageDecoder (RGB, PIL bicubic
-        to the teacher's input size, uint8): the tokenize job's `read_and_decode`
+        to the teacher's input size, uint8): tarflow.pipelines.image_stages.read_and_decode
       --> Ray Train workers (TorchTrainer, DDP / FSDP), per micro-batch of `batch_size` rows:
           failed images (undecodable, too large) skipped and counted; shards that could not be read counted
           a pool scale s drawn per micro-batch from --pool-scales (seeded per step and worker by the core)
@@ -106,8 +106,7 @@ def _teacher_name(folder: str, enc) -> str:
 def plan_model(cfg: TATokTrainConfig, problems: Problems) -> ModelPlan | None:
     from tarflow.models import tatok_train as tt
     from tarflow.models.checkpoint import CheckpointError
-    from tarflow.models.tatok import BUILTIN_TEACHERS, resolve_teacher, vision_config_json
-    from tarflow.pipelines.tokenize import tatok_header
+    from tarflow.models.tatok import BUILTIN_TEACHERS, resolve_teacher, tatok_header, vision_config_json
 
     if bool(cfg.teacher) == bool(cfg.init):
         problems.add("--teacher/--init", "give exactly one",
@@ -476,10 +475,9 @@ def train_loop(config: dict) -> None:
 def image_dataset(cfg: TATokTrainConfig, shards: list[dict], input_size: int):
     """The tokenize job's reader and decoder stages (CPU tasks), then one (ok, pixels) row per sample."""
     from tarflow.data.img2dataset import ShardInput
-    from tarflow.pipelines.tokenize import TokenizeConfig, read_and_decode
+    from tarflow.pipelines.image_stages import ReadSettings, read_and_decode
 
-    tcfg = TokenizeConfig(input=cfg.data, output="", tatok="", input_format=cfg.input_format)
-    ds = read_and_decode([ShardInput(**s) for s in shards], tcfg, input_size, decode_cpus=0.5)
+    ds = read_and_decode([ShardInput(**s) for s in shards], ReadSettings(), input_size, decode_cpus=0.5)
     return ds.map_batches(training_rows, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
 
 
