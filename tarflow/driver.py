@@ -25,6 +25,13 @@ log = logging.getLogger("tarflow")
 
 # SIGINT -> 130, SIGTERM -> 143 (128 + signal number, as shells report it)
 _stop_signal: dict = {"signum": None}
+# whether this process started its own local Ray (its workers end with it), or joined a cluster
+_private_ray: dict = {"started": False}
+
+
+def started_private_ray() -> None:
+    """Called once this process has started a Ray of its own (not joined a cluster)."""
+    _private_ray["started"] = True
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -260,11 +267,13 @@ def pin_hub_paths(cfg) -> None:
 
 
 def _stop_ray_work() -> None:
-    """The job's Ray workers stop before its interrupt line is read: a training worker still running would write a
-    checkpoint after the line named the one before it, and the rerun would not resume where the line said."""
+    """A job's private Ray (the job run as a script) stops before its interrupt line is read: a training worker
+    still running would write a checkpoint after the line named the one before it, and the rerun would not resume
+    where the line said. A driver that joined a cluster leaves it up (its own workers end when it exits)."""
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
+    if _private_ray["started"] and ray is not None and ray.is_initialized():
         ray.shutdown()
+        _private_ray["started"] = False
 
 
 def _run_driver(run, cfg, summary_json, report, job, usage, check, start, interrupted_early) -> int:

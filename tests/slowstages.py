@@ -100,14 +100,22 @@ class FakeGenerator(T2IGenerator):
     """No models: 8x8 pixels from the seed, slowly; records which manifests existed when each shard's requests
     were generated (to show that shards are written while later requests are still being processed)."""
 
-    def __init__(self, *a, delay_s: float = 0.3, probe: str = "", output: str = "", **kw):
+    def __init__(self, *a, delay_s: float = 0.3, probe: str = "", output: str = "", wait_in: str = "",
+                 wait_for: str = "", wait_s: float = 300.0, **kw):
         self.delay_s, self.probe, self.output = delay_s, probe, output
+        # before generating shard `wait_in`'s rows, wait (up to wait_s) for manifest `wait_for`: a job that writes
+        # shards while it generates gets there on any machine; one that writes only at the end never does
+        self.wait_in, self.wait_for, self.wait_s = wait_in, wait_for, wait_s
 
     def __call__(self, batch):
         rows = batch.to_pylist()
         time.sleep(self.delay_s)
-        done = sorted(os.listdir(os.path.join(self.output, "_manifest"))) if os.path.isdir(
-            os.path.join(self.output, "_manifest")) else []
+        manifests = os.path.join(self.output, "_manifest")
+        if self.wait_for and any(r["shard"] == self.wait_in for r in rows):
+            deadline = time.monotonic() + self.wait_s
+            while time.monotonic() < deadline and not os.path.exists(os.path.join(manifests, self.wait_for)):
+                time.sleep(0.2)
+        done = sorted(os.listdir(manifests)) if os.path.isdir(manifests) else []
         for r in rows:
             r.update(ok=False, codes=None, codes_fix=None, width=None, height=None, pixels=None)
             if r["kind"] == "sample" and r["error_reason"] is None:

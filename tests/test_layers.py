@@ -28,7 +28,7 @@ NO_RAY = ("base", "data", "models")
 # every module of tarflow/pipelines is one or the other (the test says so when it is neither)
 JOB_MODULES = {"tarflow.pipelines.tokenize", "tarflow.pipelines.caption", "tarflow.pipelines.generate"}
 SHARED_PIPELINES = {"tarflow.pipelines.sharded", "tarflow.pipelines.checks", "tarflow.pipelines.runtime",
-                    "tarflow.pipelines.image_stages"}
+                    "tarflow.pipelines.image_stages", "tarflow.pipelines.ray_private"}
 # what train/ may take from pipelines/: Ray start-up and logs, and the image reading stages the TA-Tok trainer streams
 TRAIN_MAY_USE = {"tarflow.pipelines.runtime", "tarflow.pipelines.image_stages"}
 

@@ -145,7 +145,8 @@ def test_a_pool_minimum_that_leaves_no_cpu_for_the_tasks_is_refused(ray_local, m
 
 def test_generate_writes_each_shard_while_later_requests_are_still_generated(ray_local, tmp_path):
     """Requests stream shard after shard with each shard's end row right behind them: when the generator
-    reaches the last shard, the first shards' manifests are already on disk."""
+    reaches the last shard, the first shard's manifest is already on disk (or arrives while it waits there; a job
+    that wrote shards only at its end would never write it)."""
     import slowstages
 
     from tarflow.pipelines.generate import GenerateConfig, run_generate
@@ -161,7 +162,7 @@ def test_generate_writes_each_shard_while_later_requests_are_still_generated(ray
                          tatok=str(ensure_random_tatok()), ar_detok=str(tmp_path / "ar.pth"), vq=str(tmp_path / "vq.pt"),
                          samples_per_shard=4, batch_size=2, num_workers=1, progress_every_s=0)
     summary = run_generate(cfg, generator_cls=_bound(slowstages.FakeGenerator, probe=str(probe), output=str(out),
-                                                     delay_s=0.4))
+                                                     delay_s=0.4, wait_in="00003", wait_for="00000.json"))
     assert summary.shards_done == 4 and summary.samples_ok == 16
     seen_at_last_shard = [line.split(" ", 1)[1].split(",") for line in probe.read_text().splitlines()
                           if line.startswith("00003 ")]

@@ -157,7 +157,8 @@ def test_one_device_and_dtype_rule(monkeypatch):
 def test_one_model_folder_check_local_and_on_s3(tmp_path, s3_bucket):
     import s3fs
 
-    from tarflow.preflight import Problems, check_model_folder
+    from tarflow.data.model_folder import check_model_folder
+    from tarflow.preflight import Problems
 
     def lines(path, **kw):
         p = Problems()

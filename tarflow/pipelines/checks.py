@@ -12,7 +12,8 @@ import os
 import zipfile
 
 from tarflow.data import schema, storage
-from tarflow.preflight import Problems, check_model_folder
+from tarflow.data.model_folder import check_model_folder
+from tarflow.preflight import Problems
 
 ZIP_MAGIC = b"PK\x03\x04"
 MIN_CHECKPOINT_BYTES = 1024  # an empty torch.save() is ~1 KB: anything smaller is a stub or an error page

@@ -32,6 +32,7 @@ from tarflow.driver import (  # noqa: F401
     print_usage_error,
     root_cause,
     run_driver,
+    started_private_ray,
     usage_errors,
     write_error_log,
 )
@@ -63,6 +64,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, progress_b
             _token_auth_without_warning()
             start_local_ray(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                             object_store_memory=_local_object_store_bytes())
+            started_private_ray()  # the job's own: stopped before its interrupt line is read
     ray_private.pass_small_actor_arguments_by_value(_INLINE_ARG_BYTES)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress_bars is not False

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from tarflow.data import schema, storage
-from tarflow.preflight import Problems, check_model_folder
+from tarflow.data.model_folder import check_model_folder
+from tarflow.preflight import Problems
 from tarflow.train.core import Task, TrainConfig, TrainSummary, check_one_tatok, fit, read_footers
 from tarflow.train.core import finish_preflight, worker_loop
 
