@@ -233,6 +233,7 @@ FAILED = {"missing": "image_not_found", "junk": "not_an_image", "count": "image_
           "nokey": "image_key_not_found"}
 
 
+@pytest.mark.cluster  # minutes on 2 cores: the heavier group (make test-cluster)
 def test_an_edit_table_through_the_generate_job(ray_local, edit_tar, edit_table, photos, tmp_path):
     """Edit rows give the trained targets' codes under greedy sampling, whatever the batch size; bad rows fail
     alone with their reason; each image's .json says what it was made from."""

@@ -255,6 +255,7 @@ def test_a_worker_killed_mid_run_is_restarted_and_reaches_the_straight_runs_weig
                                ARDetokenizer.from_checkpoint(str(straight["out"] / "ar.pth")).state_dict())
 
 
+@pytest.mark.cluster  # fault injection (SIGTERM to a trainer), minutes on 2 cores
 def test_sigterm_stops_a_trainer_with_where_it_stands_and_a_rerun_resumes(family, data, straight, tmp_path):
     """SIGTERM (what `ray job stop` sends) to a training job after its first checkpoint: exit 143, no traceback,
     one line with the step and the checkpoint a rerun resumes from; the rerun of the same command resumes there.
@@ -269,7 +270,8 @@ def test_sigterm_stops_a_trainer_with_where_it_stands_and_a_rerun_resumes(family
             "--steps", "500", "--batch-size", "5", "--checkpoint-every", "2", "--log-every", "2",
             "--num-workers", "1", "--cpus-per-worker", "0.5", "--storage-path", str(storage), "--name", name]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own private Ray, as from a shell
-    rc, stdout, stderr = sigterm_when(argv, lambda: bool(list((storage / name).glob("checkpoint_*/train_meta.json"))),
+    # after Ray Train registered the first checkpoint (its record of them is written with each)
+    rc, stdout, stderr = sigterm_when(argv, lambda: (storage / name / "checkpoint_manager_snapshot.json").exists(),
                                       env)
     assert rc == 143, stderr[-3000:]
     own = [ln for ln in stderr.splitlines() if "pid=" not in ln]  # not the lines Ray forwards from its actors

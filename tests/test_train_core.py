@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import types
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -217,9 +218,16 @@ def test_trainer_errors_come_out_of_ray_train_as_one_line_and_interrupts_say_whe
     rc = trainer(KeyboardInterrupt())
     assert rc == 130 and "tarflow train-tar-mllm: interrupted (SIGINT) before the first checkpoint of run 'r'" \
         in capsys.readouterr().err
-    ckpt = tmp_path / "r" / "checkpoint_2026-12-01_10-00-00.000000"
-    ckpt.mkdir(parents=True)
-    (ckpt / "train_meta.json").write_text(json.dumps({"step": 40}))
+    # the checkpoint Ray Train registered (its record names it), not a newer folder it never registered
+    ckpt, unregistered = (tmp_path / "r" / f"checkpoint_2026-12-01_10-0{m}-00.000000" for m in (0, 1))
+    for folder, step in ((ckpt, 40), (unregistered, 50)):
+        folder.mkdir(parents=True)
+        (folder / "train_meta.json").write_text(json.dumps({"step": step}))
+    import ray.train
+
+    registered = types.SimpleNamespace(checkpoint=types.SimpleNamespace(path=str(ckpt)))
+    monkeypatch.setattr(ray.train.Result, "from_path",
+                        classmethod(lambda cls, path: registered if path == str(tmp_path / "r") else None))
     rc = trainer(KeyboardInterrupt())
     line = capsys.readouterr().err.strip()
     assert rc == 130 and line == (f"tarflow train-tar-mllm: interrupted (SIGINT) at step 40 of 1000 (checkpoint: "

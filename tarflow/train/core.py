@@ -439,9 +439,26 @@ def previous_facts(storage_path: str, name: str) -> dict | None:
     return latest[1].get("facts") if latest else None
 
 
+def resumable_checkpoint(storage_path: str, name: str) -> tuple[str, dict] | None:
+    """(folder, train_meta.json) of the checkpoint a rerun resumes from: the latest that Ray Train registered (a
+    run stopped while reporting may leave a newer folder on storage that it never registered, and resumes from the
+    one before); None before Ray Train registered any (Ray's record is written with the first)."""
+    from ray.train import Result
+
+    run = storage.join(absolute(storage_path), name)
+    try:
+        checkpoint = Result.from_path(run).checkpoint
+    except RuntimeError:  # no run folder, or no checkpoint registered in it yet
+        return None
+    if checkpoint is None:
+        return None
+    folder = checkpoint.path if "://" in checkpoint.path else storage.protocol_prefix(run) + checkpoint.path
+    return folder, json.loads(storage.read_bytes(storage.join(folder, META_FILE)))
+
+
 def interrupted_line(cfg: TrainConfig) -> str:
     """Where a run stopped by SIGINT/SIGTERM stands: what a rerun of the same command resumes from."""
-    latest = latest_checkpoint(cfg.storage_path, cfg.name)
+    latest = resumable_checkpoint(cfg.storage_path, cfg.name)
     if latest is None:
         return f"before the first checkpoint of run {cfg.name!r}; rerun the same command to start again"
     folder, meta = latest
