@@ -127,11 +127,15 @@ class FakeGenerator(T2IGenerator):
 
 
 class EncoderReportingPlacement(SlowEncoder):
-    """Appends {node, gpu_ids, pid} per batch to `log`: where the pool's actors ran."""
+    """Appends {node, gpu_ids, pid} per batch to `log`: where the pool's actors ran. With `hold_until_nodes`, each
+    batch waits (up to `hold_s`) until that many nodes have logged a batch: the work cannot all be done by the
+    first actor before the autoscaler's second node is up, however slow the machine starts nodes."""
 
-    def __init__(self, *a, log: str, **kw):
+    def __init__(self, *a, log: str, hold_until_nodes: int = 0, hold_s: float = 240.0, **kw):
         super().__init__(*a, **kw)
         self.log = log
+        self.hold_until_nodes = hold_until_nodes
+        self.hold_s = hold_s
 
     def __call__(self, batch):
         import json
@@ -141,4 +145,11 @@ class EncoderReportingPlacement(SlowEncoder):
         ctx = ray.get_runtime_context()
         with open(self.log, "a") as f:
             f.write(json.dumps({"node": ctx.get_node_id(), "gpu_ids": ray.get_gpu_ids(), "pid": os.getpid()}) + "\n")
+        deadline = time.monotonic() + self.hold_s
+        while self.hold_until_nodes and time.monotonic() < deadline:
+            with open(self.log) as f:
+                if len({json.loads(line)["node"] for line in f if line.strip()}) >= self.hold_until_nodes:
+                    break
+            time.sleep(0.5)
+        self.hold_until_nodes = 0  # held once (seen or timed out): the rest of the run goes at full speed
         return super().__call__(batch)
