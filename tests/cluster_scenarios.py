@@ -199,7 +199,8 @@ def autoscaling(work: Path, defaults: bool = False) -> dict:
         from slowstages import EncoderReportingPlacement
 
         from tarflow.models.demo import ensure_random_tatok
-        from tarflow.pipelines.sharded import autoscaler_max_resources, plan_pool
+        from tarflow.pipelines.ray_private import autoscaler_max_resources
+        from tarflow.pipelines.sharded import plan_pool
         from tarflow.pipelines.tokenize import TokenizeConfig, run_tokenize
 
         gpus_at_start = ray.cluster_resources().get("GPU", 0)

@@ -17,6 +17,7 @@ from tarflow.data import img2dataset as i2d
 from tarflow.data import storage
 from tarflow.models.demo import ensure_random_tatok
 from tarflow.pipelines import runtime, sharded
+from tarflow.pipelines.sharded import pools
 from tarflow.pipelines.tokenize import TokenizeConfig, run_tokenize
 
 
@@ -249,21 +250,21 @@ def test_a_job_without_rows_while_the_cluster_does_not_grow_is_ended_naming_reso
 def test_gpu_actors_are_not_counted_against_cpu_only_nodes_and_unknown_autoscaler_limits_warn(monkeypatch, caplog):
     from tarflow.preflight import UsageError
 
-    monkeypatch.setattr(sharded, "autoscaler_max_resources", lambda: {})
+    monkeypatch.setattr(pools, "autoscaler_max_resources", lambda: {})
     gpu_pool = sharded.PoolPlan(gpus_per_worker=1.0, min_workers=2, max_workers=2)
     cpu_pool = sharded.PoolPlan(gpus_per_worker=0.0, min_workers=2, max_workers=2)
     # a 1-CPU head and no GPU node up yet: GPU encoders will sit on the GPU nodes, with those nodes' CPUs
-    monkeypatch.setattr(sharded, "_cpus_by_node_kind", lambda: (1.0, 0.0))
-    monkeypatch.setattr(sharded, "autoscaler_running", lambda: False)
+    monkeypatch.setattr(pools, "_cpus_by_node_kind", lambda: (1.0, 0.0))
+    monkeypatch.setattr(pools, "autoscaler_running", lambda: False)
     sharded.check_pool_leaves_cpus(gpu_pool, 1.0, 1.0, "--min-encoders", "--cpus-per-encoder")
     with pytest.raises(UsageError):  # the same pool on CPUs cannot run there
         sharded.check_pool_leaves_cpus(cpu_pool, 0.5, 0.75, "--min-encoders", "--cpus-per-encoder")
     # GPU nodes whose CPUs the encoders take, and no CPU-only node: nothing left for the tasks
-    monkeypatch.setattr(sharded, "_cpus_by_node_kind", lambda: (0.0, 2.0))
+    monkeypatch.setattr(pools, "_cpus_by_node_kind", lambda: (0.0, 2.0))
     with pytest.raises(UsageError, match="GPU nodes' CPUs"):
         sharded.check_pool_leaves_cpus(gpu_pool, 1.0, 0.25, "--min-encoders", "--cpus-per-encoder")
     # an autoscaler whose limits cannot be read (the v1 autoscaler): a warning, the job goes on
-    monkeypatch.setattr(sharded, "autoscaler_running", lambda: True)
+    monkeypatch.setattr(pools, "autoscaler_running", lambda: True)
     with caplog.at_level(logging.WARNING, logger="tarflow"):
         sharded.check_pool_leaves_cpus(gpu_pool, 1.0, 0.25, "--min-encoders", "--cpus-per-encoder")
     assert "its limits cannot be read, so the job goes on" in caplog.text

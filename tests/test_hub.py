@@ -138,7 +138,7 @@ def test_dataset_files_read_by_ranges_and_fail_alone_when_no_retry_can_help(hub_
     sha = hub.repos[("dataset", "tarflow-test/sample-shards")].refs["main"]
     code = f"""
 import json
-from tarflow.data.img2dataset import ReadRetry, RetryingFile, ShardReadError
+from tarflow.data.retrying_file import ReadRetry, RetryingFile, ShardReadError
 out = {{}}
 f = RetryingFile("hf://datasets/tarflow-test/sample-shards@{sha}/shards/00000.tar", block_size=1024)
 f.seek(512); out["ok"] = [f.size, f.read(8).hex(), f.retries]

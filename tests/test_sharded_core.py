@@ -11,6 +11,7 @@ import pytest
 from tarflow.data import storage
 from tarflow.models.demo import ensure_random_tatok
 from tarflow.pipelines import sharded
+from tarflow.pipelines.sharded import pools
 from tarflow.data.shards import ShardLayout, ShardWritten
 from tarflow.pipelines.sharded import OutputConflict, PartWriter, ShardJob
 
@@ -115,11 +116,11 @@ def test_planning_lists_once_and_reads_only_existing_manifests(tmp_path, monkeyp
 
 
 def test_pool_requests_gpus_the_autoscaler_offers_even_when_none_is_up(ray_local, monkeypatch):
-    monkeypatch.setattr(sharded, "autoscaler_max_resources", lambda: {"GPU": 16, "CPU": 64})
+    monkeypatch.setattr(pools, "autoscaler_max_resources", lambda: {"GPU": 16, "CPU": 64})
     pool = sharded.plan_pool("auto")
     assert (pool.gpus_per_worker, pool.min_workers, pool.max_workers) == (1.0, 1, 16)
     assert sharded.plan_pool("auto", max_workers=4, min_workers=2).concurrency == (2, 4)
-    monkeypatch.setattr(sharded, "autoscaler_max_resources", lambda: {})
+    monkeypatch.setattr(pools, "autoscaler_max_resources", lambda: {})
     assert sharded.plan_pool("auto").gpus_per_worker == 0.0  # this CPU-only test cluster
     cuda = sharded.plan_pool("cuda")  # asked for: requested even though none is up now
     assert cuda.gpus_per_worker == 1.0 and cuda.max_workers == 1
@@ -131,15 +132,15 @@ def test_a_pool_minimum_that_leaves_no_cpu_for_the_tasks_is_refused(ray_local, m
     the flags to change; the same minimum passes where the autoscaler can add CPUs."""
     from tarflow.preflight import UsageError
 
-    monkeypatch.setattr(sharded, "_cpus_by_node_kind", lambda: (1.0, 0.0))
-    monkeypatch.setattr(sharded, "autoscaler_max_resources", lambda: {})
-    monkeypatch.setattr(sharded, "autoscaler_running", lambda: False)
+    monkeypatch.setattr(pools, "_cpus_by_node_kind", lambda: (1.0, 0.0))
+    monkeypatch.setattr(pools, "autoscaler_max_resources", lambda: {})
+    monkeypatch.setattr(pools, "autoscaler_running", lambda: False)
     pool = sharded.plan_pool("cpu", min_workers=2, max_workers=2)
     with pytest.raises(UsageError, match=r"--min-encoders 2 x --cpus-per-encoder 0.5 holds 1 of this cluster's "
                                          r"CPUs \(1 in all.*lower --min-encoders or --cpus-per-encoder"):
         sharded.check_pool_leaves_cpus(pool, 0.5, 0.25, "--min-encoders", "--cpus-per-encoder")
     sharded.check_pool_leaves_cpus(sharded.plan_pool("cpu", min_workers=1, max_workers=2), 0.5, 0.25, "a", "b")
-    monkeypatch.setattr(sharded, "autoscaler_max_resources", lambda: {"CPU": 8})
+    monkeypatch.setattr(pools, "autoscaler_max_resources", lambda: {"CPU": 8})
     sharded.check_pool_leaves_cpus(pool, 0.5, 0.25, "--min-encoders", "--cpus-per-encoder")
 
 
@@ -358,7 +359,7 @@ def test_generated_shards_stream_part_by_part_into_a_tar_both_readers_read(tmp_p
     broken = pa.ipc.open_stream(storage.read_bytes(bad[1])).read_all()
     broken = broken.set_column(broken.schema.get_field_index("image"), "image",
                                pa.nulls(len(broken), pa.binary()))  # ok rows without an image: TarWriter refuses
-    storage.write_bytes_atomic(bad[1], sharded._ipc_bytes(broken))
+    storage.write_bytes_atomic(bad[1], sharded.finalize._ipc_bytes(broken))
     with pytest.raises(ValueError, match="bytes"):
         sharded.finalize_shard(spec, "00000", {}, bad, {"n_samples": 6})
     assert tar_path.read_bytes() == before

@@ -409,7 +409,7 @@ def test_conversation_code_shards_pass_the_drivers_checks_and_are_counted(facts,
     """Their footers are a conversation code shard's (the TA-Tok's facts read from them), and rows with an
     <image> are told from text-only ones whichever form `conversations` has (for the task mix's text share)."""
     from tarflow.data import schema
-    from tarflow.train.core import read_footers
+    from tarflow.train.footers import read_footers
     from tarflow.train.mllm import count_row_kinds, data_facts
 
     rows = [{"conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A cat."}],

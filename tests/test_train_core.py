@@ -15,7 +15,9 @@ import torch
 from tarflow.data import schema
 from tarflow.preflight import Problems, UsageError
 from tarflow.train.common import OptimConfig, make_optimizer
-from tarflow.train.core import TrainConfig, check_one_tatok, previous_facts, read_footers, refuse_other_data
+from tarflow.train.core import TrainConfig
+from tarflow.train.footers import check_one_tatok, read_footers
+from tarflow.train.run import previous_facts, refuse_other_data
 
 
 def _factors(opt_cfg: OptimConfig, steps: int, resume_at: int | None = None) -> list[float]:

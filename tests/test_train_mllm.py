@@ -14,7 +14,7 @@ from tarflow.data import storage
 from tarflow.data.codeshard import read_code_shard
 from tarflow.preflight import UsageError
 from tarflow.train.common import OptimConfig
-from tarflow.train.core import read_footers
+from tarflow.train.footers import read_footers
 from tarflow.train.mllm import IGNORE, MLLMTrainConfig, SampleBuilder, block_causal_mask, pack
 from tarflow.train.mllm import packed_loss, preflight, run_train_mllm
 

@@ -241,7 +241,7 @@ def test_failed_shards_and_images_reach_the_workers_and_are_counted(models, tmp_
     them and the shard vanished): counted in failed_shards (a run total) beside the images that failed to
     decode (skipped_failed), and named in the summary."""
     from tarflow.data.img2dataset import ShardInput, resolve_inputs
-    from tarflow.train.core import TrainSummary
+    from tarflow.train.run import TrainSummary
 
     shards = resolve_inputs(str(ensure_sample_shards()))
     gone = ShardInput(path=str(tmp_path / "00002.tar"), name="00002", format="webdataset", size=10)
@@ -281,14 +281,14 @@ class _Split:
 def test_a_read_that_fails_once_then_succeeds_keeps_every_row_where_it_was(models, tmp_path, monkeypatch):
     """A connection reset mid-shard is retried inside the read (reopened, sought back): the trainer's stream is
     row for row the clean one, so the position a checkpoint saved still names the same row and the core's
-    exact-resume skip (tarflow.train.core._epoch_rows) resumes with the same rows. A failed read that left a
+    exact-resume skip (tarflow.train.data_position.epoch_rows) resumes with the same rows. A failed read that left a
     gap or repeated rows would move every later row, and the resumed run would skip or repeat images."""
     from test_reader_faults import FlakyFS
 
     from tarflow.data import storage
     from tarflow.data.img2dataset import resolve_inputs
     from tarflow.train.common import TrainState
-    from tarflow.train.core import _epoch_rows
+    from tarflow.train.data_position import epoch_rows
 
     shards = resolve_inputs(str(ensure_sample_shards()))
     clean = _stream(shards)
@@ -304,7 +304,7 @@ def test_a_read_that_fails_once_then_succeeds_keeps_every_row_where_it_was(model
     task = TATokTask.__new__(TATokTask)
     task.read_rows, task.drop_last = 2, True
     for seen in (0, 3, 5):  # a checkpoint's data position: the rows after it, from either stream
-        resumed = [_epoch_rows(_Split(t), task, cfg, TrainState(samples_seen=seen)) for t in (clean, flaky)]
+        resumed = [epoch_rows(_Split(t), task, cfg, TrainState(samples_seen=seen)) for t in (clean, flaky)]
         got = [[(pos, tab.column("pixels").to_pylist()) for pos, tab in r] for r in resumed]
         assert got[0] == got[1] and got[0][0][0] == seen
 

@@ -39,8 +39,9 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from tarflow.data import schema, storage
-from tarflow.data.img2dataset import (DEFAULT_MAX_MEMBER_BYTES, DEFAULT_READ_RETRY, InputError, ReadRetry,
-                                      RetryingFile, ShardEnd, ShardInput, ShardReadError)
+from tarflow.data.img2dataset import InputError, ShardInput
+from tarflow.data.retrying_file import DEFAULT_READ_RETRY, ReadRetry, RetryingFile, ShardReadError
+from tarflow.data.tar_reader import DEFAULT_MAX_MEMBER_BYTES, ShardEnd
 
 CONVERSATIONS_COLUMN = "conversations"
 IMAGE_MARK = "<image>"

@@ -1,7 +1,7 @@
 """A sharded job's output on storage: what each shard's files are called, its manifest (written last), the facts a
 rerun compares, the identities of the models named in them, and the tail every job's writer shares (ShardFiles:
 good rows and errors/ rows split, each output written atomically and recorded, errors/ last, the counts every
-manifest carries). Formats and storage only: the Ray side is tarflow.pipelines.sharded."""
+manifest carries). Formats and storage only: the Ray side is the package tarflow.pipelines.sharded."""
 from __future__ import annotations
 
 import io

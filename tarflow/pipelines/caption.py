@@ -52,7 +52,7 @@ class CodeShardReader:
                                              f"{d['path']}: {type(e).__name__}: {e}", e)], CAPTION_CODES_ROWS)
 
     def _read(self, d: dict):
-        from tarflow.data.img2dataset import RetryingFile
+        from tarflow.data.retrying_file import RetryingFile
 
         with RetryingFile(d["path"]) as f:  # transient read errors retried, as for img2dataset shards
             pf = pq.ParquetFile(f)

@@ -194,7 +194,8 @@ def check_conversation_input(p: Problems, shards: list, image_root: str | None, 
     """Conversation tables: no --vq / --latents; the first file's columns; --image-root present when given, and
     given when the first rows of the first file name images by relative paths."""
     from tarflow.data.conversations import file_kind, peek_image_paths
-    from tarflow.data.img2dataset import InputError, ShardReadError
+    from tarflow.data.img2dataset import InputError
+    from tarflow.data.retrying_file import ShardReadError
 
     for flag, value in (("--vq", vq), ("--latents", latents)):
         if value:

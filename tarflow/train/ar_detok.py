@@ -29,7 +29,8 @@ from tarflow.preflight import Problems
 from tarflow.train.code_data import CODE_SKIP_REASONS, CodeRowsTask, TATokHeader, check_codes, check_tatok
 from tarflow.train.code_data import Targets, data_plan_or_raise, plan_code_shards, row_metric_keys
 from tarflow.train.common import OptimConfig
-from tarflow.train.core import TrainConfig, TrainSummary, finish_preflight, fit, worker_loop
+from tarflow.train.core import TrainConfig, worker_loop
+from tarflow.train.run import TrainSummary, finish_preflight, fit
 
 log = logging.getLogger("tarflow.train.ar_detok")
 

@@ -125,7 +125,7 @@ def run_trainer(preflight, train, cfg, args, what: str) -> int:
     checkpoint a rerun resumes from (exit 130/143)."""
     from tarflow.driver import run_driver
     from tarflow.pipelines.runtime import init_ray, setup_logging
-    from tarflow.train.core import interrupted_line
+    from tarflow.train.run import interrupted_line
 
     setup_logging()
     plan: dict = {}

@@ -1,7 +1,7 @@
 """What the de-tokenizer trainers share: code shards as training data, and the frozen TA-Tok that turns their
 codes into conditions (rec features).
 
-    driver:  --data -> code shard files (resolve_data), checked against the TA-Tok and the targets (plan_code_shards);
+    driver:  --data -> code shard files (footers.code_shard_files), checked against the TA-Tok and the targets (plan_code_shards);
              --tatok -> TATokHeader (header + streamed hash, no model)
     worker:  CodeRowsTask: micro-batches of rows as read, bad rows counted by reason (check_codes), the frozen
              TA-Tok decoder (frozen_decoder) that makes the condition features, the row metrics
@@ -19,24 +19,11 @@ import pyarrow.compute as pc
 
 from tarflow.data import schema, storage
 from tarflow.preflight import Problems
-from tarflow.train.core import Task, check_one_tatok, read_footers
+from tarflow.train.core import Task
+from tarflow.train.footers import check_one_tatok, code_shard_files, read_footers
 
 # check_codes' reasons, in the order of its codes 1, 2, 3 (a trainer may add its own after them)
 CODE_SKIP_REASONS = ("missing", "length", "range")
-
-
-def resolve_data(specs: list[str], problems: Problems) -> list[str]:
-    """The code shard files of --data (a tokenize output: its finished shards), one problem line per bad spec."""
-    from tarflow.data.codeshard import resolve_code_shards
-
-    files = []
-    for spec in specs:
-        try:
-            files += [c.path for c in resolve_code_shards(spec)]
-        except FileNotFoundError:
-            problems.add(f"--data {spec}", "not found, or holds no code shards",
-                         "give the tokenize job's output folder, a folder of code shards or shard files")
-    return files
 
 
 @dataclass(frozen=True)
@@ -59,7 +46,7 @@ def plan_code_shards(data: list[str], tatok: TATokHeader, tatok_flag: str, scale
     `problems`; without it they are raised (UsageError) at the end. The entry is None when anything is wrong."""
     own = problems is None
     problems = problems if problems is not None else Problems()
-    files = resolve_data(data, problems)
+    files = code_shard_files(data, problems)
     footers = read_footers(files)
     for f in footers:
         if f.error or f.meta is None:
@@ -98,7 +85,7 @@ def data_plan_or_raise(cfg, tatok: TATokHeader | None, problems: Problems, plan_
     """A de-tokenizer trainer's `plan_data(cfg, tatok, problems)`, or UsageError with every problem found so far;
     without a usable --tatok only whether --data holds code shards is checked."""
     if tatok is None:
-        resolve_data(cfg.data, problems)
+        code_shard_files(cfg.data, problems)
         problems.raise_if_any()
     plan = plan_data(cfg, tatok, problems)
     problems.raise_if_any()

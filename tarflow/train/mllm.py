@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from tarflow.data import schema, storage
 from tarflow.data.model_folder import check_model_folder
 from tarflow.preflight import Problems
-from tarflow.train.core import Task, TrainConfig, TrainSummary, check_one_tatok, fit, read_footers
-from tarflow.train.core import finish_preflight, worker_loop
+from tarflow.train.core import Task, TrainConfig, worker_loop
+from tarflow.train.footers import check_one_tatok, code_shard_files, read_footers
+from tarflow.train.run import TrainSummary, finish_preflight, fit
 
 log = logging.getLogger("tarflow.train.mllm")
 
@@ -584,23 +585,6 @@ def _rows_closed(pending, n_rows, max_length) -> bool:
 # Driver
 
 
-def code_inputs(data: list[str], problems: Problems, flag: str = "--data") -> list[str]:
-    """Parquet files of code shards (a tokenize output folder: finished shards only) or conversation tables."""
-    from tarflow.data.codeshard import resolve_code_shards
-
-    files = []
-    for d in data:
-        if d.endswith(".parquet") and storage.exists(d):
-            files.append(d)
-            continue
-        try:
-            files += [c.path for c in resolve_code_shards(d)]
-        except FileNotFoundError:
-            problems.add(f"{flag} {d}", "not found, or holds no Parquet files",
-                         "give the tokenize job's output folder, folders of code shards or Parquet files")
-    return files
-
-
 TAR_TATOK_FACTS = ({1: 729, 2: 169, 3: 81}, 65536)  # Tar's TA-Tok: 27 x 27 codes at scale 1, 65,536 codes
 
 
@@ -730,10 +714,10 @@ def preflight(cfg: MLLMTrainConfig) -> dict:
                        "give --data for one source, or --data-config with every source in the mix file")
         sources, files = read_mix_config(cfg.data_config, problems), []
         for src in sources:
-            src.files = code_inputs(src.paths, problems, f"--data-config source {src.name}:")
+            src.files = code_shard_files(src.paths, problems, f"--data-config source {src.name}:", parquet_files=True)
             files += src.files
     else:
-        files = code_inputs(cfg.data, problems)
+        files = code_shard_files(cfg.data, problems, parquet_files=True)
     footers = read_footers(files, check=schema.check_any_code_shard)
     facts = data_facts(footers, problems, tatok_sha, count_rows=sources is None)
     if sources:

@@ -32,7 +32,8 @@ import pyarrow as pa
 from tarflow.data import storage
 from tarflow.preflight import Problems
 from tarflow.train.common import OptimConfig
-from tarflow.train.core import Task, TrainConfig, TrainSummary, finish_preflight, fit, worker_loop
+from tarflow.train.core import Task, TrainConfig, worker_loop
+from tarflow.train.run import TrainSummary, finish_preflight, fit
 
 log = logging.getLogger("tarflow.train.tatok")
 
@@ -277,7 +278,6 @@ class TATokTask(Task):
         self.scale_layer = ScaleLayer().to(device)
         self.window = UsageWindow(self.plan.codebook_size, cfg.usage_window)
         self.hist = torch.zeros(self.plan.codebook_size, dtype=torch.float64, device=device)
-        self.fresh = False  # a step ran since the last usage update (set on every worker, in step)
         self.last_z = None  # the last batch's quantiser inputs, the restart targets
         self.steps_done = 0
         self.restarted = 0  # codes restarted at this step
@@ -350,11 +350,10 @@ class TATokTask(Task):
 
         from tarflow.models.tatok_train import rec_distances
 
-        self.fresh = True
         x, failed, failed_shards = self._pixels(table)
         sums = {"rows": len(table) - failed_shards, "skipped_failed": failed, "failed_shards": failed_shards}
         if not len(x):
-            return self.zero_loss(model, mark=False), sums
+            return self.zero_loss(model), sums
         scale = self.scales[int(torch.randint(len(self.scales), ()))]  # the core seeds torch per (step, worker)
         target = self.targets(x, scale)
         out = model(x, scale, self.plan.temperature)
@@ -370,10 +369,9 @@ class TATokTask(Task):
                       "codebook_sum": float(out["codebook"].detach()) * b,
                       f"rec_s{scale}_sum": float(rec.detach()) * b, f"rec_s{scale}_n": b}
 
-    def zero_loss(self, model, mark: bool = True):
+    def zero_loss(self, model):
         import torch
 
-        self.fresh = self.fresh or mark
         out = model(torch.zeros(1, 3, self.plan.input_size, self.plan.input_size, device=self.device), 1)
         return (out["rec"].sum() + out["commitment"] + out["codebook"]) * 0.0
 
@@ -389,8 +387,8 @@ class TATokTask(Task):
     # -- codebook usage, merged over the workers once per step ----------------------------------------------
     def _update_usage(self):
         """Adds this step's code counts of every worker to the window (one all-reduce of K counts) and, every
-        --restart-dead-every steps, restarts the dead codes (self.restarted of them). Called from `metrics`,
-        which every worker runs at every step in the same order, so the collectives match. Returns the window's
+        --restart-dead-every steps, restarts the dead codes (self.restarted of them). Called from `after_step`,
+        which every worker runs once per step in the same order, so the collectives match. Returns the window's
         usage before any restart."""
         import torch.distributed as dist
 
@@ -432,12 +430,12 @@ class TATokTask(Task):
         self.window.reset()  # the restarted codes get a full window before they can count as dead again
         return len(dead)
 
+    def after_step(self, totals):
+        self.usage_now = self._update_usage()  # the usage before any restart reset the window
+        if self.restarted:
+            totals["codes_restarted"] = totals.get("codes_restarted", 0.0) + self.restarted
+
     def metrics(self, sums, totals, seconds):
-        if self.fresh:  # the first call of a step (the core calls again on report steps, with the window's sums)
-            self.fresh = False
-            self.usage_now = self._update_usage()  # the usage before any restart reset the window
-            if self.restarted:
-                totals["codes_restarted"] = totals.get("codes_restarted", 0.0) + self.restarted
         u = self.usage_now
         n = sums["images"]
         out = {"loss": sums["loss_sum"] / n if n else float("nan"),
