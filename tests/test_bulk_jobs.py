@@ -78,6 +78,7 @@ def test_captions_equal_hf_generate_per_image_and_resume(ray_local, code_shards,
         run_caption(CaptionConfig(input=str(code_shards), output=str(out), model=tar_folder, question="Why?"))
 
 
+@pytest.mark.cluster  # a second caption run (another scale, bad codes): `make test-cluster`
 def test_caption_reads_another_scale_and_records_bad_codes(ray_local, code_shards, tar_folder, tmp_path):
     from tarflow.pipelines.caption import CaptionConfig, run_caption
 

@@ -277,9 +277,23 @@ def test_load_tar_default_cache_is_under_tarflow_home(s3_bucket):
     assert str(fetch_model_folder(url)).startswith(os.path.join(os.environ["TARFLOW_HOME"], "cache"))
 
 
-def test_load_tar_bad_folders(tiny, tmp_path):
+def test_load_tar_bad_folders(tiny, tmp_path, monkeypatch):
     folder, _ = tiny
     src = {p.name: p for p in Path(folder).iterdir()}
+    # The folders below link the same tokenizer files, and loading Tar's 217,206-token tokenizer takes seconds
+    # (transformers deep-copies its 65k added tokens): each distinct set of files is loaded once. What load_tar
+    # checks is unchanged: it gets the tokenizer those files make.
+    from transformers import AutoTokenizer
+
+    real, loaded = AutoTokenizer.from_pretrained, {}
+
+    def once_per_files(folder, *a, **kw):
+        files = tuple(sorted((f.name, os.path.realpath(f)) for f in Path(folder).iterdir() if "token" in f.name))
+        if files not in loaded:
+            loaded[files] = real(folder, *a, **kw)
+        return loaded[files]
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", once_per_files)
 
     def make(name, files, config=None):
         d = tmp_path / name

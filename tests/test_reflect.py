@@ -226,6 +226,7 @@ def test_generate_keeps_the_best_of_n_scores_them_and_resumes(ray_local, sample,
         run_generate(_cfg(prompts, trained_folder, out))
 
 
+@pytest.mark.cluster  # a second reflect run, on the diffusion de-tokenizer: `make test-cluster`
 def test_keep_k_gives_each_request_k_rows_with_their_own_keys_with_the_diffusion_detokenizer(
         ray_local, trained_folder, tmp_path):
     """K images per request, and the other de-tokenizer (selection happens on codes: only pixels differ)."""

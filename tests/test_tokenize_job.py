@@ -246,6 +246,7 @@ def test_driver_killed_midway_loses_and_duplicates_nothing(ray_local, i2d_shards
         assert a == b and len({r["key"] for r in a}) == len(a)
 
 
+@pytest.mark.cluster  # fault injection (a stage raising on one shard): `make test-cluster`
 def test_a_shard_failing_in_a_stage_fails_alone_and_the_rerun_redoes_it(ray_local, i2d_shards, tatok_path,
                                                                         tmp_path):
     """A library error that leaves the device usable: the shard fails at once (no retry), the reason in the
@@ -267,6 +268,7 @@ def test_a_shard_failing_in_a_stage_fails_alone_and_the_rerun_redoes_it(ray_loca
     assert (again.shards_done, again.shards_skipped, again.shards_failed) == (1, 2, [])
 
 
+@pytest.mark.cluster  # two runs, the second with 1 MB of payload per row through every stage: `make test-cluster`
 def test_the_driver_receives_metadata_only_whatever_the_rows_carry(ray_local, i2d_shards, tatok_path, tmp_path):
     """Rows 100x larger (1 MB of payload each, as images would be) cost the driver the same bytes: workers
     write the shards, the driver sees paths and indices."""
@@ -294,6 +296,7 @@ class EncoderThatDiesOnce(TATokEncoder):
         return super().__call__(batch)
 
 
+@pytest.mark.cluster  # fault injection (an actor killed): `make test-cluster`
 def test_encoder_actor_killed_midway_loses_and_duplicates_nothing(ray_local, i2d_shards, tatok_path, tatok,
                                                                   tmp_path):
     marker = str(tmp_path / "died")

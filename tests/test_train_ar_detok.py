@@ -1,7 +1,8 @@
 """AR de-tokenizer training on Ray Train, end to end on CPU with the reference's tiny consistent family at 64 px:
 TA-Tok (codebook 512, 9x9 tokens, hidden 36) -> AR (cond 36, vocab 64, 81 + 16 positions) -> VQ (codebook 64,
 4x4 tokens at 64 px). Training data: the bundled sample tokenized with --vq, repeated, plus a shard of bad rows.
-Three Ray Train runs in all (each costs ~15 s of Ray start-up on a laptop): straight, stopped, resumed.
+Its Ray Train runs (straight, stopped and resumed, a worker killed, SIGTERM; each costs ~15 s of Ray start-up on a
+laptop) are in the cluster group (`make test-cluster`); `make test` keeps the data's and the arguments' checks.
 """
 from __future__ import annotations
 
@@ -92,13 +93,19 @@ def _cfg(family, d, storage, **kw) -> ARTrainConfig:
 
 
 @pytest.fixture(scope="module")
-def straight(family, data, tmp_path_factory):
-    """Fine-tune the reference AR checkpoint with 2 workers for one epoch, through the job script."""
-    out = tmp_path_factory.mktemp("straight")
+def job():
+    """The job script as a module (its main and parse_args)."""
     spec = importlib.util.spec_from_file_location("train_ar_detok", os.path.join(
         os.path.dirname(__file__), "..", "jobs", "train_ar_detok.py"))
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def straight(family, data, job, tmp_path_factory):
+    """Fine-tune the reference AR checkpoint with 2 workers for one epoch, through the job script."""
+    out = tmp_path_factory.mktemp("straight")
     t0 = time.monotonic()
     rc = job.main(["--data", *data["specs"], "--tatok", family["tatok"], "--init", family["ar"], *ARGS,
                    "--storage-path", str(out / "runs"), "--name", "straight", "--output", str(out / "ar.pth"),
@@ -108,8 +115,7 @@ def straight(family, data, tmp_path_factory):
             "wall_s": time.monotonic() - t0}
 
 
-def test_job_script_help_and_argument_errors(straight, capsys):
-    job = straight["job"]
+def test_job_script_help_and_argument_errors(job, capsys):
     with pytest.raises(SystemExit) as e:
         job.parse_args(["--help"])
     assert e.value.code == 0 and "--stop-at-step" in capsys.readouterr().out
@@ -120,6 +126,7 @@ def test_job_script_help_and_argument_errors(straight, capsys):
     assert job.parse_args(["--data", "x", "--tatok", "t", "--preset", "llama-abs-S"]).betas == (0.9, 0.95)
 
 
+@pytest.mark.cluster  # the straight Ray Train run (2 workers), shared with the resume tests: `make test-cluster`
 def test_two_workers_loss_falls_and_bad_rows_are_counted(straight):
     s = straight["summary"]
     # checkpoints at steps 3 and 6; --keep-checkpoints 1 left the last only
@@ -195,15 +202,14 @@ def test_resume_reaches_the_weights_of_the_straight_run(family, data, straight, 
         run_train(_cfg(family, data, storage, name="again", data=[str(tmp_path / "other.parquet")]))
 
 
-def test_bad_arguments_and_paths_are_reported_together_before_ray_starts(family, data, straight, capsys,
-                                                                         monkeypatch, tmp_path):
+def test_bad_arguments_and_paths_are_reported_together_before_ray_starts(family, data, job, capsys, monkeypatch,
+                                                                         tmp_path):
     import tarflow.pipelines.runtime
 
     def no_ray(*a, **k):
         raise AssertionError("Ray was started")
 
     monkeypatch.setattr(tarflow.pipelines.runtime, "init_ray", no_ray)
-    job = straight["job"]
     rc = job.main(["--data", str(tmp_path / "nowhere"), "--tatok", str(tmp_path / "no.pth"), "--init",
                    str(tmp_path / "no_ar.pth"), "--steps", "0"])
     lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
@@ -220,6 +226,7 @@ def test_bad_arguments_and_paths_are_reported_together_before_ray_starts(family,
     assert rc == 2 and len(lines) == 1 and "a.parquet: no VQ codes (no vq16_* column)" in lines[0]
 
 
+@pytest.mark.cluster  # the straight run's output: `make test-cluster`
 def test_exported_checkpoint_loads_and_generates(family, data, straight):
     path = straight["out"] / "ar.pth"
     ar = ARDetokenizer.from_checkpoint(str(path))

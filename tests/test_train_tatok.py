@@ -196,6 +196,7 @@ def test_tatok_learns_on_cpu_and_its_codes_survive_save_and_load(models, images,
         opt.step()
         sched.step()
         sums = dict.fromkeys(task.sum_keys, 0.0) | part
+        task.after_step(totals)  # as the core calls it: once per step, before the metrics
         history.append(task.metrics(sums, totals, 1.0))
     after = _eval_rec(model, task, x)
     assert after < before / 1.5, (before, after)  # measured here: 6.47 -> 2.87 (2.3x)
@@ -485,6 +486,7 @@ def tokenized(trained, tmp_path_factory):
     return out
 
 
+@pytest.mark.cluster  # a tokenize run with the trained TA-Tok: `make test-cluster`
 def test_tokenize_job_gives_the_trained_tokenizers_codes(trained, tokenized, images):
     from tarflow.data.codeshard import read_code_shard
 
@@ -505,6 +507,7 @@ def _mllm_cfg(models, trained, tokenized, tmp_path, **kw):
                            optim=OptimConfig(lr=3e-3, total_steps=2, warmup_ratio=0.0), **kw)
 
 
+@pytest.mark.cluster  # builds on the tokenize run above: `make test-cluster`
 def test_train_mllm_starts_its_image_rows_from_the_trained_codebook(models, trained, tokenized, tmp_path):
     """The codebook came from the LLM's rows; train_mllm on that LLM with --num-image-tokens K starts its K image
     rows from the trained codebook (normalize(embedding_proj(embedding)))."""
