@@ -34,8 +34,8 @@ test: $(VENV)/.test
 # the heavier group (marker `cluster`): simulated multi-node clusters (a node removed mid-job, an autoscaler adding
 # GPU nodes), fault injection (killed drivers, actors and training workers, failing stages), longer trainer runs,
 # second runs of a path `make test` already runs end to end, the GPU check on CPU. `make test` keeps one end-to-end
-# run per job, one Ray Train run (the TA-Tok trainer's; the others' data checks, batches and losses run without Ray), one
-# stop-and-resume (SIGTERM to a tokenize job), and every check before Ray
+# run per job, one Ray Train run (the TA-Tok trainer's; the other trainers' data checks, batches and losses run
+# without Ray), one stop-and-resume (SIGTERM to a tokenize job), and every check before Ray
 test-cluster: $(VENV)/.test
 	$(OFFLINE) $(PY) -m pytest -q -m cluster --durations=10 $(PYTEST_ARGS)
 

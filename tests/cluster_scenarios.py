@@ -216,7 +216,8 @@ def autoscaling(work: Path, defaults: bool = False) -> dict:
                            encode_batch_size=2, decode_batch_size=2, read_chunk=2, progress_every_s=0,
                            gpus_per_encoder=1.0, num_encoders=2, stall_timeout_s=300, **cpus,
                            encoder_memory=0),  # the fake node type declares no memory: a reservation would hang
-            encoder_cls=EncoderReportingPlacement, encoder_kwargs={"log": str(placements), "delay_s": 1.0, "hold_until_nodes": 0 if defaults else 2})
+            encoder_cls=EncoderReportingPlacement, encoder_kwargs={"log": str(placements), "delay_s": 1.0,
+                                                                   "hold_until_nodes": 0 if defaults else 2})
         lines = [json.loads(x) for x in placements.read_text().splitlines()]
         return {"gpus_at_start": gpus_at_start, "offered": offered, "pool": [pool.gpus_per_worker, pool.min_workers,
                                                                             pool.max_workers],

@@ -298,7 +298,8 @@ def test_demo_models_are_a_consistent_labelled_family(tmp_path):
     assert again.read_bytes() == paths["vq"].read_bytes()
 
 
-@pytest.mark.cluster  # generate on the demo models also runs in make test (tests/test_edit.py); this fuller run: `make test-cluster`
+# generate on the demo models also runs in make test (tests/test_edit.py); this fuller run: `make test-cluster`
+@pytest.mark.cluster
 def test_generate_with_no_model_arguments_runs_on_the_demo_models(ray_local, tmp_path, capsys, caplog):
     """The demo family, with self-reflection: the demo tokenizer has single-token yes/no answers, as Qwen2's."""
     prompts = tmp_path / "prompts.jsonl"

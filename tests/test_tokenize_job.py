@@ -309,7 +309,8 @@ def test_encoder_actor_killed_midway_loses_and_duplicates_nothing(ray_local, i2d
         _check_against_inputs(out, os.path.join(i2d_shards, t), tatok)
 
 
-@pytest.mark.cluster  # a second tokenize path (--vq; the AR trainer's data fixture runs it in make test): `make test-cluster`
+# a second tokenize path (--vq; the AR trainer's data fixture runs it in make test): `make test-cluster`
+@pytest.mark.cluster
 def test_vq_codes_at_the_detokenizer_resolution(ray_local, i2d_shards, tatok_path, tmp_path):
     """--vq stores the pixel-VQ codes of each image resized to --vq-resolution, exactly VQVAE.encode of the same
     preprocessing done here; the VQ facts are recorded and a rerun with another VQ setting refuses to mix."""
@@ -345,7 +346,8 @@ def test_vq_codes_at_the_detokenizer_resolution(ray_local, i2d_shards, tatok_pat
     assert again.shards_skipped == 3
 
 
-@pytest.mark.cluster  # a second tokenize path (--latents; the diffusion trainer's data fixture runs it in make test): `make test-cluster`
+# a second tokenize path (--latents; the diffusion trainer's data fixture runs it in make test): `make test-cluster`
+@pytest.mark.cluster
 def test_latents_at_the_latent_resolution(ray_local, i2d_shards, tatok_path, tmp_path):
     """--latents stores the DC-AE latents of each image resized to --latent-resolution (float16, unscaled), those of
     AutoencoderDC.encode on the same preprocessing done here; the VAE is named by the content of its own folder

@@ -1,7 +1,8 @@
 """What the de-tokenizer trainers share: code shards as training data, and the frozen TA-Tok that turns their
 codes into conditions (rec features).
 
-    driver:  --data -> code shard files (footers.code_shard_files), checked against the TA-Tok and the targets (plan_code_shards);
+    driver:  --data -> code shard files (footers.code_shard_files), checked against the TA-Tok and the targets
+             (plan_code_shards);
              --tatok -> TATokHeader (header + streamed hash, no model)
     worker:  CodeRowsTask: micro-batches of rows as read, bad rows counted by reason (check_codes), the frozen
              TA-Tok decoder (frozen_decoder) that makes the condition features, the row metrics

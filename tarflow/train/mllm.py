@@ -714,7 +714,8 @@ def preflight(cfg: MLLMTrainConfig) -> dict:
                        "give --data for one source, or --data-config with every source in the mix file")
         sources, files = read_mix_config(cfg.data_config, problems), []
         for src in sources:
-            src.files = code_shard_files(src.paths, problems, f"--data-config source {src.name}:", parquet_files=True)
+            src.files = code_shard_files(src.paths, problems, f"--data-config source {src.name}:",
+                                         parquet_files=True)
             files += src.files
     else:
         files = code_shard_files(cfg.data, problems, parquet_files=True)
